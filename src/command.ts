@@ -1,0 +1,290 @@
+/**
+ * What a command is and what running one returns, shared by every channel (SSH, guest agent):
+ * validation, shell wrapping (login/raw × sh/powershell/cmd), env/cwd delivery, the bounded
+ * output collector and CommandResult. Pure: no I/O here.
+ */
+import { ValidationError } from "./errors.js";
+
+export type ShellMode = "login" | "raw";
+export type ShellKind = "sh" | "powershell" | "cmd";
+
+export interface OutputChunk {
+  stream: "stdout" | "stderr";
+  data: Buffer;
+}
+
+export interface RunOptions {
+  /** Total deadline for the call, connect included. Default 30 000. */
+  timeoutMs?: number;
+  /** "login" (default) runs through the login shell so profile scripts apply; "raw" sends the command as is. */
+  shell?: ShellMode;
+  signal?: AbortSignal;
+  /** Bytes written to the command's stdin, then EOF. */
+  stdin?: string | Buffer | Uint8Array;
+  /** Extra environment for this command. Values never appear in logs, events or argv on the server. */
+  env?: Record<string, string>;
+  /** Working directory for this command. */
+  cwd?: string;
+  onStdout?: (data: Buffer) => void;
+  onStderr?: (data: Buffer) => void;
+  /** Cap on captured stdout+stderr bytes; beyond it output is discarded and `truncated` is set. */
+  maxOutputBytes?: number;
+  /** "utf8" (default) returns strings; "buffer" returns exact Buffers. */
+  encoding?: "utf8" | "buffer";
+}
+
+export type RunOptionsUtf8 = RunOptions & { encoding?: "utf8" };
+export type RunOptionsBuffer = RunOptions & { encoding: "buffer" };
+
+export class CommandResult<T extends string | Buffer = string> {
+  constructor(
+    readonly exitCode: number | null,
+    readonly stdout: T,
+    readonly stderr: T,
+    readonly durationMs: number,
+    /** Signal name without "SIG" (e.g. "KILL") when the command was killed by a signal. */
+    readonly signal: string | null = null,
+    readonly truncated = false,
+  ) {}
+
+  get ok(): boolean {
+    return this.exitCode === 0;
+  }
+
+  /** stdout as a trimmed string (the common "what did it print" case). */
+  get output(): string {
+    return (typeof this.stdout === "string" ? this.stdout : this.stdout.toString("utf8")).trim();
+  }
+
+  toJSON(): Record<string, unknown> {
+    const text = (v: T) => (typeof v === "string" ? v : v.toString("base64"));
+    return {
+      exitCode: this.exitCode,
+      signal: this.signal,
+      stdout: text(this.stdout),
+      stderr: text(this.stderr),
+      durationMs: this.durationMs,
+      truncated: this.truncated,
+    };
+  }
+}
+
+// ---------------------------------------------------------------- validation
+
+export const DEFAULT_RUN_TIMEOUT_MS = 30_000;
+const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
+
+export function validateCommand(command: unknown): asserts command is string {
+  if (typeof command !== "string") throw new ValidationError("command must be a string.");
+  if (command.trim() === "") throw new ValidationError("command is empty: pass the shell command to run.");
+  if (command.includes("\0")) {
+    throw new ValidationError("command contains a NUL byte, which no shell can receive: remove it.");
+  }
+}
+
+export function validateEnvName(name: string): void {
+  if (!ENV_NAME.test(name)) {
+    throw new ValidationError(
+      `environment variable name ${JSON.stringify(name)} is invalid: use letters, digits and _ and do not start with a digit.`,
+      { details: { name } },
+    );
+  }
+}
+
+/** Validates names and values; the value is never echoed in the message. */
+export function validateEnv(env: Record<string, string>): void {
+  for (const [name, value] of Object.entries(env)) {
+    validateEnvName(name);
+    if (typeof value !== "string") {
+      throw new ValidationError(`environment variable ${name} must be a string.`, { details: { name } });
+    }
+    if (value.includes("\0")) {
+      throw new ValidationError(`environment variable ${name} contains a NUL byte: remove it.`, {
+        details: { name },
+      });
+    }
+  }
+}
+
+export function validateTimeout(name: string, value: number | undefined): void {
+  if (value === undefined) return;
+  if (typeof value !== "number" || !Number.isFinite(value) || value <= 0) {
+    throw new ValidationError(`${name} must be a positive number of milliseconds, got ${String(value)}.`, {
+      details: { [name]: value },
+    });
+  }
+}
+
+/** Checks every field of RunOptions that can be wrong, before any I/O happens. */
+export function validateRunOptions(command: unknown, options: RunOptions = {}): void {
+  validateCommand(command);
+  validateTimeout("timeoutMs", options.timeoutMs);
+  if (options.shell !== undefined && options.shell !== "login" && options.shell !== "raw") {
+    throw new ValidationError(`shell must be "login" or "raw", got ${JSON.stringify(options.shell)}.`);
+  }
+  if (options.env) validateEnv(options.env);
+  if (options.cwd !== undefined) {
+    if (typeof options.cwd !== "string" || options.cwd === "" || options.cwd.includes("\0")) {
+      throw new ValidationError("cwd must be a non-empty path without NUL bytes.");
+    }
+  }
+  if (
+    options.maxOutputBytes !== undefined &&
+    !(Number.isInteger(options.maxOutputBytes) && options.maxOutputBytes >= 0)
+  ) {
+    throw new ValidationError("maxOutputBytes must be a non-negative integer.");
+  }
+}
+
+// ---------------------------------------------------------------- shell quoting and wrapping
+
+/** POSIX single-quote quoting: safe for any byte string without NUL. */
+export function quoteSh(value: string): string {
+  return `'${value.replaceAll("'", `'"'"'`)}'`;
+}
+
+/** Quoting that keeps the result on one line: newlines become "$__nl" (set by ENV_NEWLINE). */
+function quoteShOneLine(value: string): string {
+  return value
+    .split("\n")
+    .map((part) => quoteSh(part))
+    .join('"$__nl"');
+}
+const ENV_NEWLINE = "__nl=$(printf '\\nx');__nl=${__nl%x};";
+
+export interface WrappedCommand {
+  /** The exact string to hand to the channel's exec. */
+  command: string;
+  /**
+   * Bytes to write to stdin before the caller's stdin. Environment values travel here (read by
+   * the shell's `read` builtin, which consumes exactly one line), so they are never part of the
+   * server-side argv nor of any command string we log.
+   */
+  stdinPrefix?: Buffer;
+}
+
+export interface WrapOptions {
+  shell?: ShellMode;
+  shellKind?: ShellKind;
+  env?: Record<string, string>;
+  cwd?: string;
+}
+
+/**
+ * Builds what a channel executes. sh: login → `exec "${SHELL:-/bin/sh}" -lc <quoted>`; raw →
+ * verbatim (a tiny preamble is added only when env or cwd are asked for). powershell →
+ * `-NoProfile -EncodedCommand <base64 UTF-16LE>`; cmd → `cmd.exe /s /c "…"`.
+ */
+export function wrapCommand(command: string, options: WrapOptions = {}): WrappedCommand {
+  const shell = options.shell ?? "login";
+  const kind = options.shellKind ?? "sh";
+  const env = options.env ?? {};
+  const names = Object.keys(env);
+
+  if (kind === "powershell") {
+    let script = "";
+    for (const n of names) script += `$env:${n}='${env[n]!.replaceAll("'", "''")}';`;
+    if (options.cwd) script += `Set-Location -LiteralPath '${options.cwd.replaceAll("'", "''")}';`;
+    script += command;
+    if (shell === "raw" && !names.length && !options.cwd) return { command };
+    return {
+      command: `powershell.exe -NoProfile -NonInteractive -EncodedCommand ${encodePowerShell(script)}`,
+    };
+  }
+  if (kind === "cmd") {
+    let script = "";
+    for (const n of names) script += `set "${n}=${env[n]}"&& `;
+    if (options.cwd) script += `cd /d "${options.cwd}"&& `;
+    script += command;
+    if (shell === "raw" && !names.length && !options.cwd) return { command };
+    return { command: `cmd.exe /s /c "${script}"` };
+  }
+
+  let preamble = "";
+  let stdinPrefix: Buffer | undefined;
+  if (names.length) {
+    preamble += 'IFS= read -r __smolvm_env && eval "$__smolvm_env" && unset __smolvm_env || exit 125;';
+    let line = ENV_NEWLINE;
+    for (const n of names) line += `export ${n}=${quoteShOneLine(env[n]!)};`;
+    line += "unset __nl";
+    stdinPrefix = Buffer.from(`${line}\n`);
+  }
+  if (options.cwd !== undefined) preamble += `cd -- ${quoteSh(options.cwd)} || exit 1;`;
+
+  if (shell === "raw") return { command: preamble ? `${preamble}\n${command}` : command, stdinPrefix };
+  const inner = preamble ? `${preamble}\n${command}` : command;
+  return { command: `exec "\${SHELL:-/bin/sh}" -lc ${quoteSh(inner)}`, stdinPrefix };
+}
+
+export function encodePowerShell(script: string): string {
+  return Buffer.from(script, "utf16le").toString("base64");
+}
+
+// ---------------------------------------------------------------- output collection
+
+/**
+ * Collects stdout/stderr as Buffers, in arrival order per stream, up to a shared byte cap.
+ * Bytes past the cap are counted, not kept, and set `truncated`; callbacks still see everything.
+ */
+export class OutputCollector {
+  private readonly out: Buffer[] = [];
+  private readonly err: Buffer[] = [];
+  private kept = 0;
+  bytesStdout = 0;
+  bytesStderr = 0;
+  truncated = false;
+
+  constructor(
+    private readonly maxBytes = Number.POSITIVE_INFINITY,
+    private readonly onStdout?: (d: Buffer) => void,
+    private readonly onStderr?: (d: Buffer) => void,
+  ) {}
+
+  push(stream: "stdout" | "stderr", data: Buffer): void {
+    if (stream === "stdout") this.bytesStdout += data.length;
+    else this.bytesStderr += data.length;
+    const room = this.maxBytes - this.kept;
+    if (room > 0) {
+      const piece = data.length <= room ? data : data.subarray(0, room);
+      (stream === "stdout" ? this.out : this.err).push(piece);
+      this.kept += piece.length;
+    }
+    if (data.length > Math.max(room, 0)) this.truncated = true;
+    const cb = stream === "stdout" ? this.onStdout : this.onStderr;
+    cb?.(data);
+  }
+
+  stdout(): Buffer {
+    return Buffer.concat(this.out);
+  }
+  stderr(): Buffer {
+    return Buffer.concat(this.err);
+  }
+
+  /** Builds the result in the encoding the caller asked for. */
+  result(
+    exitCode: number | null,
+    signal: string | null,
+    durationMs: number,
+    encoding: "utf8" | "buffer" = "utf8",
+  ): CommandResult<string> | CommandResult<Buffer> {
+    if (encoding === "buffer") {
+      return new CommandResult<Buffer>(
+        exitCode,
+        this.stdout(),
+        this.stderr(),
+        durationMs,
+        signal,
+        this.truncated,
+      );
+    }
+    return new CommandResult<string>(
+      exitCode,
+      this.stdout().toString("utf8"),
+      this.stderr().toString("utf8"),
+      durationMs,
+      signal,
+      this.truncated,
+    );
+  }
+}

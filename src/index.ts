@@ -1,0 +1,5 @@
+// smolvm: the sandbox SDK. The SSH library is also available on its own as "smolvm/ssh".
+
+export type * from "./channel/types.js";
+export * from "./command.js";
+export * from "./errors.js";
