@@ -2,3 +2,7 @@
 
 export * from "../command.js";
 export * from "../errors.js";
+export * from "./events.js";
+export * from "./hostkeys.js";
+export * from "./known-hosts.js";
+export * from "./redact.js";
