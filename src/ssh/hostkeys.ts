@@ -255,7 +255,8 @@ async function readRegularFile(file: string): Promise<string | undefined> {
   try {
     fh = await fs.open(file, fsc.O_RDONLY | fsc.O_NONBLOCK);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ENOENT" || code === "ENOTDIR") return undefined;
     throw Object.assign(err as Error, { file });
   }
   try {
