@@ -25,7 +25,7 @@ interface Key {
 }
 
 let dir: string;
-const keys: Record<string, Key> = {};
+const keys = {} as Record<"ed" | "ed2" | "rsa" | "ecdsa", Key>;
 
 /** A real key from ssh-keygen, with the fingerprint ssh-keygen itself prints. */
 function genKey(name: string, type: string, bits?: string): Key {
@@ -176,7 +176,7 @@ describe("lookupKnownHost agrees with OpenSSH", () => {
   }
 
   it("plain, comma lists, wildcards, negation and ports, cross-checked with ssh-keygen -F", () => {
-    const { ed, rsa } = keys as Required<typeof keys>;
+    const { ed, rsa } = keys;
     const f = file([
       `alpha,beta ${ed.type} ${ed.b64}`,
       `*.corp,!secret.corp ${ed.type} ${ed.b64}`,
@@ -212,7 +212,7 @@ describe("lookupKnownHost agrees with OpenSSH", () => {
   });
 
   it("hashed files written by ssh-keygen -H", () => {
-    const { ed, rsa } = keys as Required<typeof keys>;
+    const { ed, rsa } = keys;
     const f = file([`alpha ${ed.type} ${ed.b64}`, `[beta]:2222 ${rsa.type} ${rsa.b64}`]);
     execFileSync("ssh-keygen", ["-q", "-H", "-f", f.path], { stdio: "pipe" });
     const hashedText = readFileSync(f.path, "utf8");
@@ -229,7 +229,7 @@ describe("lookupKnownHost agrees with OpenSSH", () => {
   });
 
   it("changed key, other key types, revoked and cert-authority lines", () => {
-    const { ed, ed2, rsa, ecdsa } = keys as Required<typeof keys>;
+    const { ed, ed2, rsa, ecdsa } = keys;
     const f = file([
       `host ${ed.type} ${ed.b64}`,
       `host ${rsa.type} ${rsa.b64}`,
