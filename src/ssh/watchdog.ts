@@ -1,0 +1,92 @@
+/**
+ * Application-level freeze detection: a command that prints nothing for `timeoutMs` is
+ * reported (a PROGRESS_WARNING event and the onTimeout callback). SSH keepalive proves the
+ * transport is alive; this proves the program on the other end is still doing something.
+ */
+import { ValidationError } from "../errors.js";
+import type { EventSink } from "./events.js";
+
+export interface ProgressWatchdogOptions {
+  /** Silence that counts as a stall. */
+  timeoutMs: number;
+  /** Called on each stall with how long output has been silent. */
+  onTimeout?: (idleMs: number) => void;
+  /** Receives a PROGRESS_WARNING event per stall. */
+  events?: EventSink;
+  /** Extra fields for the event (for example the command). */
+  context?: Record<string, unknown>;
+  /** Warn again after each further `timeoutMs` of silence. Default false (once per stall). */
+  repeat?: boolean;
+}
+
+export class ProgressWatchdog {
+  readonly timeoutMs: number;
+  /** Stalls reported so far. */
+  stalls = 0;
+  private timer: NodeJS.Timeout | undefined;
+  private lastProgress = performance.now();
+  private running = false;
+
+  constructor(private readonly options: ProgressWatchdogOptions) {
+    const t = options.timeoutMs;
+    if (typeof t !== "number" || !Number.isFinite(t) || t <= 0) {
+      throw new ValidationError(`ProgressWatchdog timeoutMs must be a positive number, got ${String(t)}.`);
+    }
+    this.timeoutMs = t;
+  }
+
+  get active(): boolean {
+    return this.running;
+  }
+
+  /** Milliseconds since the last progress (or since start). */
+  get idleMs(): number {
+    return performance.now() - this.lastProgress;
+  }
+
+  start(): this {
+    this.running = true;
+    this.progress();
+    return this;
+  }
+
+  /** Marks activity: the silence clock restarts. */
+  progress(): void {
+    this.lastProgress = performance.now();
+    if (!this.running) return;
+    if (this.timer) clearTimeout(this.timer);
+    this.arm(this.timeoutMs);
+  }
+
+  private arm(ms: number): void {
+    this.timer = setTimeout(() => this.fire(), ms);
+  }
+
+  private fire(): void {
+    this.timer = undefined;
+    if (!this.running) return;
+    const idleMs = Math.round(this.idleMs);
+    this.stalls++;
+    this.options.events?.emit("PROGRESS_WARNING", {
+      ...this.options.context,
+      idleMs,
+      timeoutMs: this.timeoutMs,
+      stall: this.stalls,
+    });
+    try {
+      this.options.onTimeout?.(idleMs);
+    } finally {
+      if (this.options.repeat && this.running) this.arm(this.timeoutMs);
+    }
+  }
+
+  stop(): void {
+    this.running = false;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
+  }
+
+  [Symbol.dispose](): void {
+    this.stop();
+  }
+}
