@@ -172,3 +172,14 @@ export class ImageBuildError extends SmolVMError {
     super(message, { code: "IMAGE_BUILD", ...options });
   }
 }
+
+/** QEMU answered a QMP command with an error. `errorClass` is QMP's class (GenericError, CommandNotFound, ...). */
+export class QmpCommandError extends SmolVMError {
+  readonly errorClass: string;
+  readonly desc: string;
+  constructor(message: string, qmp: { errorClass: string; desc: string }, options: ErrorOptions = {}) {
+    super(message, { code: "QMP_COMMAND", ...options, details: { ...options.details, ...qmp } });
+    this.errorClass = qmp.errorClass;
+    this.desc = qmp.desc;
+  }
+}
