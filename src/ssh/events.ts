@@ -9,6 +9,7 @@
 import { randomUUID } from "node:crypto";
 import * as fs from "node:fs";
 import * as path from "node:path";
+import { ValidationError } from "../errors.js";
 import { redact } from "./redact.js";
 
 export type EventType =
@@ -139,23 +140,7 @@ export class EventCollector implements EventSink {
       throw new RangeError(`maxEvents must be a positive integer, got ${max}`);
     this.maxEvents = max;
     this.logPath = opts.logPath;
-    if (opts.logPath !== undefined) {
-      fs.mkdirSync(path.dirname(path.resolve(opts.logPath)), { recursive: true, mode: 0o700 });
-      const fd = fs.openSync(
-        opts.logPath,
-        fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_CREAT | fs.constants.O_NONBLOCK,
-        0o600,
-      );
-      try {
-        if (!fs.fstatSync(fd).isFile()) throw new Error(`event log ${opts.logPath} is not a regular file`);
-        // A pre-existing log may be world-readable; events can hold host names and commands.
-        fs.fchmodSync(fd, 0o600);
-      } catch (err) {
-        fs.closeSync(fd);
-        throw err;
-      }
-      this.fd = fd;
-    }
+    if (opts.logPath !== undefined) this.fd = openLog(opts.logPath);
   }
 
   emit(type: EventType, data: Record<string, unknown> = {}): SSHEvent {
@@ -242,6 +227,30 @@ export class EventCollector implements EventSink {
 
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
+  }
+}
+
+/** Opens (creating 0600) a regular file for appending; never blocks on a FIFO. */
+function openLog(logPath: string): number {
+  let fd: number | undefined;
+  try {
+    fs.mkdirSync(path.dirname(path.resolve(logPath)), { recursive: true, mode: 0o700 });
+    fd = fs.openSync(
+      logPath,
+      fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_CREAT | fs.constants.O_NONBLOCK,
+      0o600,
+    );
+    if (!fs.fstatSync(fd).isFile()) throw Object.assign(new Error("not a regular file"), { code: "EINVAL" });
+    // A pre-existing log may be world-readable; events can hold host names and commands.
+    fs.fchmodSync(fd, 0o600);
+    return fd;
+  } catch (err) {
+    if (fd !== undefined) fs.closeSync(fd);
+    const e = err as NodeJS.ErrnoException;
+    throw new ValidationError(
+      `Cannot open the event log ${logPath} for appending (${e.code ?? e.message}): give a writable regular file path.`,
+      { cause: err, details: { logPath, errno: e.code } },
+    );
   }
 }
 

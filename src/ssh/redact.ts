@@ -20,7 +20,7 @@ export interface RedactOptions {
   hostUser?: boolean;
 }
 
-const SECRET_EXACT = new Set(["pass", "pwd", "pw", "passwd", "auth", "psk", "otp", "pin"]);
+const SECRET_EXACT = new Set(["pass", "pwd", "pw", "passwd", "psk", "otp", "pin"]);
 const SECRET_SUFFIX =
   /(password|passwords|passwd|passphrase|secret|secrets|token|tokens|apikey|apikeys|privatekey|privatekeys|authorization|cookie|cookies|credential|credentials|accesskey|secretkey|sessionkey|signingkey|clientsecret|bearer)$/;
 const HOSTUSER_KEYS = new Set([
@@ -81,12 +81,36 @@ const IPV6 = /(?<![\w:])(?:[0-9a-f]{1,4}:){2,7}[0-9a-f]{0,4}(?![\w:])|(?<![\w:])
 const USER_AT_HOST = /\b([a-z_][\w.-]*)@([a-z0-9][\w.-]*[a-z0-9]|\[[0-9a-f:]+\])/gi;
 
 function redactToolArgs(_m: string, lead: string, tool: string, args: string): string {
+  if (tool === "sshpass") return lead + tool + redactSshpassArgs(args);
   const flag = tool === "redis-cli" ? "-a" : "-p";
   const re = new RegExp(`(^|\\s)(${flag})([ \\t]*)("[^"]*"|'[^']*'|[^\\s"']+)`, "g");
   const red = args.replace(re, (_x, sp: string, f: string, gap: string, val: string) =>
     val.startsWith("-") && gap !== "" ? `${sp}${f}${gap}${val}` : `${sp}${f}${gap}${REDACTED}`,
   );
   return lead + tool + red;
+}
+
+/** sshpass's own options end at the wrapped command (`sshpass -p pw ssh -p 2222 h`). */
+function redactSshpassArgs(args: string): string {
+  const tok = /(\s+)(-[pfdP])?([ \t]*)("[^"]*"|'[^']*'|[^\s"']+)?/y;
+  let out = "";
+  let i = 0;
+  while (i < args.length) {
+    tok.lastIndex = i;
+    const m = tok.exec(args);
+    if (!m || m[0] === "" || (m[2] === undefined && !m[4]?.startsWith("-"))) break;
+    const [all, sp, flag, gap, val] = m as unknown as [
+      string,
+      string,
+      string | undefined,
+      string,
+      string | undefined,
+    ];
+    if (flag === "-p" && val !== undefined) out += `${sp}${flag}${gap}${REDACTED}`;
+    else out += all;
+    i += all.length;
+  }
+  return out + args.slice(i);
 }
 
 function hasMixedAlnum(s: string): boolean {
