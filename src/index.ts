@@ -3,3 +3,4 @@
 export type * from "./channel/types.js";
 export * from "./command.js";
 export * from "./errors.js";
+export { SSHClient, type SSHClientOptions, type WaitForSshOptions } from "./ssh/client.js";

@@ -2,6 +2,9 @@
 
 export * from "../command.js";
 export * from "../errors.js";
+export * from "./auth.js";
+export * from "./client.js";
+export * from "./connection.js";
 export * from "./events.js";
 export * from "./hostkeys.js";
 export * from "./known-hosts.js";

@@ -1,0 +1,344 @@
+/**
+ * SSHClient: runs commands over one lazily opened, shared, self-healing SSH connection.
+ * Concurrent first calls share one connect; a dead transport is replaced on the next call; a
+ * command that never reached the server (its channel was not opened) is retried once on the new
+ * connection, a command that did start is never silently re-run.
+ */
+import * as net from "node:net";
+import {
+  type CommandResult,
+  DEFAULT_RUN_TIMEOUT_MS,
+  type RunOptions,
+  type RunOptionsBuffer,
+  type RunOptionsUtf8,
+  type ShellKind,
+  validateRunOptions,
+  validateTimeout,
+} from "../command.js";
+import { Deadline, sleep } from "../common/deadline.js";
+import {
+  AuthenticationError,
+  ConnectionLostError,
+  OperationTimeoutError,
+  SmolVMError,
+  SSHConnectionError,
+  ValidationError,
+} from "../errors.js";
+import { type AuthConfig, createAgentAuth, createKeyAuth } from "./auth.js";
+import { type ConnectOptions, SSHConnection } from "./connection.js";
+import type { EventSink } from "./events.js";
+import type { HostKeyOptions } from "./hostkeys.js";
+
+export interface SSHClientOptions {
+  host: string;
+  /** Default "root". */
+  user?: string;
+  /** Default 22. */
+  port?: number;
+  keyPath?: string;
+  passphrase?: string;
+  password?: string;
+  /** true: $SSH_AUTH_SOCK; a string: that agent socket. */
+  agent?: boolean | string;
+  /** Explicit ordered methods (overrides keyPath/password/agent). */
+  auth?: AuthConfig | AuthConfig[];
+  /** TCP + handshake + auth. Default 10 000. */
+  connectTimeoutMs?: number;
+  /** How `shell: "login"` wraps commands. Default "sh". */
+  shellKind?: ShellKind;
+  /** Default: strict, ~/.ssh/known_hosts. */
+  hostKey?: HostKeyOptions;
+  keepaliveIntervalMs?: number;
+  /** Unanswered keepalives before the connection is declared dead. Default 3. */
+  keepaliveCountMax?: number;
+  events?: EventSink;
+}
+
+export interface WaitForSshOptions {
+  /** Default 60 000. */
+  timeoutMs?: number;
+  /** Longest pause between probes. Default 100. */
+  intervalMs?: number;
+  signal?: AbortSignal;
+}
+
+const SHELL_KINDS: readonly ShellKind[] = ["sh", "powershell", "cmd"];
+
+export class SSHClient implements AsyncDisposable {
+  readonly host: string;
+  readonly user: string;
+  readonly port: number;
+  readonly shellKind: ShellKind;
+  private readonly connectOptions: ConnectOptions;
+  private conn: SSHConnection | undefined;
+  private connecting: Promise<SSHConnection> | undefined;
+  private isClosed = false;
+  private readonly lifetime = new AbortController();
+
+  constructor(options: SSHClientOptions) {
+    if (!options || typeof options.host !== "string" || options.host === "") {
+      throw new ValidationError("SSHClient needs a host: pass { host: '<address>' }.");
+    }
+    const port = options.port ?? 22;
+    if (!Number.isInteger(port) || port < 1 || port > 65535) {
+      throw new ValidationError(`port must be an integer 1..65535, got ${String(port)}.`);
+    }
+    validateTimeout("connectTimeoutMs", options.connectTimeoutMs);
+    validateTimeout("keepaliveIntervalMs", options.keepaliveIntervalMs);
+    if (options.shellKind !== undefined && !SHELL_KINDS.includes(options.shellKind)) {
+      throw new ValidationError(
+        `shellKind must be one of ${SHELL_KINDS.join(", ")}, got ${String(options.shellKind)}.`,
+      );
+    }
+    this.host = options.host;
+    this.user = options.user ?? "root";
+    this.port = port;
+    this.shellKind = options.shellKind ?? "sh";
+    this.connectOptions = {
+      host: this.host,
+      port,
+      username: this.user,
+      auth: authFromOptions(options),
+      hostKey: options.hostKey,
+      connectTimeoutMs: options.connectTimeoutMs ?? 10_000,
+      keepalive: options.keepaliveIntervalMs
+        ? { intervalMs: options.keepaliveIntervalMs, countMax: options.keepaliveCountMax ?? 3 }
+        : undefined,
+      events: options.events,
+      signal: this.lifetime.signal,
+    };
+  }
+
+  /** True only while the transport is alive. */
+  get connected(): boolean {
+    return this.conn?.alive === true;
+  }
+
+  /** The live connection, opening one if needed (concurrent callers share one connect). */
+  connection(options: { signal?: AbortSignal } = {}): Promise<SSHConnection> {
+    if (this.isClosed) return Promise.reject(this.closedError());
+    const c = this.conn;
+    if (c?.alive) return Promise.resolve(c);
+    this.connecting ??= SSHConnection.connect(this.connectOptions).then(
+      (conn) => {
+        this.connecting = undefined;
+        if (this.isClosed) {
+          void conn.close();
+          throw this.closedError();
+        }
+        this.conn = conn;
+        return conn;
+      },
+      (e) => {
+        this.connecting = undefined;
+        throw this.isClosed ? this.closedError() : e;
+      },
+    );
+    if (!options.signal) return this.connecting;
+    return raceSignal(this.connecting, options.signal);
+  }
+
+  /**
+   * Runs a command. Non-zero exit is a result (`ok` false), not an error. `timeoutMs` (default
+   * 30 000) is a total deadline, connect included; when it passes, or `signal` fires, the remote
+   * command is killed and OperationTimeoutError carries the output so far on `partial`.
+   */
+  run(command: string, options?: RunOptionsUtf8): Promise<CommandResult<string>>;
+  run(command: string, options: RunOptionsBuffer): Promise<CommandResult<Buffer>>;
+  run(command: string, options?: RunOptions): Promise<CommandResult<string> | CommandResult<Buffer>>;
+  async run(
+    command: string,
+    options: RunOptions = {},
+  ): Promise<CommandResult<string> | CommandResult<Buffer>> {
+    validateRunOptions(command, options);
+    if (this.isClosed) throw this.closedError();
+    const deadline = new Deadline(
+      options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS,
+      options.signal,
+      `command on ${this.host}:${this.port}`,
+    );
+    const opts = { ...options, shellKind: this.shellKind };
+    try {
+      for (let attempt = 0; ; attempt++) {
+        const c = this.conn;
+        const conn = c?.alive ? c : await this.connectWithin(deadline);
+        try {
+          return await conn.execWithin(command, opts, deadline);
+        } catch (e) {
+          // The transport died before the command reached the server: safe to run it on a new one.
+          if (attempt === 0 && e instanceof ConnectionLostError && e.details.commandStarted === false)
+            continue;
+          throw e;
+        }
+      }
+    } finally {
+      deadline.dispose();
+    }
+  }
+
+  private async connectWithin(deadline: Deadline): Promise<SSHConnection> {
+    try {
+      return await this.connection({ signal: deadline.signal });
+    } catch (e) {
+      if (deadline.expired && e === deadline.reason) {
+        // Nothing ran yet: the partial result is empty.
+        throw withEmptyPartial(e as OperationTimeoutError, deadline.elapsedMs);
+      }
+      throw e;
+    }
+  }
+
+  /**
+   * Waits until sshd answers and a full handshake + auth succeeds; that connection is kept for
+   * the next run. Phase 1 probes TCP for the "SSH-" banner (cheap), phase 2 connects.
+   * Authentication and host key errors end the wait at once: they will not fix themselves.
+   */
+  async waitForSsh(options: WaitForSshOptions = {}): Promise<void> {
+    validateTimeout("timeoutMs", options.timeoutMs);
+    validateTimeout("intervalMs", options.intervalMs);
+    if (this.isClosed) throw this.closedError();
+    const intervalMs = options.intervalMs ?? 100;
+    const deadline = new Deadline(
+      options.timeoutMs ?? 60_000,
+      options.signal,
+      `waiting for SSH on ${this.host}:${this.port}`,
+    );
+    let delay = Math.min(10, intervalMs);
+    let lastError: unknown;
+    try {
+      for (;;) {
+        if (this.connected) return;
+        deadline.throwIfExpired();
+        if (await probeBanner(this.host, this.port, Math.min(1000, deadline.remainingMs), deadline.signal)) {
+          try {
+            await this.connection({ signal: deadline.signal });
+            return;
+          } catch (e) {
+            if (deadline.expired) throw e;
+            if (
+              e instanceof AuthenticationError ||
+              e instanceof ValidationError ||
+              !(e instanceof SmolVMError)
+            )
+              throw e;
+            lastError = e;
+          }
+        }
+        await sleep(Math.min(delay, deadline.remainingMs), deadline.signal);
+        delay = Math.min(intervalMs, delay * 1.5);
+      }
+    } catch (e) {
+      if (deadline.expired && e === deadline.reason && lastError) {
+        throw new OperationTimeoutError((e as Error).message, {
+          code: (e as SmolVMError).code,
+          details: (e as SmolVMError).details,
+          cause: lastError,
+        });
+      }
+      throw e;
+    } finally {
+      deadline.dispose();
+    }
+  }
+
+  /** Closes the connection (idempotent). Calls after close fail with SSHConnectionError. */
+  async close(): Promise<void> {
+    this.isClosed = true;
+    this.lifetime.abort();
+    await this.connecting?.catch(() => {});
+    const c = this.conn;
+    this.conn = undefined;
+    await c?.close();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+
+  private closedError(): SSHConnectionError {
+    return new SSHConnectionError(
+      `SSHClient for ${this.host}:${this.port} is closed: create a new SSHClient to run more commands.`,
+      { code: "SSH_CLIENT_CLOSED" },
+    );
+  }
+}
+
+function authFromOptions(o: SSHClientOptions): AuthConfig | AuthConfig[] | undefined {
+  if (o.auth) return o.auth;
+  const list: AuthConfig[] = [];
+  if (o.keyPath) list.push(createKeyAuth(o.keyPath, o.passphrase));
+  if (o.agent) list.push(createAgentAuth(typeof o.agent === "string" ? o.agent : undefined));
+  if (o.password !== undefined) {
+    list.push({ method: "password", password: o.password });
+    // Servers that only offer keyboard-interactive usually ask for the same password.
+    list.push({ method: "keyboardInteractive", password: o.password });
+  }
+  return list.length ? list : undefined;
+}
+
+function withEmptyPartial(e: OperationTimeoutError, elapsedMs: number): OperationTimeoutError {
+  const Ctor = e.constructor as typeof OperationTimeoutError;
+  return new Ctor(e.message, {
+    code: e.code,
+    details: e.details,
+    partial: {
+      exitCode: null,
+      signal: null,
+      stdout: "",
+      stderr: "",
+      durationMs: elapsedMs,
+      truncated: false,
+    },
+  });
+}
+
+function raceSignal<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) return Promise.reject(signal.reason);
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    p.then(
+      (v) => {
+        signal.removeEventListener("abort", onAbort);
+        resolve(v);
+      },
+      (e) => {
+        signal.removeEventListener("abort", onAbort);
+        reject(e);
+      },
+    );
+  });
+}
+
+/** One TCP probe: true when the peer sends "SSH-" within `timeoutMs`. */
+export function probeBanner(
+  host: string,
+  port: number,
+  timeoutMs: number,
+  signal?: AbortSignal,
+): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect({ host, port });
+    let head = "";
+    let done = false;
+    const finish = (ok: boolean) => {
+      if (done) return;
+      done = true;
+      clearTimeout(t);
+      signal?.removeEventListener("abort", onAbort);
+      s.destroy();
+      resolve(ok);
+    };
+    const onAbort = () => finish(false);
+    const t = setTimeout(() => finish(false), timeoutMs);
+    signal?.addEventListener("abort", onAbort, { once: true });
+    s.on("data", (d: Buffer) => {
+      head += d.toString("latin1");
+      // Lines before the identification are allowed; look for a line starting with SSH-.
+      if (/(^|\n)SSH-/.test(head)) finish(true);
+      else if (head.length > 8192) finish(false);
+    });
+    s.on("error", () => finish(false));
+    s.on("close", () => finish(false));
+  });
+}

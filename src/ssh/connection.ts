@@ -1,0 +1,754 @@
+/**
+ * One authenticated SSH transport (an ssh2 Client) and the commands run over it: buffered exec,
+ * streamed exec, a channel limiter that queues and retries when the server refuses channels
+ * (OpenSSH MaxSessions), remote termination on timeout/abort, and typed errors.
+ */
+import { createRequire } from "node:module";
+import * as net from "node:net";
+import type { Duplex } from "node:stream";
+import ssh2, { type ClientChannel, type ConnectConfig, type Client as SSH2Client } from "ssh2";
+import {
+  type CommandResult,
+  DEFAULT_RUN_TIMEOUT_MS,
+  OutputCollector,
+  type RunOptions,
+  type RunOptionsBuffer,
+  type RunOptionsUtf8,
+  type ShellKind,
+  validateRunOptions,
+  validateTimeout,
+  wrapCommand,
+} from "../command.js";
+import { Deadline, sleep } from "../common/deadline.js";
+import {
+  ConnectionLostError,
+  OperationAbortedError,
+  OperationTimeoutError,
+  type SmolVMError,
+  SSHConnectionError,
+  ValidationError,
+} from "../errors.js";
+import { type AuthConfig, createAuthHandler, defaultAuth, prepareAuth } from "./auth.js";
+import {
+  type AlgorithmLists,
+  type ConnectContext,
+  classifyConnectError,
+  connectTimeoutError,
+  isChannelOpenRefused,
+  parseServerKexInit,
+} from "./classify.js";
+import type { EventSink } from "./events.js";
+import { createHostKeyVerifier, type HostKeyOptions } from "./hostkeys.js";
+
+// ssh2 is CommonJS: its named exports are only visible through the default import.
+const { Client } = ssh2;
+type Client = SSH2Client;
+const require = createRequire(import.meta.url);
+const SSH2_DEFAULTS = require("ssh2/lib/protocol/constants.js") as Record<string, string[]>;
+
+export interface KeepaliveOptions {
+  intervalMs: number;
+  countMax: number;
+}
+
+export interface ConnectOptions {
+  host: string;
+  port?: number;
+  username: string;
+  /** One method or an ordered list tried on one connection. Default: agent, then default keys. */
+  auth?: AuthConfig | AuthConfig[];
+  hostKey?: HostKeyOptions;
+  /** TCP connect + handshake + auth. Default 10 000. */
+  connectTimeoutMs?: number;
+  keepalive?: KeepaliveOptions;
+  events?: EventSink;
+  /** A pre-connected stream (proxy, jump host); host/port then only label errors and known_hosts. */
+  sock?: Duplex;
+  signal?: AbortSignal;
+  /** ssh2 algorithm lists (exact lists replace the defaults). */
+  algorithms?: ConnectConfig["algorithms"];
+}
+
+export interface ExecExtras {
+  shellKind?: ShellKind;
+}
+
+export interface StreamExecOptions
+  extends Omit<RunOptions, "encoding" | "onStdout" | "onStderr" | "maxOutputBytes" | "stdin"> {
+  shellKind?: ShellKind;
+  /** Allocate a pseudo-terminal (stdout and stderr then arrive merged as stdout). */
+  pty?: boolean;
+  /** Keep stdin open for write()/end(); otherwise EOF is sent at once. */
+  stdin?: boolean;
+}
+
+export type StreamExecEvent =
+  | { stream: "stdout" | "stderr"; data: Buffer }
+  | { stream: "exit"; exitCode: number | null; signal: string | null };
+
+export interface ConnectTimings {
+  tcpMs: number;
+  handshakeMs: number;
+  authMs: number;
+  totalMs: number;
+}
+
+export type CloseListener = (reason: Error | undefined) => void;
+
+/** Grace for the server to confirm a killed channel closed before we report the timeout. */
+const KILL_GRACE_MS = 1000;
+const INITIAL_CHANNEL_LIMIT = 64;
+
+export class SSHConnection implements AsyncDisposable {
+  readonly client: Client;
+  readonly host: string;
+  readonly port: number;
+  readonly username: string;
+  /** Algorithms agreed in the handshake (for evidence bundles). */
+  negotiated: Record<string, unknown> | undefined;
+  /** The server's identification string, e.g. "OpenSSH_9.2p1 Debian-2+deb12u10". */
+  serverVersion: string | undefined;
+  timings: ConnectTimings = { tcpMs: 0, handshakeMs: 0, authMs: 0, totalMs: 0 };
+  private readonly events: EventSink | undefined;
+  private isAlive = true;
+  private closeReason: Error | undefined;
+  private lastError: Error | undefined;
+  private readonly closeListeners = new Set<CloseListener>();
+  private closed: Promise<void>;
+  // Channel limiter: adapts to the server's session limit (learned from refusals).
+  private inFlight = 0;
+  private limit = INITIAL_CHANNEL_LIMIT;
+  private opensSinceRefusal = 0;
+  private readonly waiters: Array<{ grant: () => void; signal: AbortSignal; onAbort: () => void }> = [];
+
+  private constructor(client: Client, opts: ConnectOptions, port: number) {
+    this.client = client;
+    this.host = opts.host;
+    this.port = port;
+    this.username = opts.username;
+    this.events = opts.events;
+    this.closed = new Promise((resolve) => {
+      client.once("close", () => {
+        this.isAlive = false;
+        this.closeReason ??= this.lastError;
+        this.events?.emit("DISCONNECT", {
+          host: this.host,
+          port: this.port,
+          reason: this.closeReason
+            ? ((this.closeReason as { code?: string }).code ?? this.closeReason.name)
+            : "closed",
+        });
+        for (const l of this.closeListeners) l(this.closeReason);
+        this.closeListeners.clear();
+        for (const w of this.waiters.splice(0)) w.grant();
+        resolve();
+      });
+    });
+    client.on("error", (err) => {
+      this.lastError = err;
+      this.events?.emit("ERROR", {
+        host: this.host,
+        port: this.port,
+        level: (err as { level?: string }).level,
+      });
+    });
+  }
+
+  /** Connects, verifies the host key and authenticates, all within connectTimeoutMs. */
+  static async connect(opts: ConnectOptions): Promise<SSHConnection> {
+    if (!opts || typeof opts.host !== "string" || opts.host === "") {
+      throw new ValidationError("host is required: pass the SSH server's address.");
+    }
+    if (typeof opts.username !== "string" || opts.username === "") {
+      throw new ValidationError("username is required.");
+    }
+    const port = opts.port ?? 22;
+    if (!Number.isInteger(port) || port < 1 || port > 65535) {
+      throw new ValidationError(`port must be an integer 1..65535, got ${String(port)}.`);
+    }
+    validateTimeout("connectTimeoutMs", opts.connectTimeoutMs);
+    const connectTimeoutMs = opts.connectTimeoutMs ?? 10_000;
+    const ctx: ConnectContext = {
+      host: opts.host,
+      port,
+      username: opts.username,
+      connectTimeoutMs,
+      tried: [],
+    };
+    // Keys are loaded before any network I/O so a bad key or passphrase fails fast and clearly.
+    const methods = prepareAuth(
+      opts.auth === undefined ? defaultAuth() : Array.isArray(opts.auth) ? opts.auth : [opts.auth],
+    );
+    const verifier = createHostKeyVerifier(opts.hostKey, opts.host, port);
+    opts.signal?.throwIfAborted?.();
+
+    const t0 = performance.now();
+    const timings: ConnectTimings = { tcpMs: 0, handshakeMs: 0, authMs: 0, totalMs: 0 };
+    let sock: Duplex;
+    let timer: NodeJS.Timeout | undefined;
+    let onAbort: (() => void) | undefined;
+    let failed: ((e: unknown) => void) | undefined;
+    let phase = "tcp";
+    const fail = new Promise<never>((_, reject) => {
+      failed = reject;
+    });
+    fail.catch(() => {});
+    timer = setTimeout(() => failed!(connectTimeoutError(ctx, phase)), connectTimeoutMs);
+    if (opts.signal) {
+      onAbort = () =>
+        failed!(
+          new OperationAbortedError(
+            `SSH connection to ${opts.host}:${port} was aborted by the caller's signal.`,
+          ),
+        );
+      opts.signal.addEventListener("abort", onAbort, { once: true });
+    }
+    const cleanupTimers = () => {
+      clearTimeout(timer);
+      timer = undefined;
+      if (onAbort) opts.signal!.removeEventListener("abort", onAbort);
+    };
+
+    let client: Client | undefined;
+    try {
+      if (opts.sock) {
+        sock = opts.sock;
+      } else {
+        const s = net.connect({ host: opts.host, port });
+        s.setNoDelay(true);
+        sock = s;
+        await Promise.race([
+          fail,
+          new Promise<void>((resolve, reject) => {
+            s.once("connect", resolve);
+            s.once("error", reject);
+          }),
+        ]).catch((e) => {
+          s.destroy();
+          throw classifyConnectError(e, ctx);
+        });
+      }
+      timings.tcpMs = performance.now() - t0;
+      phase = "handshake";
+
+      // The server's KEXINIT is in clear: keep it to name both lists if negotiation fails.
+      let head = Buffer.alloc(0);
+      const tap = (d: Buffer) => {
+        head = Buffer.concat([head, d]);
+        try {
+          const lists = parseServerKexInit(head);
+          if (lists || head.length > 64 * 1024) {
+            ctx.theirs = lists;
+            sock.off("data", tap);
+          }
+        } catch {
+          sock.off("data", tap);
+        }
+      };
+      ctx.ours = ourLists(opts.algorithms);
+
+      const c = new Client();
+      client = c;
+      const conn = new SSHConnection(c, opts, port);
+      const ready = new Promise<void>((resolve, reject) => {
+        c.once("ready", resolve);
+        c.once("error", reject);
+        c.once("close", () =>
+          reject(c.listenerCount("ready") ? new Error("closed before ready") : undefined),
+        );
+      });
+      c.once("handshake", (negotiated) => {
+        conn.negotiated = negotiated as unknown as Record<string, unknown>;
+        timings.handshakeMs = performance.now() - t0 - timings.tcpMs;
+        phase = "auth";
+      });
+      c.connect({
+        sock: sock as never,
+        username: opts.username,
+        // Our own timer governs the deadline; ssh2's would only duplicate it.
+        readyTimeout: 0,
+        keepaliveInterval: opts.keepalive?.intervalMs ?? 0,
+        keepaliveCountMax: opts.keepalive?.countMax ?? 3,
+        authHandler: createAuthHandler(methods, opts.username, ctx.tried),
+        hostVerifier: ((key: Buffer, verify: (ok: boolean) => void) => {
+          verifier(key).then(
+            (err) => {
+              if (err) ctx.hostKeyError = err;
+              verify(!err);
+            },
+            (err) => {
+              ctx.hostKeyError = err as SmolVMError;
+              verify(false);
+            },
+          );
+        }) as never,
+        ...(opts.algorithms ? { algorithms: opts.algorithms } : {}),
+      });
+      sock.on("data", tap);
+      await Promise.race([fail, ready]).catch((e) => {
+        c.removeAllListeners("ready");
+        throw classifyConnectError(e, ctx);
+      });
+      cleanupTimers();
+      c.removeAllListeners("ready");
+      sock.off("data", tap);
+      timings.totalMs = performance.now() - t0;
+      timings.authMs = timings.totalMs - timings.tcpMs - timings.handshakeMs;
+      conn.timings = timings;
+      conn.serverVersion = (c as unknown as { _remoteVer?: string })._remoteVer;
+      opts.events?.emit("CONNECT", {
+        host: opts.host,
+        port,
+        tcpMs: round(timings.tcpMs),
+        handshakeMs: round(timings.handshakeMs),
+        serverVersion: conn.serverVersion,
+      });
+      opts.events?.emit("AUTH", {
+        username: opts.username,
+        methods: ctx.tried,
+        ok: true,
+        authMs: round(timings.authMs),
+      });
+      return conn;
+    } catch (e) {
+      cleanupTimers();
+      client?.removeAllListeners("error");
+      client?.on("error", () => {});
+      client?.end();
+      (sock! as net.Socket | undefined)?.destroy?.();
+      if (ctx.tried?.length && (e as SmolVMError).code === "SSH_AUTH_FAILED") {
+        opts.events?.emit("AUTH", { username: opts.username, methods: ctx.tried, ok: false });
+      }
+      opts.events?.emit("ERROR", { phase, code: (e as SmolVMError).code });
+      throw e;
+    }
+  }
+
+  /** True while the transport is up. */
+  get alive(): boolean {
+    return this.isAlive;
+  }
+
+  /** Calls `listener` once when the transport ends, with the error that ended it if any. */
+  onClose(listener: CloseListener): () => void {
+    if (!this.isAlive) {
+      queueMicrotask(() => listener(this.closeReason));
+      return () => {};
+    }
+    this.closeListeners.add(listener);
+    return () => this.closeListeners.delete(listener);
+  }
+
+  /** Closes the transport (idempotent); resolves once the socket is closed. */
+  async close(): Promise<void> {
+    if (this.isAlive) {
+      this.closeReason ??= undefined;
+      this.client.end();
+      const t = setTimeout(() => this.client.destroy(), 1000);
+      await this.closed;
+      clearTimeout(t);
+    }
+    await this.closed;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+
+  // ------------------------------------------------------------ channel limiter
+
+  /**
+   * Opens an exec channel, waiting for a free slot and retrying when the server refuses (its
+   * session limit). The returned channel's slot is released when it closes.
+   */
+  async openExec(command: string, signal: AbortSignal, pty = false): Promise<ClientChannel> {
+    for (let attempt = 0; ; attempt++) {
+      if (!this.isAlive) throw this.lostError("before the command started");
+      if (signal.aborted) throw signal.reason;
+      if (this.inFlight >= this.limit) await this.waitSlot(signal);
+      else this.inFlight++;
+      if (!this.isAlive) {
+        this.release();
+        throw this.lostError("before the command started");
+      }
+      let ch: ClientChannel;
+      try {
+        ch = await new Promise<ClientChannel>((resolve, reject) => {
+          const cb = (err: Error | undefined, channel: ClientChannel) =>
+            err ? reject(err) : resolve(channel);
+          if (pty) this.client.exec(command, { pty: true }, cb);
+          else this.client.exec(command, cb);
+        });
+      } catch (e) {
+        this.release();
+        if (isChannelOpenRefused(e)) {
+          // The server is at its limit: remember it (what is open now is what it allows).
+          this.limit = Math.max(1, this.inFlight);
+          this.opensSinceRefusal = 0;
+          if (this.inFlight === 0) await sleep(Math.min(5 * 2 ** Math.min(attempt, 6), 200), signal);
+          continue;
+        }
+        if (!this.isAlive) throw this.lostError("before the command started", e);
+        throw new SSHConnectionError(
+          `SSH server ${this.host}:${this.port} would not run the command: see the cause.`,
+          { cause: e },
+        );
+      }
+      if (this.inFlight >= this.limit && ++this.opensSinceRefusal >= 32) {
+        // Probe upward now and then: the limit may have been transient.
+        this.limit++;
+        this.opensSinceRefusal = 0;
+      }
+      ch.once("close", () => this.release());
+      if (signal.aborted) {
+        killChannel(ch);
+        throw signal.reason;
+      }
+      return ch;
+    }
+  }
+
+  private waitSlot(signal: AbortSignal): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const w = {
+        signal,
+        grant: () => {
+          signal.removeEventListener("abort", w.onAbort);
+          resolve();
+        },
+        onAbort: () => {
+          const i = this.waiters.indexOf(w);
+          if (i >= 0) this.waiters.splice(i, 1);
+          reject(signal.reason);
+        },
+      };
+      signal.addEventListener("abort", w.onAbort, { once: true });
+      this.waiters.push(w);
+    });
+  }
+
+  private release(): void {
+    this.inFlight--;
+    while (this.inFlight < this.limit && this.waiters.length) {
+      this.inFlight++;
+      this.waiters.shift()!.grant();
+    }
+  }
+
+  private lostError(when: string, cause?: unknown): ConnectionLostError {
+    const started = !when.startsWith("before");
+    return new ConnectionLostError(
+      `SSH connection to ${this.host}:${this.port} was lost ${when}: ${started ? "check whether it took effect, then retry" : "reconnect and retry"}.`,
+      {
+        cause: cause ?? this.closeReason,
+        details: { host: this.host, port: this.port, commandStarted: started },
+      },
+    );
+  }
+
+  // ------------------------------------------------------------ exec
+
+  /** Runs a command and buffers its output. Non-zero exit is a result, not an error. */
+  exec(command: string, options?: RunOptionsUtf8 & ExecExtras): Promise<CommandResult<string>>;
+  exec(command: string, options: RunOptionsBuffer & ExecExtras): Promise<CommandResult<Buffer>>;
+  exec(
+    command: string,
+    options?: RunOptions & ExecExtras,
+  ): Promise<CommandResult<string> | CommandResult<Buffer>>;
+  async exec(
+    command: string,
+    options: RunOptions & ExecExtras = {},
+  ): Promise<CommandResult<string> | CommandResult<Buffer>> {
+    validateRunOptions(command, options);
+    const deadline = new Deadline(options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS, options.signal, "SSH command");
+    try {
+      return await this.execWithin(command, options, deadline);
+    } finally {
+      deadline.dispose();
+    }
+  }
+
+  /**
+   * exec under a caller-owned deadline (SSHClient counts connect time in it). Options must be
+   * validated already.
+   */
+  async execWithin(
+    command: string,
+    options: RunOptions & ExecExtras,
+    deadline: Deadline,
+  ): Promise<CommandResult<string> | CommandResult<Buffer>> {
+    const wrapped = wrapCommand(command, {
+      shell: options.shell,
+      shellKind: options.shellKind,
+      env: options.env,
+      cwd: options.cwd,
+    });
+    const started = deadline.startedAt;
+    const events = this.events;
+    events?.emit("EXEC", { phase: "start", command, host: this.host });
+    const collector = new OutputCollector(options.maxOutputBytes, options.onStdout, options.onStderr);
+    const encoding = options.encoding ?? "utf8";
+    const ch = await this.openExec(wrapped.command, deadline.signal).catch((e) => {
+      throw this.withPartial(e, collector, started, encoding);
+    });
+    return new Promise((resolve, reject) => {
+      let exitCode: number | null = null;
+      let signal: string | null = null;
+      let settled = false;
+      ch.on("data", (d: Buffer) => collector.push("stdout", d));
+      ch.stderr.on("data", (d: Buffer) => collector.push("stderr", d));
+      ch.on("exit", (code: number | null, sig?: string) => {
+        if (code !== null && code !== undefined) exitCode = code;
+        else if (sig) signal = sig.startsWith("SIG") ? sig.slice(3) : sig;
+      });
+      const onAbort = () => {
+        if (settled) return;
+        settled = true;
+        killChannel(ch);
+        const grace = setTimeout(finishAbort, KILL_GRACE_MS);
+        ch.once("close", () => {
+          clearTimeout(grace);
+          finishAbort();
+        });
+      };
+      const finishAbort = () => {
+        const partial = collector.result(exitCode, signal, performance.now() - started, encoding);
+        reject(this.withPartial(deadline.reason, collector, started, encoding, partial));
+      };
+      deadline.signal.addEventListener("abort", onAbort, { once: true });
+      ch.once("close", () => {
+        deadline.signal.removeEventListener("abort", onAbort);
+        if (settled) return;
+        settled = true;
+        const durationMs = performance.now() - started;
+        const result = collector.result(exitCode, signal, durationMs, encoding);
+        if (exitCode === null && signal === null && !this.isAlive) {
+          reject(
+            Object.assign(this.lostError("while the command ran (it may or may not have finished)"), {
+              partial: result,
+            }),
+          );
+          return;
+        }
+        events?.emit("EXEC", {
+          phase: "end",
+          command,
+          exitCode,
+          signal,
+          durationMs: round(durationMs),
+          bytesStdout: collector.bytesStdout,
+          bytesStderr: collector.bytesStderr,
+        });
+        resolve(result);
+      });
+      // stdin: env prefix, the caller's bytes, then EOF, without waiting for anything.
+      if (wrapped.stdinPrefix) ch.write(wrapped.stdinPrefix);
+      if (options.stdin?.length) ch.write(options.stdin);
+      ch.end();
+    });
+  }
+
+  private withPartial(
+    e: unknown,
+    collector: OutputCollector,
+    started: number,
+    encoding: "utf8" | "buffer",
+    partial?: CommandResult<string> | CommandResult<Buffer>,
+  ): unknown {
+    if (!(e instanceof OperationTimeoutError)) return e;
+    const p = partial ?? collector.result(null, null, performance.now() - started, encoding);
+    const Ctor = e instanceof OperationAbortedError ? OperationAbortedError : OperationTimeoutError;
+    return new Ctor(e.message, { code: e.code, details: e.details, partial: p, cause: e.cause });
+  }
+
+  /** Runs a command and yields its output as it arrives, then one exit event. */
+  streamExec(command: string, options: StreamExecOptions = {}): ExecStream {
+    validateRunOptions(command, { ...options, stdin: undefined });
+    return new ExecStream(this, command, options);
+  }
+}
+
+/**
+ * Terminates the remote command: OpenSSH (>= 7.9) delivers a "signal" request with killpg() to
+ * the session's process group, so background children die too. ssh2 only sends the request
+ * while our side of the channel is writable, but we have usually sent EOF by now, so the
+ * request is sent through the protocol object directly.
+ */
+export function killChannel(ch: ClientChannel): void {
+  const c = ch as unknown as {
+    outgoing: { id: number; state: string };
+    _client: { _protocol: { signal(id: number, name: string): void } };
+  };
+  try {
+    if (c.outgoing.state !== "closed") c._client._protocol.signal(c.outgoing.id, "KILL");
+  } catch {}
+  try {
+    ch.close();
+  } catch {}
+}
+
+function ourLists(algorithms: ConnectConfig["algorithms"] | undefined): AlgorithmLists {
+  const pick = (given: unknown, def: string[] | undefined): string[] =>
+    Array.isArray(given) && given.length ? (given as string[]) : (def ?? []);
+  const a = (algorithms ?? {}) as Record<string, unknown>;
+  return {
+    kex: pick(a.kex, SSH2_DEFAULTS.DEFAULT_KEX),
+    serverHostKey: pick(a.serverHostKey, SSH2_DEFAULTS.DEFAULT_SERVER_HOST_KEY),
+    cipher: pick(a.cipher, SSH2_DEFAULTS.DEFAULT_CIPHER),
+    mac: pick(a.hmac, SSH2_DEFAULTS.DEFAULT_MAC),
+    compress: pick(a.compress, SSH2_DEFAULTS.DEFAULT_COMPRESSION),
+  };
+}
+
+function round(ms: number): number {
+  return Math.round(ms * 100) / 100;
+}
+
+/** A streamed command: async-iterate its events; write()/end() feed stdin; cancel() kills it. */
+export class ExecStream implements AsyncIterable<StreamExecEvent> {
+  private readonly queue: StreamExecEvent[] = [];
+  private waiting: ((v: IteratorResult<StreamExecEvent>) => void) | undefined;
+  private waitingReject: ((e: unknown) => void) | undefined;
+  private error: unknown;
+  private done = false;
+  private channel: ClientChannel | undefined;
+  private readonly pendingStdin: Array<Buffer | null> = [];
+  private readonly deadline: Deadline;
+  private readonly opened: Promise<void>;
+
+  constructor(
+    conn: SSHConnection,
+    command: string,
+    private readonly options: StreamExecOptions,
+  ) {
+    this.deadline = new Deadline(options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS, options.signal, "SSH command");
+    const wrapped = wrapCommand(command, {
+      shell: options.shell,
+      shellKind: options.shellKind,
+      env: options.env,
+      cwd: options.cwd,
+    });
+    this.opened = conn.openExec(wrapped.command, this.deadline.signal, options.pty).then(
+      (ch) => {
+        this.channel = ch;
+        if (this.done) {
+          killChannel(ch);
+          return;
+        }
+        let exitCode: number | null = null;
+        let signal: string | null = null;
+        ch.on("data", (d: Buffer) => this.push({ stream: "stdout", data: d }));
+        ch.stderr.on("data", (d: Buffer) => this.push({ stream: "stderr", data: d }));
+        ch.on("exit", (code: number | null, sig?: string) => {
+          if (code !== null && code !== undefined) exitCode = code;
+          else if (sig) signal = sig.startsWith("SIG") ? sig.slice(3) : sig;
+        });
+        ch.once("close", () => {
+          this.deadline.signal.removeEventListener("abort", this.onAbort);
+          if (exitCode === null && signal === null && !conn.alive && !this.done) {
+            this.fail(
+              new ConnectionLostError(
+                `SSH connection to ${conn.host}:${conn.port} was lost while the command ran.`,
+              ),
+            );
+            return;
+          }
+          this.push({ stream: "exit", exitCode, signal });
+          this.finish();
+        });
+        this.deadline.signal.addEventListener("abort", this.onAbort, { once: true });
+        if (wrapped.stdinPrefix) ch.write(wrapped.stdinPrefix);
+        if (!options.stdin) ch.end();
+        else {
+          for (const p of this.pendingStdin.splice(0)) {
+            if (p === null) ch.end();
+            else ch.write(p);
+          }
+        }
+      },
+      (e) => this.fail(e),
+    );
+    this.opened.catch(() => {});
+  }
+
+  private readonly onAbort = () => {
+    if (this.channel) killChannel(this.channel);
+    this.fail(this.deadline.reason);
+  };
+
+  private push(ev: StreamExecEvent): void {
+    if (this.done) return;
+    if (this.waiting) {
+      const w = this.waiting;
+      this.waiting = undefined;
+      this.waitingReject = undefined;
+      w({ value: ev, done: false });
+    } else this.queue.push(ev);
+  }
+
+  private finish(): void {
+    this.done = true;
+    this.deadline.dispose();
+    if (this.waiting) {
+      const w = this.waiting;
+      this.waiting = undefined;
+      w({ value: undefined, done: true });
+    }
+  }
+
+  private fail(e: unknown): void {
+    if (this.done) return;
+    this.error = e;
+    this.done = true;
+    this.deadline.dispose();
+    if (this.waitingReject) {
+      const r = this.waitingReject;
+      this.waiting = undefined;
+      this.waitingReject = undefined;
+      r(e);
+    }
+  }
+
+  /** Writes to the command's stdin (needs `stdin: true`). */
+  write(data: string | Buffer): void {
+    if (!this.options.stdin) throw new ValidationError("streamExec was started without stdin: true.");
+    const b = typeof data === "string" ? Buffer.from(data) : data;
+    if (this.channel) this.channel.write(b);
+    else this.pendingStdin.push(b);
+  }
+
+  /** Sends EOF on stdin. */
+  end(): void {
+    if (this.channel) this.channel.end();
+    else this.pendingStdin.push(null);
+  }
+
+  /** Kills the remote command and ends the iteration. */
+  async cancel(): Promise<void> {
+    if (this.done) return;
+    if (this.channel) killChannel(this.channel);
+    this.queue.length = 0;
+    this.finish();
+    await this.opened.catch(() => {});
+    if (this.channel) killChannel(this.channel);
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<StreamExecEvent> {
+    return {
+      next: () => {
+        const ev = this.queue.shift();
+        if (ev) return Promise.resolve({ value: ev, done: false });
+        if (this.error !== undefined) return Promise.reject(this.error);
+        if (this.done) return Promise.resolve({ value: undefined, done: true });
+        return new Promise((resolve, reject) => {
+          this.waiting = resolve;
+          this.waitingReject = reject;
+        });
+      },
+      return: async () => {
+        await this.cancel();
+        return { value: undefined, done: true };
+      },
+    };
+  }
+}
