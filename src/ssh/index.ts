@@ -5,6 +5,7 @@ export * from "../errors.js";
 export * from "./auth.js";
 export * from "./client.js";
 export * from "./connection.js";
+export * from "./config.js";
 export * from "./events.js";
 export * from "./hostkeys.js";
 export * from "./known-hosts.js";
