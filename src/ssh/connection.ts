@@ -86,6 +86,16 @@ export type StreamExecEvent =
   | { stream: "stdout" | "stderr"; data: Buffer }
   | { stream: "exit"; exitCode: number | null; signal: string | null };
 
+/** An open exec channel with its exit status and close recorded from the moment it opened. */
+export interface ExecChannel {
+  channel: ClientChannel;
+  exitCode: number | null;
+  /** Signal name without "SIG". */
+  signal: string | null;
+  closed: boolean;
+  onClose: (() => void) | undefined;
+}
+
 export interface ConnectTimings {
   tcpMs: number;
   handshakeMs: number;
@@ -361,7 +371,7 @@ export class SSHConnection implements AsyncDisposable {
    * Opens an exec channel, waiting for a free slot and retrying when the server refuses (its
    * session limit). The returned channel's slot is released when it closes.
    */
-  async openExec(command: string, signal: AbortSignal, pty = false): Promise<ClientChannel> {
+  async openExec(command: string, signal: AbortSignal, pty = false): Promise<ExecChannel> {
     for (let attempt = 0; ; attempt++) {
       if (!this.isAlive) throw this.lostError("before the command started");
       if (signal.aborted) throw signal.reason;
@@ -371,11 +381,31 @@ export class SSHConnection implements AsyncDisposable {
         this.release();
         throw this.lostError("before the command started");
       }
-      let ch: ClientChannel;
+      let ch: ExecChannel;
       try {
-        ch = await new Promise<ClientChannel>((resolve, reject) => {
-          const cb = (err: Error | undefined, channel: ClientChannel) =>
-            err ? reject(err) : resolve(channel);
+        ch = await new Promise<ExecChannel>((resolve, reject) => {
+          // Exit status and close can arrive in the same packet batch as the exec reply, before
+          // a promise continuation runs: record them synchronously here.
+          const cb = (err: Error | undefined, channel: ClientChannel) => {
+            if (err) return reject(err);
+            const st: ExecChannel = {
+              channel,
+              exitCode: null,
+              signal: null,
+              closed: false,
+              onClose: undefined,
+            };
+            channel.on("exit", (code: number | null, sig?: string) => {
+              if (code !== null && code !== undefined) st.exitCode = code;
+              else if (sig) st.signal = sig.startsWith("SIG") ? sig.slice(3) : sig;
+            });
+            channel.once("close", () => {
+              st.closed = true;
+              this.release();
+              st.onClose?.();
+            });
+            resolve(st);
+          };
           if (pty) this.client.exec(command, { pty: true }, cb);
           else this.client.exec(command, cb);
         });
@@ -399,9 +429,8 @@ export class SSHConnection implements AsyncDisposable {
         this.limit++;
         this.opensSinceRefusal = 0;
       }
-      ch.once("close", () => this.release());
       if (signal.aborted) {
-        killChannel(ch);
+        killChannel(ch.channel);
         throw signal.reason;
       }
       return ch;
@@ -488,38 +517,37 @@ export class SSHConnection implements AsyncDisposable {
     events?.emit("EXEC", { phase: "start", command, host: this.host });
     const collector = new OutputCollector(options.maxOutputBytes, options.onStdout, options.onStderr);
     const encoding = options.encoding ?? "utf8";
-    const ch = await this.openExec(wrapped.command, deadline.signal).catch((e) => {
+    const st = await this.openExec(wrapped.command, deadline.signal).catch((e) => {
       throw this.withPartial(e, collector, started, encoding);
     });
+    const ch = st.channel;
     return new Promise((resolve, reject) => {
-      let exitCode: number | null = null;
-      let signal: string | null = null;
       let settled = false;
+      let graceTimer: NodeJS.Timeout | undefined;
       ch.on("data", (d: Buffer) => collector.push("stdout", d));
       ch.stderr.on("data", (d: Buffer) => collector.push("stderr", d));
-      ch.on("exit", (code: number | null, sig?: string) => {
-        if (code !== null && code !== undefined) exitCode = code;
-        else if (sig) signal = sig.startsWith("SIG") ? sig.slice(3) : sig;
-      });
       const onAbort = () => {
         if (settled) return;
         settled = true;
         killChannel(ch);
-        const grace = setTimeout(finishAbort, KILL_GRACE_MS);
-        ch.once("close", () => {
-          clearTimeout(grace);
-          finishAbort();
-        });
+        // Report once the server confirms the channel (and so the process group) is gone.
+        graceTimer = setTimeout(finishAbort, KILL_GRACE_MS);
       };
       const finishAbort = () => {
-        const partial = collector.result(exitCode, signal, performance.now() - started, encoding);
+        clearTimeout(graceTimer);
+        graceTimer = undefined;
+        const partial = collector.result(st.exitCode, st.signal, performance.now() - started, encoding);
         reject(this.withPartial(deadline.reason, collector, started, encoding, partial));
       };
       deadline.signal.addEventListener("abort", onAbort, { once: true });
-      ch.once("close", () => {
+      const onClose = () => {
         deadline.signal.removeEventListener("abort", onAbort);
-        if (settled) return;
+        if (settled) {
+          if (graceTimer) finishAbort();
+          return;
+        }
         settled = true;
+        const { exitCode, signal } = st;
         const durationMs = performance.now() - started;
         const result = collector.result(exitCode, signal, durationMs, encoding);
         if (exitCode === null && signal === null && !this.isAlive) {
@@ -540,7 +568,11 @@ export class SSHConnection implements AsyncDisposable {
           bytesStderr: collector.bytesStderr,
         });
         resolve(result);
-      });
+      };
+      // Buffered data events flush before 'close' (both are queued on the stream), so the
+      // result is complete by the time onClose runs.
+      if (st.closed) setImmediate(onClose);
+      else st.onClose = onClose;
       // stdin: env prefix, the caller's bytes, then EOF, without waiting for anything.
       if (wrapped.stdinPrefix) ch.write(wrapped.stdinPrefix);
       if (options.stdin?.length) ch.write(options.stdin);
@@ -629,21 +661,17 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
       cwd: options.cwd,
     });
     this.opened = conn.openExec(wrapped.command, this.deadline.signal, options.pty).then(
-      (ch) => {
+      (st) => {
+        const ch = st.channel;
         this.channel = ch;
         if (this.done) {
           killChannel(ch);
           return;
         }
-        let exitCode: number | null = null;
-        let signal: string | null = null;
         ch.on("data", (d: Buffer) => this.push({ stream: "stdout", data: d }));
         ch.stderr.on("data", (d: Buffer) => this.push({ stream: "stderr", data: d }));
-        ch.on("exit", (code: number | null, sig?: string) => {
-          if (code !== null && code !== undefined) exitCode = code;
-          else if (sig) signal = sig.startsWith("SIG") ? sig.slice(3) : sig;
-        });
-        ch.once("close", () => {
+        const onClose = () => {
+          const { exitCode, signal } = st;
           this.deadline.signal.removeEventListener("abort", this.onAbort);
           if (exitCode === null && signal === null && !conn.alive && !this.done) {
             this.fail(
@@ -655,7 +683,9 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
           }
           this.push({ stream: "exit", exitCode, signal });
           this.finish();
-        });
+        };
+        if (st.closed) setImmediate(onClose);
+        else st.onClose = onClose;
         this.deadline.signal.addEventListener("abort", this.onAbort, { once: true });
         if (wrapped.stdinPrefix) ch.write(wrapped.stdinPrefix);
         if (!options.stdin) ch.end();
