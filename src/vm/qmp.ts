@@ -225,7 +225,14 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
         this.fail(e as Error);
       }
     });
-    this.socket.on("error", (err) => this.fail(err));
+    this.socket.on("error", (err: NodeJS.ErrnoException) =>
+      this.fail(
+        new VMStateError(
+          `The QEMU monitor connection at ${this.socketPath} failed (${err.code ?? err.message}): QEMU exited or dropped it.`,
+          { code: "QMP_CLOSED", cause: err, details: { socketPath: this.socketPath, errno: err.code } },
+        ),
+      ),
+    );
     this.socket.on("close", () => this.fail(undefined));
   }
 
