@@ -77,11 +77,11 @@ describe("QmpClient against a real QEMU", () => {
 
   it("maps QMP errors to QmpCommandError with class and desc", async () => {
     await using qmp = await QmpClient.connect(vm.spec.qmpSocketPath);
-    const e1 = await qmp.execute("no-such-command").catch((e: QmpCommandError) => e);
+    const e1 = await qmp.execute<never>("no-such-command").catch((e: QmpCommandError) => e);
     expect(e1).toBeInstanceOf(QmpCommandError);
     expect(e1.errorClass).toBe("CommandNotFound");
     expect(e1.code).toBe("QMP_COMMAND");
-    const e2 = await qmp.execute("query-status", { bogus: 1 }).catch((e: QmpCommandError) => e);
+    const e2 = await qmp.execute<never>("query-status", { bogus: 1 }).catch((e: QmpCommandError) => e);
     expect(e2).toBeInstanceOf(QmpCommandError);
     expect(e2.errorClass).toBe("GenericError");
     // The connection survives command errors.
