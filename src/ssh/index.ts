@@ -7,6 +7,7 @@ export * from "./client.js";
 export * from "./connection.js";
 export * from "./config.js";
 export * from "./events.js";
+export * from "./evidence.js";
 export * from "./hostkeys.js";
 export * from "./known-hosts.js";
 export * from "./redact.js";
