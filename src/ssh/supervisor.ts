@@ -26,6 +26,7 @@ import {
   type ExecExtras,
   type ExecStream,
   SSHConnection,
+  type StreamExecEvent,
   type StreamExecOptions,
 } from "./connection.js";
 import { EventCollector, type EventSink } from "./events.js";
@@ -40,6 +41,7 @@ import {
 } from "./forward.js";
 import { DEFAULT_KEEPALIVE, type KeepaliveConfig, KeepaliveMonitor, validateKeepalive } from "./keepalive.js";
 import { classifyFailure, RetryPolicy } from "./retry.js";
+import { type WatchedStream, watchStream } from "./watchdog.js";
 
 export const ConnectionState = {
   DISCONNECTED: "DISCONNECTED",
@@ -69,6 +71,13 @@ export interface SupervisorOptions extends Omit<ConnectOptions, "keepalive" | "s
 export interface SupervisorExecOptions extends RunOptions, ExecExtras {
   /** The command may safely run twice: re-run it after a reconnect if a drop cut it. Default false. */
   idempotent?: boolean;
+}
+
+export interface SupervisorStreamOptions extends StreamExecOptions {
+  /** Output silence that raises PROGRESS_WARNING. */
+  progressTimeoutMs?: number;
+  /** Cancel the command when it stalls (the iteration ends with OperationTimeoutError). */
+  abortOnStall?: boolean;
 }
 
 export type StateListener = (to: ConnectionState, from: ConnectionState, error?: unknown) => void;
@@ -365,8 +374,14 @@ export class SSHSupervisor implements AsyncDisposable {
     }
   }
 
-  /** streamExec on the live connection (never re-run: a drop ends it with ConnectionLostError). */
-  streamExec(command: string, options: StreamExecOptions = {}): ExecStream {
+  /**
+   * streamExec on the live connection (never re-run: a drop ends it with ConnectionLostError).
+   * With `progressTimeoutMs`, silence emits PROGRESS_WARNING (and with `abortOnStall` stops it).
+   */
+  streamExec(
+    command: string,
+    options: SupervisorStreamOptions = {},
+  ): ExecStream | WatchedStream<StreamExecEvent> {
     const conn = this.current;
     if (!conn || !this.isConnected) {
       throw new ConnectionLostError(
@@ -374,7 +389,15 @@ export class SSHSupervisor implements AsyncDisposable {
         { details: { state: this.st } },
       );
     }
-    return conn.streamExec(command, options);
+    const { progressTimeoutMs, abortOnStall, ...rest } = options;
+    const stream = conn.streamExec(command, rest);
+    if (progressTimeoutMs === undefined) return stream;
+    return watchStream(stream, {
+      progressTimeoutMs,
+      abortOnStall,
+      events: this.events,
+      context: { command },
+    });
   }
 
   // ------------------------------------------------------------ forwards

@@ -3,7 +3,7 @@
  * reported (a PROGRESS_WARNING event and the onTimeout callback). SSH keepalive proves the
  * transport is alive; this proves the program on the other end is still doing something.
  */
-import { ValidationError } from "../errors.js";
+import { OperationTimeoutError, ValidationError } from "../errors.js";
 import type { EventSink } from "./events.js";
 
 export interface ProgressWatchdogOptions {
@@ -89,4 +89,90 @@ export class ProgressWatchdog {
   [Symbol.dispose](): void {
     this.stop();
   }
+}
+
+// ---------------------------------------------------------------- streamExec wiring
+
+export interface WatchOptions {
+  /** No output for this long raises PROGRESS_WARNING. */
+  progressTimeoutMs: number;
+  /** Also cancel the command and end the iteration with OperationTimeoutError. Default false. */
+  abortOnStall?: boolean;
+  events?: EventSink;
+  /** Context for the event (for example `{ command }`). */
+  context?: Record<string, unknown>;
+}
+
+interface StreamLike<E> extends AsyncIterable<E> {
+  write?(data: string | Buffer): void;
+  end?(): void;
+  cancel(): Promise<void>;
+}
+
+/**
+ * Wraps a streamExec stream with a ProgressWatchdog: every output chunk is progress; silence
+ * gives PROGRESS_WARNING and, with abortOnStall, cancels the command and ends the iteration
+ * with OperationTimeoutError (code PROGRESS_STALL) rather than hanging on a frozen program.
+ */
+export class WatchedStream<E extends { stream: string }> implements AsyncIterable<E> {
+  readonly watchdog: ProgressWatchdog;
+  private stalled: { idleMs: number } | undefined;
+
+  constructor(
+    private readonly inner: StreamLike<E>,
+    private readonly options: WatchOptions,
+  ) {
+    this.watchdog = new ProgressWatchdog({
+      timeoutMs: options.progressTimeoutMs,
+      events: options.events,
+      context: { ...options.context, abort: options.abortOnStall === true },
+      repeat: !options.abortOnStall,
+      onTimeout: (idleMs) => {
+        if (!options.abortOnStall) return;
+        this.stalled = { idleMs };
+        void inner.cancel();
+      },
+    });
+  }
+
+  write(data: string | Buffer): void {
+    this.inner.write?.(data);
+  }
+
+  end(): void {
+    this.inner.end?.();
+  }
+
+  async cancel(): Promise<void> {
+    this.watchdog.stop();
+    await this.inner.cancel();
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<E> {
+    this.watchdog.start();
+    try {
+      for await (const ev of this.inner) {
+        if (ev.stream !== "exit") this.watchdog.progress();
+        yield ev;
+      }
+      if (this.stalled) {
+        throw new OperationTimeoutError(
+          `the command printed nothing for ${this.stalled.idleMs} ms (progressTimeoutMs ${this.options.progressTimeoutMs}) and was stopped: raise progressTimeoutMs if long silences are normal for it.`,
+          {
+            code: "PROGRESS_STALL",
+            details: { idleMs: this.stalled.idleMs, progressTimeoutMs: this.options.progressTimeoutMs },
+          },
+        );
+      }
+    } finally {
+      this.watchdog.stop();
+    }
+  }
+}
+
+export function watchStream<E extends { stream: string }>(
+  stream: StreamLike<E>,
+  options: WatchOptions,
+): WatchedStream<E> {
+  return new WatchedStream(stream, options);
 }

@@ -20,9 +20,12 @@ describe("reliability under real faults", () => {
     });
     try {
       expect(await sup.waitConnected(10_000)).toBe(true);
-      const stream = sup.streamExec("i=0; while [ $i -lt 100 ]; do echo line$i; i=$((i+1)); sleep 0.05; done", {
-        timeoutMs: 30_000,
-      });
+      const stream = sup.streamExec(
+        "i=0; while [ $i -lt 100 ]; do echo line$i; i=$((i+1)); sleep 0.05; done",
+        {
+          timeoutMs: 30_000,
+        },
+      );
       let lines = "";
       let exit: unknown;
       let error: unknown;
@@ -102,7 +105,10 @@ describe("reliability under real faults", () => {
   it("a command in flight while forwards carry traffic leaves nothing behind after close()", async () => {
     const baseline = resourceBaseline();
     const echo = await echoServer();
-    const sup = await SSHSupervisor.start({ ...sshdOptions(sshd()), keepalive: { intervalMs: 200, countMax: 3 } });
+    const sup = await SSHSupervisor.start({
+      ...sshdOptions(sshd()),
+      keepalive: { intervalMs: 200, countMax: 3 },
+    });
     expect(await sup.waitConnected(10_000)).toBe(true);
     const fwd = await sup.forwardLocal({ remoteHost: "127.0.0.1", remotePort: echo.port });
     const pending = echoThrough(fwd.localPort, randomBytes(64 * 1024 * 1024), 30_000).catch((e) => e);
