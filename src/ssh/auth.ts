@@ -98,6 +98,7 @@ export type PreparedAuth =
 
 /** Loads and parses a private key file; errors name the path, never the passphrase. */
 export function loadPrivateKey(keyPath: string, passphrase?: string): ParsedKey {
+  if (keyPath === "~" || keyPath.startsWith("~/")) keyPath = path.join(os.homedir(), keyPath.slice(2));
   let data: Buffer;
   try {
     data = readFileSync(keyPath);
