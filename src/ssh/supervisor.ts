@@ -21,13 +21,13 @@ import {
 } from "../command.js";
 import { Deadline, sleep } from "../common/deadline.js";
 import { ConnectionLostError, SSHConnectionError, ValidationError } from "../errors.js";
-import {
-  type ConnectOptions,
-  type ExecExtras,
-  type ExecStream,
+import { connectSession, type SessionConnectOptions } from "./connect-options.js";
+import type {
+  ExecExtras,
+  ExecStream,
   SSHConnection,
-  type StreamExecEvent,
-  type StreamExecOptions,
+  StreamExecEvent,
+  StreamExecOptions,
 } from "./connection.js";
 import { EventCollector, type EventSink } from "./events.js";
 import {
@@ -53,9 +53,11 @@ export const ConnectionState = {
 } as const;
 export type ConnectionState = (typeof ConnectionState)[keyof typeof ConnectionState];
 
-export type Connector = (options: ConnectOptions) => Promise<SSHConnection>;
+export type Connector = (options: SessionConnectOptions) => Promise<SSHConnection>;
 
-export interface SupervisorOptions extends Omit<ConnectOptions, "keepalive" | "signal"> {
+/** Connect options (sshConfig, proxyJump and proxyCommand included: proxies are rebuilt per attempt) plus supervision. */
+export interface SupervisorOptions
+  extends Omit<SessionConnectOptions, "keepalive" | "signal" | "eventLogPath"> {
   /** Default: new RetryPolicy() (5 retries, 1 s base, x2, 60 s max, jitter). */
   retryPolicy?: RetryPolicy;
   /** Keepalive run by the supervisor; default 15 s x 3. `false` turns it off (drops are then seen on socket close only). */
@@ -64,7 +66,7 @@ export interface SupervisorOptions extends Omit<ConnectOptions, "keepalive" | "s
   eventLogPath?: string;
   /** How long forwarded connections wait for a reconnect before giving up. Default 30 000. */
   forwardPendingTimeoutMs?: number;
-  /** How each attempt connects (default SSHConnection.connect); lets proxies build a fresh `sock` per attempt. */
+  /** How each attempt connects (default connectSession). */
   connect?: Connector;
 }
 
@@ -102,7 +104,7 @@ export class SSHSupervisor implements AsyncDisposable {
   private readonly listeners = new Set<StateListener>();
   private readonly ownedEvents: EventCollector | undefined;
   private readonly connector: Connector;
-  private readonly connectOptions: ConnectOptions;
+  private readonly connectOptions: SessionConnectOptions;
 
   private constructor(options: SupervisorOptions) {
     const { retryPolicy, keepalive, eventLogPath, forwardPendingTimeoutMs, connect, ...connectOptions } =
@@ -120,7 +122,7 @@ export class SSHSupervisor implements AsyncDisposable {
     this.events = options.events ?? this.ownedEvents;
     // keepalive is ours (with events and OpenSSH's count semantics), not ssh2's.
     this.connectOptions = { ...connectOptions, events: this.events };
-    this.connector = connect ?? ((o) => SSHConnection.connect(o));
+    this.connector = connect ?? connectSession;
     const self = this;
     this.forwardManager = new ForwardManager(
       {
