@@ -8,13 +8,14 @@
  */
 import { spawn } from "node:child_process";
 import { closeSync, openSync, readFileSync } from "node:fs";
-import { chmod, open, readFile, rm, stat } from "node:fs/promises";
+import { chmod, readFile, rm, stat } from "node:fs/promises";
 import { connect as netConnect } from "node:net";
 import { basename, dirname, join } from "node:path";
 import { Deadline, sleep } from "../common/deadline.js";
 import { HostDependencyError, OperationTimeoutError, SmolVMError, VMStateError } from "../errors.js";
 import { buildQemuArgv, type VmLaunchSpec } from "./qemu.js";
 import { QmpClient } from "./qmp.js";
+import { tailFile } from "./serial-log.js";
 
 export interface LaunchOptions {
   /** Until QMP answers. Default 15 s (TCG on a busy host can be slow to start). */
@@ -28,25 +29,6 @@ export interface LaunchedQemu {
   pid: number;
   argv: string[];
   logPath: string;
-}
-
-const TAIL_BYTES = 2048;
-
-async function tail(path: string, bytes = TAIL_BYTES): Promise<string> {
-  try {
-    const fh = await open(path, "r");
-    try {
-      const { size } = await fh.stat();
-      const start = Math.max(0, size - bytes);
-      const buf = Buffer.alloc(size - start);
-      await fh.read(buf, 0, buf.length, start);
-      return buf.toString("utf8");
-    } finally {
-      await fh.close();
-    }
-  } catch {
-    return "";
-  }
 }
 
 /** Connects and greets once, to prove the monitor is up. */
@@ -111,7 +93,7 @@ export async function launchQemu(spec: VmLaunchSpec, options: LaunchOptions = {}
   child.unref();
 
   const fail = async (why: string): Promise<never> => {
-    const [log, serial] = await Promise.all([tail(logPath), tail(spec.serialLogPath)]);
+    const [log, serial] = await Promise.all([tailFile(logPath), tailFile(spec.serialLogPath)]);
     const details = {
       vm: spec.name,
       exit: exited,
@@ -153,7 +135,7 @@ export async function launchQemu(spec: VmLaunchSpec, options: LaunchOptions = {}
       killQuietly(child.pid);
       await waitForExit(() => exited !== undefined, 2_000);
       if (options.signal?.aborted) throw deadline.reason;
-      const [log] = await Promise.all([tail(logPath)]);
+      const log = await tailFile(logPath);
       throw new OperationTimeoutError(
         `QEMU for VM ${spec.name} did not open its monitor within ${options.timeoutMs ?? 15_000} ms; it was killed. Raise timeoutMs on a slow host.`,
         { details: { vm: spec.name, qemuLogTail: log } },

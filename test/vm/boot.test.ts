@@ -25,6 +25,7 @@ import { detectAccelerator, findQemu, hostTscKhz } from "../../src/vm/accel.js";
 import { leasePort } from "../../src/vm/ports.js";
 import { isQemuAlive, launchQemu, stopQemu } from "../../src/vm/process.js";
 import { QmpClient } from "../../src/vm/qmp.js";
+import { serialMilestones } from "../../src/vm/serial-log.js";
 import { VmStore, vmFiles } from "../../src/vm/store.js";
 import { pgrep } from "./helpers/paused-vm.js";
 
@@ -167,8 +168,7 @@ describe("boot the tiny image", () => {
       expect(out.trim()).toBe(`ok-${image.kernelRelease}`);
 
       const serial = readFileSync(files.serialLog, "utf8");
-      const guestMs: Record<string, number> = {};
-      for (const m of serial.matchAll(/^smolvm: (\d+) ([a-z-]+)\s*$/gm)) guestMs[m[2]!] = Number(m[1]);
+      const guestMs = serialMilestones(serial);
       for (const m of ["init-start", "modules-loaded", "network-up", "sshd-started"]) {
         expect(guestMs[m], `milestone ${m} in the serial log`).toBeGreaterThan(0);
       }
