@@ -1,7 +1,15 @@
+import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { AuthFailedError, ConnectionLostError, ConnectionRefusedError } from "../../src/errors.js";
+import {
+  AuthFailedError,
+  ConnectionLostError,
+  ConnectionRefusedError,
+  HostKeyMismatchError,
+} from "../../src/errors.js";
 import { createPasswordAuth } from "../../src/ssh/auth.js";
-import { EventCollector } from "../../src/ssh/events.js";
+import { EventCollector, parseEventLog } from "../../src/ssh/events.js";
 import { RetryPolicy } from "../../src/ssh/retry.js";
 import { ConnectionState, SSHSupervisor } from "../../src/ssh/supervisor.js";
 import { FaultProxy } from "../fixtures/fault-proxy.js";
@@ -224,5 +232,44 @@ describe("SSHSupervisor", () => {
     expect(sup.state).toBe("CLOSED");
     await proxy.close();
     expect(await leakedResources(baseline, 2000)).toEqual([]);
+  });
+
+  it("does not skip host-key checks by default: an unknown host key is a permanent failure", async () => {
+    const { hostKey: _pinned, ...noHostKey } = sshdOptions(sshd());
+    const sup = await SSHSupervisor.start({
+      ...noHostKey,
+      retryPolicy: new RetryPolicy({ baseDelayMs: 50 }),
+    });
+    expect(await sup.waitConnected(10_000)).toBe(false);
+    expect(sup.state).toBe("FAILED");
+    expect(sup.lastError).toBeInstanceOf(HostKeyMismatchError);
+    expect((sup.lastError as HostKeyMismatchError).code).toBe("SSH_HOST_KEY_UNKNOWN");
+    await sup.close();
+  });
+
+  it("the live event log (eventLogPath) never holds secrets, nested or in commands", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "smolvm-sup-log-"));
+    try {
+      const log = join(dir, "session.jsonl");
+      const sup = await SSHSupervisor.start({
+        ...sshdOptions(sshd()),
+        auth: createPasswordAuth(sshd().password),
+        eventLogPath: log,
+      });
+      expect(await sup.waitConnected(10_000)).toBe(true);
+      await sup.exec("echo x # sshpass -p hunter2-cmd-secret ssh host");
+      await sup.close();
+      const text = await readFile(log, "utf8");
+      const events = parseEventLog(text);
+      expect(events.map((e) => e.type)).toEqual(
+        expect.arrayContaining(["STATE_CHANGE", "CONNECT", "AUTH", "EXEC"]),
+      );
+      expect(events.every((e, i) => e.seq === i + 1 && e.v === 1 && typeof e.mono === "number")).toBe(true);
+      expect(text).not.toContain(sshd().password);
+      expect(text).not.toContain("hunter2-cmd-secret");
+      expect((await stat(log)).mode & 0o777).toBe(0o600);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
