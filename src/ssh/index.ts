@@ -17,6 +17,7 @@ export * from "./known-hosts.js";
 export * from "./proxy.js";
 export * from "./redact.js";
 export * from "./retry.js";
+export * from "./sftp.js";
 export * from "./shell.js";
 export * from "./socks.js";
 export * from "./supervisor.js";

@@ -1,0 +1,107 @@
+/**
+ * File transfer over an SSHConnection's SFTP subsystem, bounded by timeoutMs/signal. Uploads
+ * land atomically: written to a temporary name beside the target, then renamed over it, so a
+ * reader never sees half a file.
+ */
+import type { SFTPWrapper } from "ssh2";
+import { Deadline } from "../common/deadline.js";
+import { ConnectionLostError, SSHConnectionError, ValidationError } from "../errors.js";
+import type { SSHConnection } from "./connection.js";
+
+export interface TransferOptions {
+  /** Default 120 000. */
+  timeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+export interface PutFileOptions extends TransferOptions {
+  /** Mode of the remote file. Default 0o644. */
+  mode?: number;
+}
+
+function call<T>(fn: (cb: (err: Error | null | undefined, v?: T) => void) => void, what: string): Promise<T> {
+  return new Promise((resolve, reject) =>
+    fn((err, v) => {
+      if (!err) return resolve(v as T);
+      const code = (err as { code?: unknown }).code;
+      reject(
+        new SSHConnectionError(
+          `SFTP ${what} failed (SFTP status ${String(code)}): check the path and permissions.`,
+          {
+            cause: err,
+            details: { sftpCode: code },
+          },
+        ),
+      );
+    }),
+  );
+}
+
+async function withSftp<T>(
+  conn: SSHConnection,
+  options: TransferOptions,
+  what: string,
+  body: (sftp: SFTPWrapper) => Promise<T>,
+): Promise<T> {
+  if (!conn.alive) throw new ConnectionLostError(`SSH connection to ${conn.host}:${conn.port} is closed.`);
+  const deadline = new Deadline(options.timeoutMs ?? 120_000, options.signal, `SFTP ${what}`);
+  let sftp: SFTPWrapper | undefined;
+  try {
+    sftp = await deadline.race(call<SFTPWrapper>((cb) => conn.client.sftp(cb), "session"));
+    return await deadline.race(body(sftp));
+  } catch (e) {
+    if (!conn.alive && !(e instanceof ConnectionLostError)) {
+      throw new ConnectionLostError(
+        `SSH connection to ${conn.host}:${conn.port} was lost during SFTP ${what}.`,
+        { cause: e },
+      );
+    }
+    throw e;
+  } finally {
+    sftp?.end();
+    deadline.dispose();
+  }
+}
+
+function checkPath(p: string, name: string): void {
+  if (typeof p !== "string" || p === "" || p.includes("\0")) {
+    throw new ValidationError(`${name} must be a non-empty path without NUL bytes.`);
+  }
+}
+
+/** Uploads a local file to `remotePath` (atomically replaced). */
+export async function putFile(
+  conn: SSHConnection,
+  localPath: string,
+  remotePath: string,
+  options: PutFileOptions = {},
+): Promise<void> {
+  checkPath(localPath, "localPath");
+  checkPath(remotePath, "remotePath");
+  const mode = options.mode ?? 0o644;
+  await withSftp(conn, options, "upload", async (sftp) => {
+    const tmp = `${remotePath}.smolvm-${process.pid}-${Date.now().toString(36)}.tmp`;
+    try {
+      await call<void>((cb) => sftp.fastPut(localPath, tmp, { mode }, cb), `upload to ${tmp}`);
+      await call<void>((cb) => sftp.chmod(tmp, mode, cb), "chmod");
+      await call<void>((cb) => sftp.ext_openssh_rename(tmp, remotePath, cb), `rename to ${remotePath}`);
+    } catch (e) {
+      await call<void>((cb) => sftp.unlink(tmp, cb), "cleanup").catch(() => {});
+      throw e;
+    }
+  });
+}
+
+/** Downloads `remotePath` to a local file. */
+export async function getFile(
+  conn: SSHConnection,
+  remotePath: string,
+  localPath: string,
+  options: TransferOptions = {},
+): Promise<void> {
+  checkPath(localPath, "localPath");
+  checkPath(remotePath, "remotePath");
+  await withSftp(conn, options, "download", (sftp) =>
+    call<void>((cb) => sftp.fastGet(remotePath, localPath, cb), `download of ${remotePath}`),
+  );
+}
