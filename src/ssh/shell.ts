@@ -31,7 +31,7 @@ export class ShellSession implements AsyncIterable<ShellEvent>, AsyncDisposable 
 
   constructor(
     readonly channel: ClientChannel,
-    private readonly conn: SSHConnection,
+    conn: SSHConnection,
   ) {
     channel.on("data", (d: Buffer) => this.push({ stream: "stdout", data: d }));
     channel.stderr.on("data", (d: Buffer) => this.push({ stream: "stderr", data: d }));
