@@ -1,0 +1,193 @@
+/**
+ * The guest's boot scripts, as text (pure, so the fingerprint covers them and tests can read
+ * them). Shell that runs under both busybox ash (tiny) and dash (debian).
+ *
+ * Boot contract with the runtime:
+ * - Per-VM secrets arrive in a second cpio archive appended to the initramfs, unpacked by the
+ *   kernel to /smolvm/config/ (see cpio.ts): ssh_host_ed25519_key, authorized_keys, and
+ *   optionally hostname, env (the managed env file) and agent_secret. Nothing secret is in the
+ *   image or on the kernel command line.
+ * - Milestones go to the serial console as `smolvm: <ms-since-boot> <milestone>`.
+ * - Network: QEMU user-mode defaults (guest 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3).
+ */
+
+export const CONFIG_DIR = "/smolvm/config";
+/** Where the debian image's rootfs init finds the config (a tmpfs: secrets never touch the disk). */
+export const ROOTFS_CONFIG_DIR = "/run/smolvm/config";
+export const AGENT_PATH = "/sbin/smolvm-agent";
+export const AGENT_PORT_NAME = "org.smolvm.agent";
+export const MILESTONES = [
+  "init-start",
+  "modules-loaded",
+  "agent-started",
+  "network-up",
+  "sshd-started",
+] as const;
+
+export const SSHD_CONFIG = `# Written by the smolvm image builder.
+Port 22
+ListenAddress 0.0.0.0
+HostKey /etc/ssh/ssh_host_ed25519_key
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+AuthorizedKeysFile .ssh/authorized_keys
+UsePAM no
+UseDNS no
+PrintMotd no
+PrintLastLog no
+PidFile /run/sshd.pid
+MaxSessions 100
+MaxStartups 100:30:200
+Subsystem sftp /usr/lib/openssh/sftp-server
+`;
+
+export const PROFILE = `# Written by the smolvm image builder.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME="\${HOME:-/root}"
+for f in /etc/profile.d/*.sh; do
+  [ -r "$f" ] && . "$f"
+done
+unset f
+`;
+
+const MILESTONE_FN = `milestone() {
+  read up _ < /proc/uptime
+  ms="\${up%.*}\${up#*.}0"
+  while [ "\${#ms}" -gt 1 ] && [ "\${ms#0}" != "$ms" ]; do ms="\${ms#0}"; done
+  echo "smolvm: $ms $1"
+}`;
+
+const EARLY_MOUNTS = `mount -t devtmpfs devtmpfs /dev 2>/dev/null
+exec </dev/console >/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys`;
+
+function loadModules(modules: readonly string[]): string {
+  return modules.map((m) => `insmod /lib/modules/smolvm/${m}.ko`).join("\n");
+}
+
+/** udev is absent: create the /dev/virtio-ports/<name> links it would make. */
+const VIRTIO_PORT_LINKS = `mkdir -p /dev/virtio-ports
+for p in /sys/class/virtio-ports/*; do
+  [ -r "$p/name" ] || continue
+  n=$(cat "$p/name")
+  [ -n "$n" ] && ln -sf "../\${p##*/}" "/dev/virtio-ports/$n"
+done`;
+
+/** Everything after modules: shared by tiny's /init and the debian rootfs init. */
+function userspace(cfg: string): string {
+  return `mkdir -p /dev/pts /dev/shm /tmp /run
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+grep -q " /run " /proc/mounts || mount -t tmpfs -o mode=755 tmpfs /run
+${VIRTIO_PORT_LINKS}
+
+# ---- smolvm guest agent hook: started before networking and sshd when the image ships it.
+if [ -x ${AGENT_PATH} ]; then
+  SMOLVM_AGENT_PORT=/dev/virtio-ports/${AGENT_PORT_NAME} SMOLVM_CONFIG_DIR=${cfg} ${AGENT_PATH} &
+  milestone agent-started
+fi
+# ---- end of agent hook
+
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+echo "nameserver 10.0.2.3" > /etc/resolv.conf
+milestone network-up
+
+h=smolvm
+[ -s ${cfg}/hostname ] && h=$(cat ${cfg}/hostname)
+hostname "$h"
+echo "$h" > /etc/hostname
+printf '127.0.0.1 localhost\\n127.0.1.1 %s\\n' "$h" > /etc/hosts
+
+umask 077
+mkdir -p /root/.ssh /etc/ssh /etc/profile.d /run/sshd
+chmod 700 /root /root/.ssh
+chmod 755 /run/sshd
+if [ -s ${cfg}/ssh_host_ed25519_key ]; then
+  cp ${cfg}/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key
+  rm -f ${cfg}/ssh_host_ed25519_key
+else
+  echo "smolvm: warning no host key delivered, generating one (it cannot be pinned)"
+  ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
+fi
+chmod 600 /etc/ssh/ssh_host_ed25519_key
+[ -f ${cfg}/authorized_keys ] && cp ${cfg}/authorized_keys /root/.ssh/authorized_keys
+[ -f ${cfg}/env ] && cp ${cfg}/env /etc/profile.d/smolvm_env.sh
+touch /etc/profile.d/smolvm_env.sh
+chmod 600 /etc/profile.d/smolvm_env.sh /root/.ssh/authorized_keys 2>/dev/null
+umask 022
+/usr/sbin/sshd -D -E /var/log/sshd.log &
+# "started" means listening: wait for :22 (0x0016) in LISTEN (0A) state.
+i=0
+while [ $i -lt 500 ] && ! grep -q ':0016 00000000:0000 0A' /proc/net/tcp 2>/dev/null; do
+  sleep 0.01; i=$((i + 1))
+done
+milestone sshd-started
+
+# PID 1 stays here: waiting reaps every child, including orphans; SIGTERM powers off.
+trap 'poweroff -f 2>/dev/null || echo o > /proc/sysrq-trigger' TERM USR2
+while :; do
+  wait
+  sleep 1 &
+  wait $!
+done
+`;
+}
+
+/** tiny's /init: everything in the initramfs, busybox userland. */
+export function renderTinyInit(modules: readonly string[]): string {
+  return `#!/bin/sh
+# smolvm tiny image init (busybox sh). Generated: edit src/image/init-script.ts.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+${EARLY_MOUNTS}
+${MILESTONE_FN}
+milestone init-start
+${loadModules(modules)}
+milestone modules-loaded
+${userspace(CONFIG_DIR)}`;
+}
+
+/** debian's initramfs /init: modules, mount /dev/vda, hand the config over on a tmpfs, switch_root. */
+export function renderDebianStage1(modules: readonly string[]): string {
+  return `#!/bin/sh
+# smolvm debian image initramfs (busybox sh). Generated: edit src/image/init-script.ts.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+${EARLY_MOUNTS}
+${MILESTONE_FN}
+milestone init-start
+${loadModules(modules)}
+milestone modules-loaded
+${VIRTIO_PORT_LINKS}
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i + 1)); done
+mkdir -p /newroot
+if ! mount -t ext4 -o rw,noatime /dev/vda /newroot; then
+  echo "smolvm: fatal cannot mount /dev/vda"
+  poweroff -f
+fi
+mount -t tmpfs -o mode=755 tmpfs /newroot/run
+mkdir -p /newroot${ROOTFS_CONFIG_DIR}
+chmod 700 /newroot/run/smolvm /newroot${ROOTFS_CONFIG_DIR}
+cp -a ${CONFIG_DIR}/. /newroot${ROOTFS_CONFIG_DIR}/ 2>/dev/null
+rm -rf /smolvm
+mount --move /dev /newroot/dev
+mount --move /proc /newroot/proc
+mount --move /sys /newroot/sys
+exec switch_root /newroot /sbin/smolvm-init
+`;
+}
+
+/** The debian rootfs's /sbin/smolvm-init (dash), run as PID 1 after switch_root. */
+export function renderDebianStage2(): string {
+  return `#!/bin/sh
+# smolvm debian image init (runs after switch_root). Generated: edit src/image/init-script.ts.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+${MILESTONE_FN}
+${userspace(ROOTFS_CONFIG_DIR)}`;
+}

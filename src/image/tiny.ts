@@ -1,0 +1,192 @@
+/**
+ * The `tiny` image: Debian's kernel booted directly, and an initramfs holding busybox-static,
+ * OpenSSH (sshd, sftp-server, ssh-keygen) and the virtio modules, with /init from
+ * init-script.ts. Built rootless in seconds: packages are unpacked, never installed, and the
+ * cpio is written by our own writer (root-owned entries without fakeroot).
+ */
+import { createHash } from "node:crypto";
+import { copyFile, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { type AptPackage, extractDeb, fetchDeb, resolveImagePackages } from "./apt.js";
+import { type CpioEntry, withParentDirs, writeCpio } from "./cpio.js";
+import { exec } from "./exec.js";
+import { computeFingerprint } from "./fingerprint.js";
+import { sharedLibraries } from "./host-libs.js";
+import { PROFILE, renderTinyInit, SSHD_CONFIG } from "./init-script.js";
+import { pickKernel } from "./kernel.js";
+
+/** Modules every image loads, in this order (dependencies are added first automatically). */
+export const NET_MODULES = [
+  "virtio_ring",
+  "virtio",
+  "virtio_mmio",
+  "failover",
+  "net_failover",
+  "virtio_net",
+  "virtio_console",
+] as const;
+/** For the guest agent over vsock; loaded when the kernel ships them. */
+export const VSOCK_MODULES = [
+  "vsock",
+  "vmw_vsock_virtio_transport_common",
+  "vmw_vsock_virtio_transport",
+] as const;
+
+export const SSH_BINARIES = [
+  "/usr/sbin/sshd",
+  "/usr/lib/openssh/sftp-server",
+  "/usr/bin/ssh-keygen",
+] as const;
+
+export const ETC_PASSWD = `root:x:0:0:root:/root:/bin/sh
+sshd:x:100:65534:sshd privilege separation:/run/sshd:/bin/false
+nobody:x:65534:65534:nobody:/nonexistent:/bin/false
+`;
+export const ETC_GROUP = "root:x:0:\ntty:x:5:\nnogroup:x:65534:\n";
+// "*": no password login, but not "locked" ("!"), which would also refuse key logins.
+export const ETC_SHADOW =
+  "root:*:19000:0:99999:7:::\nsshd:*:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\n";
+
+export interface TinyPlan {
+  fingerprint: string;
+  kernel: AptPackage;
+  busybox: AptPackage;
+  hostFiles: Record<string, string>;
+  packages: Record<string, string>;
+}
+
+async function sha256(path: string): Promise<string> {
+  return createHash("sha256")
+    .update(await readFile(path))
+    .digest("hex");
+}
+
+/** Resolves versions and hashes inputs: cheap (no download), decides the fingerprint. */
+export async function planTiny(cacheDir: string, signal?: AbortSignal): Promise<TinyPlan> {
+  const { kernel, pkgs } = await resolveImagePackages(["busybox-static"], cacheDir, signal);
+  const libs = await sharedLibraries(SSH_BINARIES, signal);
+  const hostFiles: Record<string, string> = {};
+  for (const f of [...SSH_BINARIES, ...libs]) hostFiles[f] = await sha256(f);
+  const busybox = pkgs.get("busybox-static")!;
+  const fingerprint = computeFingerprint({
+    image: "tiny",
+    kernel: `${kernel.name}=${kernel.version}`,
+    busybox: `${busybox.name}=${busybox.version}`,
+    modules: [...NET_MODULES],
+    optionalModules: [...VSOCK_MODULES],
+    hostFiles,
+    init: renderTinyInit([...NET_MODULES]),
+    sshdConfig: SSHD_CONFIG,
+    profile: PROFILE,
+    etc: [ETC_PASSWD, ETC_GROUP, ETC_SHADOW],
+  });
+  return {
+    fingerprint,
+    kernel,
+    busybox,
+    hostFiles,
+    packages: { [kernel.name]: kernel.version, [busybox.name]: busybox.version },
+  };
+}
+
+/** Busybox binary + applet symlinks, from the unpacked busybox-static package. */
+export async function busyboxEntries(
+  pkg: AptPackage,
+  cacheDir: string,
+  signal?: AbortSignal,
+): Promise<CpioEntry[]> {
+  const deb = await fetchDeb(pkg, cacheDir, signal);
+  const tmp = await mkdtemp(join(cacheDir, ".bb-"));
+  try {
+    await extractDeb(deb, tmp, signal);
+    const bin = join(tmp, "bin", "busybox");
+    const data = await readFile(bin);
+    // The static binary runs on the host too: ask it for its applets.
+    const list = (await exec(bin, ["--list-full"], { signal })).stdout.toString("utf8");
+    const entries: CpioEntry[] = [{ type: "file", path: "bin/busybox", mode: 0o755, data }];
+    for (const line of list.split("\n")) {
+      const p = line.trim();
+      if (!p || p === "bin/busybox" || p === "linuxrc") continue;
+      const depth = p.split("/").length - 1;
+      entries.push({ type: "symlink", path: p, target: `${"../".repeat(depth)}bin/busybox` });
+    }
+    return entries;
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+}
+
+/** The base initramfs for `modules` (from `kernelModulesDir`) with the given /init. */
+export async function initramfsEntries(opts: {
+  init: string;
+  modules: readonly string[];
+  kernelModulesDir: string;
+  busybox: CpioEntry[];
+  withSsh: boolean;
+  signal?: AbortSignal;
+}): Promise<CpioEntry[]> {
+  const dirs = ["proc", "sys", "dev", "tmp", "run", "root", "etc", "var/log", "lib/modules/smolvm", "smolvm"];
+  const entries: CpioEntry[] = dirs.map((d) => ({
+    type: "dir",
+    path: d,
+    mode: d === "tmp" ? 0o1777 : d === "root" ? 0o700 : 0o755,
+  }));
+  entries.push(...opts.busybox);
+  entries.push({ type: "file", path: "init", mode: 0o755, data: opts.init });
+  for (const m of opts.modules) {
+    entries.push({
+      type: "file",
+      path: `lib/modules/smolvm/${m}.ko`,
+      mode: 0o644,
+      data: await readFile(join(opts.kernelModulesDir, `${m}.ko`)),
+    });
+  }
+  if (opts.withSsh) {
+    entries.push(
+      { type: "file", path: "etc/passwd", mode: 0o644, data: ETC_PASSWD },
+      { type: "file", path: "etc/group", mode: 0o644, data: ETC_GROUP },
+      { type: "file", path: "etc/shadow", mode: 0o600, data: ETC_SHADOW },
+      { type: "file", path: "etc/profile", mode: 0o644, data: PROFILE },
+      { type: "file", path: "etc/ssh/sshd_config", mode: 0o644, data: SSHD_CONFIG },
+      { type: "dir", path: "etc/profile.d", mode: 0o755 },
+    );
+    const libs = await sharedLibraries(SSH_BINARIES, opts.signal);
+    for (const f of [...SSH_BINARIES, ...libs]) {
+      // readFile follows symlinks: the guest gets the library bytes under the name ld.so asks for.
+      entries.push({ type: "file", path: f, mode: 0o755, data: await readFile(f) });
+    }
+  }
+  return withParentDirs(entries);
+}
+
+export interface BuiltArtifacts {
+  kernelRelease: string;
+  packages: Record<string, string>;
+  modules: string[];
+}
+
+/** Builds tiny's artifacts (vmlinuz, initrd.cpio) into `outDir`. */
+export async function buildTinyInto(
+  plan: TinyPlan,
+  outDir: string,
+  cacheDir: string,
+  step: (name: string) => void,
+  signal?: AbortSignal,
+): Promise<BuiltArtifacts> {
+  step("fetching and unpacking the kernel");
+  const kernel = await pickKernel(plan.kernel, NET_MODULES, VSOCK_MODULES, cacheDir, signal);
+  step("fetching busybox");
+  const busybox = await busyboxEntries(plan.busybox, cacheDir, signal);
+  step("writing the initramfs");
+  const entries = await initramfsEntries({
+    init: renderTinyInit(kernel.modules),
+    modules: kernel.modules,
+    kernelModulesDir: join(kernel.dir, "modules"),
+    busybox,
+    withSsh: true,
+    signal,
+  });
+  await writeFile(join(outDir, "initrd.cpio"), writeCpio(entries));
+  await copyFile(kernel.vmlinux, join(outDir, "vmlinux"));
+  return { kernelRelease: kernel.release, packages: plan.packages, modules: kernel.modules };
+}
