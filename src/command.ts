@@ -168,6 +168,11 @@ export interface WrapOptions {
   shellKind?: ShellKind;
   env?: Record<string, string>;
   cwd?: string;
+  /**
+   * Hex id exported as SMOLVM_RUN_ID by the login wrapper, so every process of the command can
+   * be found and killed even where the server ignores SSH signal requests (root logins).
+   */
+  runId?: string;
 }
 
 /**
@@ -213,7 +218,8 @@ export function wrapCommand(command: string, options: WrapOptions = {}): Wrapped
 
   if (shell === "raw") return { command: preamble ? `${preamble}\n${command}` : command, stdinPrefix };
   const inner = preamble ? `${preamble}\n${command}` : command;
-  return { command: `exec "\${SHELL:-/bin/sh}" -lc ${quoteSh(inner)}`, stdinPrefix };
+  const tag = options.runId && /^[0-9a-f]+$/.test(options.runId) ? `SMOLVM_RUN_ID=${options.runId} ` : "";
+  return { command: `${tag}exec "\${SHELL:-/bin/sh}" -lc ${quoteSh(inner)}`, stdinPrefix };
 }
 
 export function encodePowerShell(script: string): string {

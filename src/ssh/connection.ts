@@ -3,6 +3,7 @@
  * streamed exec, a channel limiter that queues and retries when the server refuses channels
  * (OpenSSH MaxSessions), remote termination on timeout/abort, and typed errors.
  */
+import { randomBytes } from "node:crypto";
 import { createRequire } from "node:module";
 import * as net from "node:net";
 import type { Duplex } from "node:stream";
@@ -89,6 +90,8 @@ export type StreamExecEvent =
 /** An open exec channel with its exit status and close recorded from the moment it opened. */
 export interface ExecChannel {
   channel: ClientChannel;
+  /** Tags every process of this command (env SMOLVM_RUN_ID) so it can be found and killed. */
+  runId: string;
   exitCode: number | null;
   /** Signal name without "SIG". */
   signal: string | null;
@@ -104,6 +107,29 @@ export interface ConnectTimings {
 }
 
 export type CloseListener = (reason: Error | undefined) => void;
+
+const RUN_ID_ENV = "SMOLVM_RUN_ID";
+const KILL_SWEEP_TIMEOUT_MS = 5_000;
+
+function newRunId(): string {
+  return randomBytes(8).toString("hex");
+}
+
+/**
+ * Kills every process whose environment carries SMOLVM_RUN_ID=<id>, and its process group
+ * (which catches children that cleared their environment). Process group 0/1 and our own are
+ * never touched. The id is hex, so it needs no quoting.
+ */
+export function killByRunIdScript(runId: string): string {
+  if (!/^[0-9a-f]{16}$/.test(runId)) throw new ValidationError("run id must be 16 hex digits.");
+  return [
+    `for f in $(grep -l -F '${RUN_ID_ENV}=${runId}' /proc/[0-9]*/environ 2>/dev/null); do`,
+    `p=\${f#/proc/}; p=\${p%/environ}; s=$(cat /proc/$p/stat 2>/dev/null) || continue`,
+    `s=\${s##*) }; set -- $s; g=$3`,
+    `[ "$g" -gt 1 ] 2>/dev/null && [ "$g" != "$$" ] && kill -KILL -"$g" 2>/dev/null`,
+    `kill -KILL "$p" 2>/dev/null; done; true`,
+  ].join("\n");
+}
 
 /** Grace for the server to confirm a killed channel closed before we report the timeout. */
 const KILL_GRACE_MS = 1000;
@@ -371,7 +397,12 @@ export class SSHConnection implements AsyncDisposable {
    * Opens an exec channel, waiting for a free slot and retrying when the server refuses (its
    * session limit). The returned channel's slot is released when it closes.
    */
-  async openExec(command: string, signal: AbortSignal, pty = false): Promise<ExecChannel> {
+  async openExec(
+    command: string,
+    signal: AbortSignal,
+    pty = false,
+    runId = newRunId(),
+  ): Promise<ExecChannel> {
     for (let attempt = 0; ; attempt++) {
       if (!this.isAlive) throw this.lostError("before the command started");
       if (signal.aborted) throw signal.reason;
@@ -390,6 +421,7 @@ export class SSHConnection implements AsyncDisposable {
             if (err) return reject(err);
             const st: ExecChannel = {
               channel,
+              runId,
               exitCode: null,
               signal: null,
               closed: false,
@@ -406,8 +438,10 @@ export class SSHConnection implements AsyncDisposable {
             });
             resolve(st);
           };
-          if (pty) this.client.exec(command, { pty: true }, cb);
-          else this.client.exec(command, cb);
+          // The env request is pipelined (no reply awaited): free where AcceptEnv allows it.
+          const env = { [RUN_ID_ENV]: runId };
+          if (pty) this.client.exec(command, { pty: true, env }, cb);
+          else this.client.exec(command, { env }, cb);
         });
       } catch (e) {
         this.release();
@@ -430,7 +464,7 @@ export class SSHConnection implements AsyncDisposable {
         this.opensSinceRefusal = 0;
       }
       if (signal.aborted) {
-        killChannel(ch.channel);
+        this.terminate(ch);
         throw signal.reason;
       }
       return ch;
@@ -475,6 +509,26 @@ export class SSHConnection implements AsyncDisposable {
     );
   }
 
+  /**
+   * Stops a remote command for good. The "signal" request kills the session's process group
+   * where sshd honours it (OpenSSH >= 7.9, but not for root logins, which run without privilege
+   * separation); as a fallback a second channel kills every process tagged with the command's
+   * run id (and their process groups). Fire and forget, bounded.
+   */
+  terminate(st: ExecChannel): void {
+    killChannel(st.channel);
+    if (!this.isAlive) return;
+    const signal = AbortSignal.timeout(KILL_SWEEP_TIMEOUT_MS);
+    this.openExec(killByRunIdScript(st.runId), signal, false, `kill-${st.runId}`).then(
+      (k) => {
+        k.channel.on("data", () => {});
+        k.channel.stderr.on("data", () => {});
+        k.channel.end();
+      },
+      () => {},
+    );
+  }
+
   // ------------------------------------------------------------ exec
 
   /** Runs a command and buffers its output. Non-zero exit is a result, not an error. */
@@ -506,18 +560,20 @@ export class SSHConnection implements AsyncDisposable {
     options: RunOptions & ExecExtras,
     deadline: Deadline,
   ): Promise<CommandResult<string> | CommandResult<Buffer>> {
+    const runId = newRunId();
     const wrapped = wrapCommand(command, {
       shell: options.shell,
       shellKind: options.shellKind,
       env: options.env,
       cwd: options.cwd,
+      runId,
     });
     const started = deadline.startedAt;
     const events = this.events;
     events?.emit("EXEC", { phase: "start", command, host: this.host });
     const collector = new OutputCollector(options.maxOutputBytes, options.onStdout, options.onStderr);
     const encoding = options.encoding ?? "utf8";
-    const st = await this.openExec(wrapped.command, deadline.signal).catch((e) => {
+    const st = await this.openExec(wrapped.command, deadline.signal, false, runId).catch((e) => {
       throw this.withPartial(e, collector, started, encoding);
     });
     const ch = st.channel;
@@ -529,7 +585,7 @@ export class SSHConnection implements AsyncDisposable {
       const onAbort = () => {
         if (settled) return;
         settled = true;
-        killChannel(ch);
+        this.terminate(st);
         // Report once the server confirms the channel (and so the process group) is gone.
         graceTimer = setTimeout(finishAbort, KILL_GRACE_MS);
       };
@@ -644,6 +700,8 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
   private error: unknown;
   private done = false;
   private channel: ClientChannel | undefined;
+  private exec: ExecChannel | undefined;
+  private readonly conn: SSHConnection;
   private readonly pendingStdin: Array<Buffer | null> = [];
   private readonly deadline: Deadline;
   private readonly opened: Promise<void>;
@@ -654,18 +712,22 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
     private readonly options: StreamExecOptions,
   ) {
     this.deadline = new Deadline(options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS, options.signal, "SSH command");
+    const runId = newRunId();
     const wrapped = wrapCommand(command, {
       shell: options.shell,
       shellKind: options.shellKind,
       env: options.env,
       cwd: options.cwd,
+      runId,
     });
-    this.opened = conn.openExec(wrapped.command, this.deadline.signal, options.pty).then(
+    this.conn = conn;
+    this.opened = conn.openExec(wrapped.command, this.deadline.signal, options.pty, runId).then(
       (st) => {
         const ch = st.channel;
         this.channel = ch;
+        this.exec = st;
         if (this.done) {
-          killChannel(ch);
+          conn.terminate(st);
           return;
         }
         ch.on("data", (d: Buffer) => this.push({ stream: "stdout", data: d }));
@@ -702,7 +764,7 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
   }
 
   private readonly onAbort = () => {
-    if (this.channel) killChannel(this.channel);
+    if (this.exec) this.conn.terminate(this.exec);
     this.fail(this.deadline.reason);
   };
 
@@ -756,11 +818,11 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
   /** Kills the remote command and ends the iteration. */
   async cancel(): Promise<void> {
     if (this.done) return;
-    if (this.channel) killChannel(this.channel);
+    if (this.exec) this.conn.terminate(this.exec);
     this.queue.length = 0;
     this.finish();
     await this.opened.catch(() => {});
-    if (this.channel) killChannel(this.channel);
+    if (this.exec) this.conn.terminate(this.exec);
   }
 
   [Symbol.asyncIterator](): AsyncIterator<StreamExecEvent> {
