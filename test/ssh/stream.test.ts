@@ -99,9 +99,11 @@ describe("streamExec", () => {
     expect(err.code).toBe("PROGRESS_STALL");
     expect(text).toBe("started\n");
     expect(performance.now() - t0).toBeLessThan(3000);
-    // The remote command was killed, not left running.
+    // The remote command was killed, not left running (checked on a connection of its own).
     await new Promise((r) => setTimeout(r, 300));
-    const ps = await conn.exec(`pgrep -f '[s]${marker.slice(1)}' || true`);
+    const check = await SSHConnection.connect(sshdOptions(sshd()));
+    const ps = await check.exec(`pgrep -f '[s]${marker.slice(1)}' || true`);
+    await check.close();
     expect(ps.stdout.trim()).toBe("");
   });
 });
