@@ -118,16 +118,23 @@ function newRunId(): string {
 /**
  * Kills every process whose environment carries SMOLVM_RUN_ID=<id>, and its process group
  * (which catches children that cleared their environment). Process group 0/1 and our own are
- * never touched. The id is hex, so it needs no quoting.
+ * never touched. A fast pass with one `grep -l` comes first (GNU grep sees every match; busybox
+ * grep stops at the first NUL, so it sees only processes that have the id first, such as the
+ * login wrapper's shell); a thorough pass then reads each environment line by line. The id is
+ * hex, so it needs no quoting.
  */
 export function killByRunIdScript(runId: string): string {
   if (!/^[0-9a-f]{16}$/.test(runId)) throw new ValidationError("run id must be 16 hex digits.");
+  const tag = `${RUN_ID_ENV}=${runId}`;
   return [
-    `for f in $(grep -l -F '${RUN_ID_ENV}=${runId}' /proc/[0-9]*/environ 2>/dev/null); do`,
-    `p=\${f#/proc/}; p=\${p%/environ}; s=$(cat /proc/$p/stat 2>/dev/null) || continue`,
-    `s=\${s##*) }; set -- $s; g=$3`,
-    `[ "$g" -gt 1 ] 2>/dev/null && [ "$g" != "$$" ] && kill -KILL -"$g" 2>/dev/null`,
-    `kill -KILL "$p" 2>/dev/null; done; true`,
+    "k() { p=${1#/proc/}; p=${p%/environ}; s=$(cat /proc/$p/stat 2>/dev/null) || return 0",
+    "s=${s##*) }; set -- $s",
+    '[ "$3" -gt 1 ] 2>/dev/null && [ "$3" != "$$" ] && kill -KILL -"$3" 2>/dev/null',
+    'kill -KILL "$p" 2>/dev/null; return 0; }',
+    `for f in $(grep -l -F '${tag}' /proc/[0-9]*/environ 2>/dev/null); do k "$f"; done`,
+    "for f in /proc/[0-9]*/environ; do",
+    `tr '\\0' '\\n' < "$f" 2>/dev/null | grep -qxF '${tag}' && k "$f"`,
+    "done; true",
   ].join("\n");
 }
 
