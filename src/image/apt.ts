@@ -4,7 +4,7 @@
  * installed). `apt-get update` runs only when the package lists are missing or a download
  * 404s, and only as root or with passwordless sudo.
  */
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { mkdir, mkdtemp, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { HostDependencyError, ImageBuildError, SmolVMError } from "../errors.js";
@@ -300,7 +300,7 @@ export async function resolveImagePackages(
   const pkgs = new Map(names.map((n) => [n, first.get(n)!]));
   memo = { [key]: { kernel, pkgs: [...pkgs.values()] } };
   await mkdir(cacheDir, { recursive: true });
-  const tmp = `${memoPath}.${process.pid}.tmp`;
+  const tmp = `${memoPath}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
   await writeFile(tmp, JSON.stringify(memo));
   await rename(tmp, memoPath);
   return { kernel, pkgs };

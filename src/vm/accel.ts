@@ -6,6 +6,7 @@
  * cached per host (kernel release + QEMU version) in the data dir.
  */
 import { execFile } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import { constants, existsSync, readFileSync } from "node:fs";
 import { access, mkdir, mkdtemp, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { release, tmpdir } from "node:os";
@@ -172,7 +173,7 @@ async function writeCache(path: string, entry: CacheEntry): Promise<void> {
     // first verdict, or a corrupt file we overwrite
   }
   entries.push(entry);
-  const tmp = `${path}.${process.pid}.tmp`;
+  const tmp = `${path}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
   await writeFile(tmp, `${JSON.stringify(entries, null, 2)}\n`, { mode: 0o600 });
   await rename(tmp, path);
 }
