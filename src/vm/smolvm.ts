@@ -1,0 +1,686 @@
+/**
+ * SmolVM: a disposable microVM with a command channel. Creation composes the image, a per-VM
+ * identity (host key pinned by us, client key authorized, agent secret), QEMU and a channel;
+ * everything else delegates to the channel (run, files, env) or to QMP (forwards, stop).
+ * State lives in the store, so `fromId` works from any process.
+ */
+import { randomBytes } from "node:crypto";
+import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { SshChannel } from "../channel/ssh-channel.js";
+import type { CommandStream, CommChannel } from "../channel/types.js";
+import {
+  type CommandResult,
+  quoteSh,
+  type RunOptions,
+  type RunOptionsBuffer,
+  type RunOptionsUtf8,
+  validateEnv,
+} from "../command.js";
+import { Deadline } from "../common/deadline.js";
+import { dataDir as defaultDataDir } from "../common/paths.js";
+import {
+  CommandExecutionUnavailableError,
+  ConnectionLostError,
+  SmolVMError,
+  SSHConnectionError,
+  ValidationError,
+  VMNotFoundError,
+  VMStateError,
+} from "../errors.js";
+import {
+  buildVmConfigCpio,
+  composeInitrd,
+  ensureClientKey,
+  ensureImage,
+  generateHostKey,
+  type ImageBuildProgress,
+  type ImageManifest,
+  type ImageName,
+  knownHostsLine,
+} from "../image/index.js";
+import { SSHClient } from "../ssh/client.js";
+import { detectAccelerator, findQemu, hostTscKhz } from "./accel.js";
+import { renderEnvFile } from "./env-file.js";
+import { leasePort, releasePorts } from "./ports.js";
+import { isQemuAlive, launchQemu, stopQemu } from "./process.js";
+import { buildQemuArgv, type VmLaunchSpec } from "./qemu.js";
+import { QmpClient } from "./qmp.js";
+import { serialMilestones, tailFile } from "./serial-log.js";
+import { type VmStatus as StoredStatus, type VmRecord, VmStore, vmFiles } from "./store.js";
+
+export type CommChannelChoice = "ssh" | "agent" | "vsock" | "auto";
+export type VmStatus = StoredStatus | "deleted";
+export type { VmRecord };
+
+export interface SmolVMCreateOptions {
+  /** Default "tiny". */
+  image?: ImageName;
+  /** Default 512. */
+  memoryMib?: number;
+  /** Default 1. */
+  vcpus?: number;
+  name?: string;
+  /** Env vars present from the first command on (persisted in the guest env file). */
+  env?: Record<string, string>;
+  commChannel?: CommChannelChoice;
+  /** Default "auto" (KVM when it really runs guests, else TCG); SMOLVM_ACCEL overrides auto. */
+  accel?: "kvm" | "tcg" | "auto";
+  /** Default: SMOLVM_DATA_DIR, $XDG_STATE_HOME/smolvm or ~/.local/state/smolvm. */
+  dataDir?: string;
+  /** Bound on the whole create (image build excluded when cached). Default 180 000. */
+  timeoutMs?: number;
+  signal?: AbortSignal;
+  onProgress?: (p: ImageBuildProgress) => void;
+}
+
+export interface FromIdOptions {
+  dataDir?: string;
+  commChannel?: CommChannelChoice;
+}
+
+export interface BootTimings {
+  /** QEMU spawned until its monitor answered. */
+  qemuStartMs: number;
+  /** Guest kernel start until /init ran (from the serial milestones). */
+  kernelMs?: number;
+  /** /init start until sshd listened. */
+  initToSshdMs?: number;
+  /** Host side: QEMU spawn until the SSH handshake completed. */
+  bootToSshMs: number;
+  /** create() called until it returned. */
+  totalMs: number;
+}
+
+export interface SshCommands {
+  ssh: string;
+  scpToGuest: string;
+  scpFromGuest: string;
+}
+
+const DEFAULT_CREATE_TIMEOUT_MS = 180_000;
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+
+export class SmolVM implements AsyncDisposable {
+  private record: VmRecord;
+  private deleted = false;
+  private readonly dataDir: string;
+  private chan: CommChannel | undefined;
+  private sshClient: SSHClient | undefined;
+  /** Set for VMs this object created: disposing them deletes the VM. */
+  private readonly owned: boolean;
+  private readonly commChannel: CommChannelChoice;
+  bootTimings: BootTimings | undefined;
+
+  private constructor(
+    private readonly store: VmStore,
+    record: VmRecord,
+    opts: { owned: boolean; commChannel?: CommChannelChoice; dataDir: string },
+  ) {
+    this.record = record;
+    this.dataDir = opts.dataDir;
+    this.owned = opts.owned;
+    this.commChannel = opts.commChannel ?? (record.channel as CommChannelChoice | undefined) ?? "auto";
+  }
+
+  // ------------------------------------------------------------ lifecycle
+
+  static async create(options: SmolVMCreateOptions = {}): Promise<SmolVM> {
+    const t0 = performance.now();
+    const opts = validateCreateOptions(options);
+    const deadline = new Deadline(opts.timeoutMs, opts.signal, "creating the VM");
+    const base = opts.dataDir ?? defaultDataDir();
+    const store = VmStore.open(base);
+    try {
+      const [image, clientKey, hostKey, accel] = await deadline.race(
+        Promise.all([
+          ensureImage(opts.image, { dataDir: base, signal: deadline.signal, onProgress: opts.onProgress }),
+          ensureClientKey(base, { signal: deadline.signal }),
+          generateHostKey({ signal: deadline.signal }),
+          detectAccelerator({ force: opts.accel, dataDir: base }),
+        ]),
+      );
+      if (opts.commChannel === "agent" || opts.commChannel === "vsock") {
+        if (!image.capabilities.agent) {
+          throw new CommandExecutionUnavailableError(
+            `image ${image.name} has no guest agent, but commChannel "${opts.commChannel}" was asked for.`,
+            'Use commChannel "ssh" or "auto", or rebuild the image with the agent (smolvm image build --force).',
+          );
+        }
+      }
+      const id = `vm-${randomBytes(6).toString("hex")}`;
+      const name = opts.name ?? id;
+      const vmDir = join(base, "vms", id);
+      await mkdir(vmDir, { recursive: true, mode: 0o700 });
+      const record = store.insert({
+        id,
+        name,
+        status: "creating",
+        image: image.name,
+        vmDir,
+        channel: opts.commChannel === "auto" ? null : normalizeChannel(opts.commChannel),
+        hostKeyFingerprint: hostKey.fingerprint,
+        config: {
+          memoryMib: opts.memoryMib,
+          vcpus: opts.vcpus,
+          accel: accel.accel,
+          accelReason: accel.reason,
+          imageFingerprint: image.fingerprint,
+          capabilities: image.capabilities,
+          hostPublicKey: hostKey.publicKey,
+          clientKeyPath: clientKey.privateKeyPath,
+        },
+      });
+      const vm = new SmolVM(store, record, { owned: true, commChannel: opts.commChannel, dataDir: base });
+      try {
+        const agentSecret = randomBytes(32);
+        const cpio = buildVmConfigCpio([
+          { path: "smolvm/config/ssh_host_ed25519_key", mode: 0o600, data: hostKey.privateKeyPem },
+          { path: "smolvm/config/authorized_keys", mode: 0o600, data: `${clientKey.publicKey}\n` },
+          { path: "smolvm/config/agent_secret", mode: 0o600, data: agentSecret },
+          { path: "smolvm/config/env", mode: 0o600, data: renderEnvFile(opts.env) },
+          { path: "smolvm/config/hostname", mode: 0o644, data: `${safeHostname(name)}\n` },
+        ]);
+        await composeInitrd(image.initrdPath, cpio, join(vmDir, "initrd.img"));
+        await writeFile(join(vmDir, "agent_secret"), agentSecret, { mode: 0o600 });
+        await vm.boot(image, deadline);
+        vm.bootTimings = { ...vm.bootTimings!, totalMs: Math.round(performance.now() - t0) };
+        return vm;
+      } catch (e) {
+        await vm.delete().catch(() => {});
+        throw e;
+      }
+    } catch (e) {
+      store.close();
+      throw e;
+    } finally {
+      deadline.dispose();
+    }
+  }
+
+  /** Re-attaches to a VM created by any process (by id or name). */
+  static async fromId(idOrName: string, options: FromIdOptions = {}): Promise<SmolVM> {
+    const base = options.dataDir ?? defaultDataDir();
+    const store = VmStore.open(base);
+    store.reconcile();
+    const record = store.get(idOrName);
+    if (!record) {
+      store.close();
+      throw new VMNotFoundError(
+        `no VM named or with id ${JSON.stringify(idOrName)}: see SmolVM.list() or \`smolvm list\`.`,
+        {
+          details: { id: idOrName },
+        },
+      );
+    }
+    return new SmolVM(store, record, { owned: false, commChannel: options.commChannel, dataDir: base });
+  }
+
+  static async list(options: { dataDir?: string } = {}): Promise<VmRecord[]> {
+    const store = VmStore.open(options.dataDir ?? defaultDataDir());
+    try {
+      store.reconcile();
+      return store.list();
+    } finally {
+      store.close();
+    }
+  }
+
+  get id(): string {
+    return this.record.id;
+  }
+  get name(): string {
+    return this.record.name;
+  }
+  get sshPort(): number | null {
+    return this.record.sshPort;
+  }
+  /** "running", "stopped", "crashed" (QEMU died without being asked to), "creating", "deleted". */
+  get status(): VmStatus {
+    if (this.deleted) return "deleted";
+    this.refreshLiveness();
+    return this.record.status;
+  }
+
+  /** Boots a stopped VM again with the same identity (tiny's RAM filesystem starts fresh). */
+  async start(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {
+    if (this.status === "running") return;
+    if (this.deleted) throw this.deletedError();
+    const deadline = new Deadline(
+      options.timeoutMs ?? DEFAULT_CREATE_TIMEOUT_MS,
+      options.signal,
+      `starting VM ${this.id}`,
+    );
+    try {
+      const image = await ensureImage(this.record.image as ImageName, {
+        dataDir: this.dataDir,
+        signal: deadline.signal,
+      });
+      await this.boot(image, deadline);
+    } finally {
+      deadline.dispose();
+    }
+  }
+
+  /** Powers the VM off (ACPI, then quit, then SIGKILL, bounded) and frees its ports. */
+  async stop(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {
+    await this.closeChannel();
+    if (this.record.pid) {
+      await stopQemu(
+        { pid: this.record.pid, qmpSocketPath: this.files.qmpSocket, marker: this.files.marker },
+        { timeoutMs: options.timeoutMs ?? 20_000, signal: options.signal, force: true },
+      );
+    }
+    releasePorts(this.store, this.id);
+    this.update({ status: "stopped", pid: null, sshPort: null, ports: [] });
+  }
+
+  /** Stops the VM and removes every trace of it (record, directory, port leases). */
+  async delete(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {
+    if (this.deleted) return;
+    await this.stop(options).catch(() => {});
+    await rm(this.record.vmDir, { recursive: true, force: true });
+    this.store.delete(this.id);
+    this.deleted = true;
+    this.store.close();
+  }
+
+  /** Closes this object's connections; the VM keeps running (see delete()). */
+  async close(): Promise<void> {
+    await this.closeChannel();
+  }
+
+  /** VMs from create() are deleted on dispose; re-attached ones (fromId) are only closed. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    if (this.owned) await this.delete();
+    else {
+      await this.close();
+      this.store.close();
+    }
+  }
+
+  // ------------------------------------------------------------ commands, files, env
+
+  run(command: string, options?: RunOptionsUtf8): Promise<CommandResult<string>>;
+  run(command: string, options: RunOptionsBuffer): Promise<CommandResult<Buffer>>;
+  run(command: string, options?: RunOptions): Promise<CommandResult<string> | CommandResult<Buffer>>;
+  async run(
+    command: string,
+    options: RunOptions = {},
+  ): Promise<CommandResult<string> | CommandResult<Buffer>> {
+    const ch = await this.channel();
+    return this.explain(() => ch.run(command, options));
+  }
+
+  /** Streams a command's output: `for await (const ev of vm.stream("..."))`. */
+  stream(command: string, options: Parameters<CommChannel["stream"]>[1] = {}): CommandStream {
+    const pending = this.channel().then((ch) => ch.stream(command, options));
+    pending.catch(() => {});
+    return {
+      async *[Symbol.asyncIterator]() {
+        yield* await pending;
+      },
+      cancel: async () => (await pending.catch(() => undefined))?.cancel(),
+    };
+  }
+
+  async uploadFile(
+    localPath: string,
+    guestPath: string,
+    options: { mode?: number; timeoutMs?: number; signal?: AbortSignal } = {},
+  ): Promise<void> {
+    const ch = await this.channel();
+    await this.explain(() => ch.putFile(localPath, guestPath, options));
+  }
+
+  async downloadFile(
+    guestPath: string,
+    localPath: string,
+    options: { timeoutMs?: number; signal?: AbortSignal } = {},
+  ): Promise<void> {
+    const ch = await this.channel();
+    await this.explain(() => ch.getFile(guestPath, localPath, options));
+  }
+
+  async setEnvVars(
+    vars: Record<string, string>,
+    options: { timeoutMs?: number; signal?: AbortSignal } = {},
+  ): Promise<void> {
+    validateEnv(vars);
+    const ch = await this.channel();
+    await this.explain(() => ch.setEnv(vars, options));
+  }
+
+  async unsetEnvVars(
+    names: string[],
+    options: { timeoutMs?: number; signal?: AbortSignal } = {},
+  ): Promise<void> {
+    const ch = await this.channel();
+    await this.explain(() => ch.unsetEnv(names, options));
+  }
+
+  async listEnvVars(
+    options: { timeoutMs?: number; signal?: AbortSignal } = {},
+  ): Promise<Record<string, string>> {
+    const ch = await this.channel();
+    return this.explain(() => ch.listEnv(options));
+  }
+
+  // ------------------------------------------------------------ networking
+
+  /**
+   * Forwards host 127.0.0.1:hostPort to the guest's guestPort (QEMU user-network forward, added
+   * over QMP: it lives as long as the VM, whichever process asked). The guest service must listen
+   * on 0.0.0.0 or 10.0.2.15, not only on the guest's 127.0.0.1.
+   */
+  async exposeLocal(
+    guestPort: number,
+    hostPort?: number,
+    options: { timeoutMs?: number } = {},
+  ): Promise<number> {
+    checkPort("guestPort", guestPort);
+    if (hostPort !== undefined) checkPort("hostPort", hostPort);
+    this.requireRunning("expose a port");
+    let port: number;
+    if (hostPort === undefined) port = await leasePort(this.store, this.id, `expose:${guestPort}`);
+    else if (this.store.tryLeasePort(hostPort, this.id, `expose:${guestPort}`)) port = hostPort;
+    else
+      throw new ValidationError(
+        `host port ${hostPort} is already leased by a smolvm VM: pick another or omit it.`,
+      );
+    const qmp = await QmpClient.connect(this.files.qmpSocket, { timeoutMs: options.timeoutMs ?? 5_000 });
+    try {
+      await qmp.hostfwdAdd(port, guestPort);
+    } catch (e) {
+      releasePorts(this.store, this.id, port);
+      throw e;
+    } finally {
+      await qmp.close();
+    }
+    this.update({
+      ports: [...this.record.ports.filter((p) => p.hostPort !== port), { hostPort: port, guestPort }],
+    });
+    return port;
+  }
+
+  async unexposeLocal(hostPort: number, options: { timeoutMs?: number } = {}): Promise<void> {
+    checkPort("hostPort", hostPort);
+    if (!this.record.ports.some((p) => p.hostPort === hostPort)) {
+      throw new ValidationError(`host port ${hostPort} is not exposed by VM ${this.id}.`);
+    }
+    if (this.status === "running") {
+      const qmp = await QmpClient.connect(this.files.qmpSocket, { timeoutMs: options.timeoutMs ?? 5_000 });
+      try {
+        await qmp.hostfwdRemove(hostPort);
+      } finally {
+        await qmp.close();
+      }
+    }
+    releasePorts(this.store, this.id, hostPort);
+    this.update({ ports: this.record.ports.filter((p) => p.hostPort !== hostPort) });
+  }
+
+  /** The address the host reaches the guest's forwarded ports on (user-mode networking). */
+  getIp(): string {
+    return "127.0.0.1";
+  }
+
+  /** Ready-to-paste commands for OpenSSH tools, with the VM's host key pinned. */
+  sshCommands(options: { user?: string; keyPath?: string } = {}): SshCommands {
+    const user = options.user ?? "root";
+    const key = options.keyPath ?? (this.record.config.clientKeyPath as string);
+    const port = this.record.sshPort ?? 22;
+    const common = `-i ${quoteSh(key)} -o UserKnownHostsFile=${quoteSh(this.knownHostsPath)} -o StrictHostKeyChecking=yes`;
+    return {
+      ssh: `ssh ${common} -p ${port} ${user}@127.0.0.1`,
+      scpToGuest: `scp ${common} -P ${port} <local> ${user}@127.0.0.1:<remote>`,
+      scpFromGuest: `scp ${common} -P ${port} ${user}@127.0.0.1:<remote> <local>`,
+    };
+  }
+
+  /** True when the image has a command channel (SSH or the agent). */
+  canRunCommands(): boolean {
+    const caps = this.record.config.capabilities as { ssh: boolean; agent: boolean } | undefined;
+    return Boolean(caps?.ssh || caps?.agent);
+  }
+
+  async waitForSsh(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {
+    this.requireRunning("wait for SSH");
+    await this.explain(() =>
+      this.ssh().waitForSsh({ timeoutMs: options.timeoutMs ?? 60_000, signal: options.signal }),
+    );
+  }
+
+  /** The serial console log (boot milestones, kernel messages), for diagnosis. */
+  async serialLog(): Promise<string> {
+    return readFile(this.files.serialLog, "utf8").catch(() => "");
+  }
+
+  // ------------------------------------------------------------ internals
+
+  private get files() {
+    return vmFiles(this.record.vmDir);
+  }
+  private get knownHostsPath(): string {
+    return join(this.record.vmDir, "known_hosts");
+  }
+
+  private async boot(image: ImageManifest, deadline: Deadline): Promise<void> {
+    const cfg = this.record.config;
+    const sshPort = await leasePort(this.store, this.id, "ssh");
+    await writeFile(this.knownHostsPath, knownHostsLine("127.0.0.1", sshPort, cfg.hostPublicKey as string), {
+      mode: 0o600,
+    });
+    const spec: VmLaunchSpec = {
+      name: this.id,
+      qemuPath: findQemu(),
+      accel: cfg.accel as "kvm" | "tcg",
+      memoryMib: cfg.memoryMib as number,
+      vcpus: cfg.vcpus as number,
+      kernelPath: image.kernelPath,
+      initrdPath: join(this.record.vmDir, "initrd.img"),
+      kernelAppend: image.kernelCmdline,
+      tscKhz: cfg.accel === "tcg" ? hostTscKhz() : undefined,
+      qmpSocketPath: this.files.qmpSocket,
+      serialLogPath: this.files.serialLog,
+      pidfilePath: this.files.pidfile,
+      sshHostPort: sshPort,
+      agentSocketPath: image.capabilities.agent ? this.files.agentSocket : undefined,
+    };
+    if (image.rootfsPath) spec.rootfsPath = await this.overlayFor(image);
+    buildQemuArgv(spec); // validates before anything is spawned
+    await rm(spec.serialLogPath, { force: true });
+    const t0 = performance.now();
+    const launched = await launchQemu(spec, {
+      timeoutMs: Math.min(30_000, deadline.remainingMs),
+      signal: deadline.signal,
+    });
+    const qemuStartMs = performance.now() - t0;
+    this.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
+    await this.closeChannel();
+    try {
+      await this.ssh().waitForSsh({ timeoutMs: deadline.remainingMs, signal: deadline.signal });
+    } catch (e) {
+      const log = await tailFile(spec.serialLogPath, 1500);
+      if (!isQemuAlive(launched.pid, this.files.marker)) {
+        this.update({ status: "crashed", pid: null });
+        throw new VMStateError(`VM ${this.id} stopped during boot. Serial console tail:\n${log}`, {
+          cause: e,
+        });
+      }
+      if (e instanceof SmolVMError) {
+        throw new VMStateError(
+          `VM ${this.id} did not answer on SSH while booting (${e.message}). Serial console tail:\n${log}`,
+          { cause: e, code: e.code },
+        );
+      }
+      throw e;
+    }
+    const bootToSshMs = performance.now() - t0;
+    const ms = serialMilestones(await this.serialLog());
+    this.bootTimings = {
+      qemuStartMs: Math.round(qemuStartMs),
+      kernelMs: ms["init-start"],
+      initToSshdMs:
+        ms["sshd-started"] !== undefined && ms["init-start"] !== undefined
+          ? ms["sshd-started"] - ms["init-start"]
+          : undefined,
+      bootToSshMs: Math.round(bootToSshMs),
+      totalMs: Math.round(bootToSshMs),
+    };
+  }
+
+  /** Copy-on-write disk over the image's rootfs, so the image itself is never written. */
+  private async overlayFor(image: ImageManifest): Promise<string> {
+    const overlay = join(this.record.vmDir, "rootfs.qcow2");
+    const { exec } = await import("../image/exec.js");
+    await exec("qemu-img", ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfsPath!, overlay]);
+    return overlay;
+  }
+
+  private ssh(): SSHClient {
+    if (!this.sshClient) {
+      const cfg = this.record.config;
+      this.sshClient = new SSHClient({
+        host: "127.0.0.1",
+        port: this.record.sshPort ?? 22,
+        user: "root",
+        keyPath: cfg.clientKeyPath as string,
+        hostKey: { policy: "strict", fingerprint: this.record.hostKeyFingerprint ?? undefined },
+        connectTimeoutMs: 10_000,
+        keepaliveIntervalMs: 5_000,
+        keepaliveCountMax: 3,
+      });
+    }
+    return this.sshClient;
+  }
+
+  private async channel(): Promise<CommChannel> {
+    if (!this.canRunCommands()) {
+      throw new CommandExecutionUnavailableError(
+        `VM ${this.id} (image ${this.record.image}) has no command channel.`,
+        'Create it from an image with SSH or the agent, e.g. SmolVM.create({ image: "tiny" }).',
+      );
+    }
+    this.requireRunning("run commands");
+    if (!this.chan) this.chan = new SshChannel(this.ssh());
+    return this.chan;
+  }
+
+  private async closeChannel(): Promise<void> {
+    const c = this.chan;
+    const s = this.sshClient;
+    this.chan = undefined;
+    this.sshClient = undefined;
+    await c?.close();
+    await s?.close();
+  }
+
+  /** Turns a transport failure on a dead VM into a VM error that says what happened. */
+  private async explain<T>(fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (e) {
+      if ((e instanceof SSHConnectionError || e instanceof ConnectionLostError) && !this.pidAlive()) {
+        this.update({ status: "crashed" });
+        throw this.crashedError(e);
+      }
+      throw e;
+    }
+  }
+
+  private pidAlive(): boolean {
+    return this.record.pid !== null && isQemuAlive(this.record.pid, this.files.marker);
+  }
+
+  private refreshLiveness(): void {
+    const fresh = this.store.get(this.id);
+    if (fresh) this.record = fresh;
+    if (this.record.status === "running" && !this.pidAlive()) {
+      releasePorts(this.store, this.id);
+      this.update({ status: "crashed", pid: null });
+    }
+  }
+
+  private requireRunning(what: string): void {
+    const s = this.status;
+    if (s === "running") return;
+    if (s === "deleted") throw this.deletedError();
+    if (s === "crashed") throw this.crashedError();
+    throw new VMStateError(
+      `cannot ${what}: VM ${this.id} is ${s}. Start it with vm.start() (or \`smolvm start ${this.name}\`).`,
+      {
+        details: { id: this.id, status: s },
+      },
+    );
+  }
+
+  private crashedError(cause?: unknown): VMStateError {
+    return new VMStateError(
+      `VM ${this.id} crashed: its QEMU process exited without being asked to. See vm.serialLog() or ${this.files.serialLog}; vm.start() boots it again, vm.delete() removes it.`,
+      { code: "VM_CRASHED", cause, details: { id: this.id } },
+    );
+  }
+
+  private deletedError(): VMStateError {
+    return new VMStateError(`VM ${this.id} was deleted: create a new one with SmolVM.create().`, {
+      details: { id: this.id },
+    });
+  }
+
+  private update(patch: Partial<VmRecord>): void {
+    if (this.deleted) return;
+    this.record = this.store.update(this.id, patch);
+  }
+}
+
+function validateCreateOptions(o: SmolVMCreateOptions) {
+  const memoryMib = o.memoryMib ?? 512;
+  const vcpus = o.vcpus ?? 1;
+  if (!Number.isInteger(memoryMib) || memoryMib < 64 || memoryMib > 65536) {
+    throw new ValidationError(`memoryMib must be an integer from 64 to 65536, got ${String(o.memoryMib)}.`);
+  }
+  if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > 64) {
+    throw new ValidationError(`vcpus must be an integer from 1 to 64, got ${String(o.vcpus)}.`);
+  }
+  if (o.name !== undefined && !NAME_RE.test(o.name)) {
+    throw new ValidationError(
+      `VM name ${JSON.stringify(o.name)} is invalid: use 1-63 letters, digits, '.', '_' or '-'.`,
+    );
+  }
+  const commChannel = o.commChannel ?? "auto";
+  if (!["ssh", "agent", "vsock", "auto"].includes(commChannel)) {
+    throw new ValidationError(
+      `commChannel must be "ssh", "agent", "vsock" or "auto", got ${JSON.stringify(o.commChannel)}.`,
+    );
+  }
+  if (o.env) validateEnv(o.env);
+  if (o.timeoutMs !== undefined && !(o.timeoutMs > 0))
+    throw new ValidationError("timeoutMs must be a positive number.");
+  return {
+    image: o.image ?? "tiny",
+    memoryMib,
+    vcpus,
+    name: o.name,
+    env: o.env ?? {},
+    commChannel,
+    accel: o.accel,
+    dataDir: o.dataDir,
+    timeoutMs: o.timeoutMs ?? DEFAULT_CREATE_TIMEOUT_MS,
+    signal: o.signal,
+    onProgress: o.onProgress,
+  } as const;
+}
+
+function normalizeChannel(c: CommChannelChoice): string {
+  return c === "vsock" ? "vsock" : c;
+}
+
+function safeHostname(name: string): string {
+  return name.replace(/[^A-Za-z0-9-]/g, "-").slice(0, 63) || "smolvm";
+}
+
+function checkPort(what: string, p: number): void {
+  if (!Number.isInteger(p) || p < 1 || p > 65535)
+    throw new ValidationError(`${what} must be an integer 1..65535, got ${String(p)}.`);
+}
