@@ -1,0 +1,114 @@
+/**
+ * Builds the guest agent (agent/*.c) with the host's C compiler into a cache directory keyed
+ * by a fingerprint of the sources, compiler and flags, so it is rebuilt only when they change.
+ * Used by the image builder and by tests that run the agent on the host.
+ */
+import { execFile } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
+import { mkdir, readdir, readFile, rename, rm, stat } from "node:fs/promises";
+import { homedir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { HostDependencyError } from "../errors.js";
+
+export interface BuildAgentOptions {
+  /** Where built binaries are kept. Default $SMOLVM_CACHE_DIR/agent or ~/.cache/smolvm/agent. */
+  cacheDir?: string;
+  /** C compiler. Default $CC or "cc". */
+  cc?: string;
+  /** Link statically (what a guest needs). Default true; false builds a host-only binary. */
+  static?: boolean;
+  /** Directory holding agent.c. Default: found next to this package. */
+  sourceDir?: string;
+  timeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+const CFLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"];
+
+/** The agent/ directory of this package (walks up from this module: works from src/ and dist/). */
+export function agentSourceDir(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (let i = 0; i < 5; i++) {
+    const candidate = join(dir, "agent");
+    if (existsSync(join(candidate, "agent.c"))) return candidate;
+    dir = dirname(dir);
+  }
+  throw new HostDependencyError(
+    "the guest agent sources (agent/agent.c) were not found next to the smolvm package: reinstall smolvm.",
+  );
+}
+
+function run(cmd: string, args: string[], cwd: string, timeoutMs: number, signal?: AbortSignal) {
+  return new Promise<{ stdout: string; stderr: string }>((res, rej) => {
+    execFile(cmd, args, { cwd, timeout: timeoutMs, signal, maxBuffer: 4 << 20 }, (err, stdout, stderr) => {
+      if (err) rej(Object.assign(err, { stderr: String(stderr) }));
+      else res({ stdout: String(stdout), stderr: String(stderr) });
+    });
+  });
+}
+
+/** Compiles the agent if needed and returns the path of the binary. */
+export async function buildAgent(options: BuildAgentOptions = {}): Promise<string> {
+  const sourceDir = resolve(options.sourceDir ?? agentSourceDir());
+  const cc = options.cc ?? process.env.CC ?? "cc";
+  const isStatic = options.static ?? true;
+  const timeoutMs = options.timeoutMs ?? 120_000;
+  const cacheDir = resolve(
+    options.cacheDir ??
+      (process.env.SMOLVM_CACHE_DIR
+        ? join(process.env.SMOLVM_CACHE_DIR, "agent")
+        : join(homedir(), ".cache", "smolvm", "agent")),
+  );
+
+  const sources = (await readdir(sourceDir)).filter((f) => /\.[ch]$/.test(f)).sort();
+  let ccVersion: string;
+  try {
+    ccVersion = (await run(cc, ["--version"], sourceDir, 10_000, options.signal)).stdout.split("\n")[0] ?? "";
+  } catch (err) {
+    throw new HostDependencyError(
+      `the C compiler ${JSON.stringify(cc)} is not usable, so the guest agent cannot be built: install gcc (apt-get install gcc libc6-dev) or set CC.`,
+      { cause: err, details: { cc } },
+    );
+  }
+  const h = createHash("sha256");
+  h.update(`${ccVersion}\0${CFLAGS.join(" ")}\0${isStatic}\0${process.arch}\0`);
+  for (const f of sources) {
+    h.update(`${f}\0`);
+    h.update(await readFile(join(sourceDir, f)));
+  }
+  const fingerprint = h.digest("hex").slice(0, 16);
+  const out = join(cacheDir, fingerprint, "smolvm-agent");
+  try {
+    if ((await stat(out)).isFile()) return out;
+  } catch {
+    // not built yet
+  }
+
+  await mkdir(dirname(out), { recursive: true });
+  // Build to a unique name and rename: concurrent builders never see a half-written binary.
+  const tmp = `${out}.${randomBytes(6).toString("hex")}.tmp`;
+  const args = [
+    ...CFLAGS,
+    "-o",
+    tmp,
+    ...sources.filter((f) => f.endsWith(".c")),
+    ...(isStatic ? ["-static"] : []),
+  ];
+  try {
+    await run(cc, args, sourceDir, timeoutMs, options.signal);
+    await rename(tmp, out);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    const stderr = String((err as { stderr?: string }).stderr ?? "").slice(0, 2000);
+    throw new HostDependencyError(
+      `building the guest agent with ${cc} failed${isStatic ? " (static link)" : ""}: ${stderr.trim() || String(err)}. ` +
+        (isStatic
+          ? "Install the static C library (apt-get install libc6-dev) or pass static: false for a host-only build."
+          : "Check that a working C toolchain is installed."),
+      { cause: err, details: { cc, sourceDir } },
+    );
+  }
+  return out;
+}
