@@ -1,57 +1,171 @@
 /**
- * Interim `npm start`: starts a local OpenSSH sshd (the test fixture), runs the SSHClient
- * examples against it, prints first vs warm command timings, then stops sshd.
+ * `npm start`: builds the default image if needed, boots a sandbox, runs the everyday examples
+ * (uname, an env var through the login shell, a file round trip, a failing command, a 16 MiB
+ * upload checked by sha256 in the guest), prints boot and command timings, then deletes the VM,
+ * also on failure or Ctrl-C.
  */
-import { OperationTimeoutError } from "../src/errors.js";
-import { SSHClient } from "../src/ssh/client.js";
-import { SshdFixture } from "../test/fixtures/sshd.js";
+import { createHash, randomBytes } from "node:crypto";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { pathToFileURL } from "node:url";
+import { ensureImage } from "../src/image/index.js";
+import { SmolVM } from "../src/vm/smolvm.js";
 
-const sshd = await SshdFixture.start();
-try {
-  console.log(`sshd listening on ${sshd.host}:${sshd.port} (user ${sshd.user})`);
-  const client = new SSHClient({
-    host: sshd.host,
-    port: sshd.port,
-    user: sshd.user,
-    keyPath: sshd.clientKey.path,
-    hostKey: { knownHostsPath: sshd.knownHostsPath },
-  });
-  console.log(`connected before first call: ${client.connected}`);
-  await client.waitForSsh({ timeoutMs: 30_000 });
-
-  let r = await client.run("echo 'Hello from the server'");
-  console.log(`stdout: ${r.output}  exitCode: ${r.exitCode}`);
-  r = await client.run("test -f /etc/passwd");
-  console.log(`/etc/passwd exists: ${r.ok}`);
-  r = await client.run("ls /nonexistent");
-  console.log(`ls /nonexistent failed as expected: ${!r.ok} (${r.stderr.trim()})`);
-  r = await client.run("whoami", { shell: "raw" });
-  console.log(`raw whoami: ${r.output}`);
-  try {
-    await client.run("sleep 5", { timeoutMs: 300 });
-  } catch (e) {
-    if (e instanceof OperationTimeoutError) console.log(`timeout: ${e.message}`);
-    else throw e;
-  }
-
-  await client.close();
-  const fresh = new SSHClient({
-    host: sshd.host,
-    port: sshd.port,
-    user: sshd.user,
-    keyPath: sshd.clientKey.path,
-    hostKey: { knownHostsPath: sshd.knownHostsPath },
-  });
-  const times: number[] = [];
-  for (let i = 0; i < 3; i++) {
-    const t = performance.now();
-    await fresh.run("echo test");
-    times.push(performance.now() - t);
-  }
-  console.log(`first command (connects): ${times[0]!.toFixed(1)} ms`);
-  console.log(`second command (warm):    ${times[1]!.toFixed(1)} ms`);
-  console.log(`third command (warm):     ${times[2]!.toFixed(1)} ms`);
-  await fresh.close();
-} finally {
-  await sshd.stop();
+export interface StartOptions {
+  /** Default: SMOLVM_DATA_DIR / the XDG state dir, so the image is reused across runs. */
+  dataDir?: string;
+  /** Where result lines go. Default console.log. */
+  log?: (line: string) => void;
+  /** Aborting stops the demo; the VM is still deleted. */
+  signal?: AbortSignal;
+  /** Runs of `true` for the warm-command p50. Default 20. */
+  warmRuns?: number;
 }
+
+export interface StartSummary {
+  vmId: string;
+  accel: string;
+  bootToSshMs: number;
+  firstCommandMs: number;
+  warmP50Ms: number;
+}
+
+class DemoFailure extends Error {}
+
+function check(cond: boolean, what: string): asserts cond {
+  if (!cond) throw new DemoFailure(what);
+}
+
+const ms = (n: number | undefined) => (n === undefined ? "n/a" : `${Math.round(n)} ms`);
+
+export async function main(opts: StartOptions = {}): Promise<StartSummary> {
+  const log = opts.log ?? ((l: string) => console.log(l));
+  const signal = opts.signal;
+  const warmRuns = opts.warmRuns ?? 20;
+
+  // The builder draws its own progress line on a TTY; here we only learn whether it was cached.
+  let imageState = "cached";
+  const t0 = performance.now();
+  await ensureImage("tiny", {
+    dataDir: opts.dataDir,
+    signal,
+    onProgress: (p) => {
+      if (p.done) imageState = p.step === "cached" ? "cached" : p.step;
+    },
+  });
+  log(`image tiny: ${imageState} (${ms(performance.now() - t0)})`);
+
+  let vm: SmolVM | undefined;
+  const tmp = await mkdtemp(join(tmpdir(), "smolvm-start-"));
+  try {
+    vm = await SmolVM.create({ dataDir: opts.dataDir, signal });
+    const record = (await SmolVM.list({ dataDir: opts.dataDir })).find((r) => r.id === vm!.id);
+    const accel = String(record?.config.accel ?? "unknown");
+    // The reason's first clause is enough here; the full probe error is in the VM record.
+    const accelReason = String(record?.config.accelReason ?? "").split(" (")[0]!;
+    const bt = vm.bootTimings!;
+    log(`booted ${vm.id} in ${ms(bt.totalMs)} (accelerator ${accel})`);
+
+    const tFirst = performance.now();
+    const uname = await vm.run("uname -a", { signal });
+    const firstCommandMs = performance.now() - tFirst;
+    check(uname.ok, `uname -a failed with exit code ${uname.exitCode}: ${uname.stderr.trim()}`);
+    log(`uname -a: ${uname.output}`);
+
+    const secret = "secret-123";
+    await vm.setEnvVars({ API_KEY: secret }, { signal });
+    const env = await vm.run("echo $API_KEY", { signal });
+    check(env.output === secret, "API_KEY set with setEnvVars did not reach the login shell");
+    log("env var: API_KEY from setEnvVars reached the login shell (value matched, not shown)");
+
+    const w = await vm.run("mkdir -p /app/data && echo 'Hello World' > /app/data/test.txt", { signal });
+    check(w.ok, `writing /app/data/test.txt failed with exit code ${w.exitCode}: ${w.stderr.trim()}`);
+    const rd = await vm.run("cat /app/data/test.txt", { signal });
+    check(rd.output === "Hello World", `/app/data/test.txt read back ${JSON.stringify(rd.output)}`);
+    log(`file: /app/data/test.txt written and read back: ${JSON.stringify(rd.output)}`);
+
+    const bad = await vm.run("ls /nonexistent", { signal });
+    check(!bad.ok && bad.exitCode !== 0, `ls /nonexistent unexpectedly succeeded`);
+    log(`failing command: ls /nonexistent -> exit code ${bad.exitCode}, ok ${bad.ok}`);
+
+    const data = randomBytes(16 * 1024 * 1024);
+    const want = createHash("sha256").update(data).digest("hex");
+    await writeFile(join(tmp, "upload.bin"), data);
+    const tUp = performance.now();
+    await vm.uploadFile(join(tmp, "upload.bin"), "/tmp/upload.bin", { signal, timeoutMs: 120_000 });
+    const upMs = performance.now() - tUp;
+    const sum = await vm.run("sha256sum /tmp/upload.bin", { signal });
+    const got = sum.output.split(/\s+/)[0];
+    check(got === want, `sha256 of the upload in the guest is ${got}, expected ${want}`);
+    log(`upload: 16 MiB in ${ms(upMs)}, sha256 in the guest matches (${want.slice(0, 16)}…)`);
+
+    const warm: number[] = [];
+    for (let i = 0; i < warmRuns; i++) {
+      const t = performance.now();
+      const r = await vm.run("true", { signal });
+      warm.push(performance.now() - t);
+      check(r.ok, `\`true\` exited with ${r.exitCode}`);
+    }
+    warm.sort((a, b) => a - b);
+    const warmP50 = warm[Math.ceil(warm.length / 2) - 1]!;
+
+    const handshake =
+      bt.kernelMs !== undefined && bt.initToSshdMs !== undefined
+        ? bt.bootToSshMs - bt.qemuStartMs - bt.kernelMs - bt.initToSshdMs
+        : undefined;
+    const rows: [string, string][] = [
+      ["boot to SSH", ms(bt.bootToSshMs)],
+      ["  QEMU start", ms(bt.qemuStartMs)],
+      ["  kernel (to /init)", ms(bt.kernelMs)],
+      ["  init (to sshd)", ms(bt.initToSshdMs)],
+      ["  rest (sshd, handshake)", ms(handshake)],
+      ["first command", ms(firstCommandMs)],
+      [`warm command p50 (${warmRuns}x true)`, `${warmP50.toFixed(1)} ms`],
+      ["accelerator", accelReason ? `${accel} (${accelReason})` : accel],
+    ];
+    const width = Math.max(...rows.map(([k]) => k.length));
+    log("");
+    for (const [k, v] of rows) log(`${k.padEnd(width)}  ${v}`);
+    log("");
+    return {
+      vmId: vm.id,
+      accel,
+      bootToSshMs: bt.bootToSshMs,
+      firstCommandMs,
+      warmP50Ms: warmP50,
+    };
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+    if (vm) {
+      await vm.delete();
+      log(`deleted ${vm.id}`);
+    }
+  }
+}
+
+/** Run as a script: Ctrl-C/SIGTERM abort the demo (the VM is deleted), a second one exits at once. */
+async function cli(): Promise<void> {
+  const ac = new AbortController();
+  let interrupted = false;
+  const onSignal = (sig: NodeJS.Signals) => {
+    if (interrupted) process.exit(130);
+    interrupted = true;
+    process.stderr.write(`\n${sig}: stopping, deleting the VM…\n`);
+    ac.abort(new Error(`interrupted by ${sig}`));
+  };
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
+  try {
+    await main({ signal: ac.signal });
+  } catch (e) {
+    const msg = e instanceof Error ? e.message : String(e);
+    process.stderr.write(`npm start failed: ${interrupted ? "interrupted" : msg}\n`);
+    process.exitCode = interrupted ? 130 : 1;
+  } finally {
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
+  }
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) await cli();
