@@ -108,7 +108,7 @@ export async function buildDebianInto(
   plan: DebianPlan,
   outDir: string,
   cacheDir: string,
-  step: (name: string) => void,
+  step: (name: string, detail?: boolean) => void,
   signal?: AbortSignal,
 ): Promise<BuiltArtifacts> {
   if (process.getuid?.() !== 0) {
@@ -148,7 +148,7 @@ export async function buildDebianInto(
         signal,
         onLine: (l) => {
           if (/^I: (Retrieving|Extracting|Unpacking|Configuring|Installing)/.test(l))
-            step(`debootstrap: ${l.slice(3, 60)}`);
+            step(`debootstrap: ${l.slice(3, 60)}`, true);
         },
       },
     );

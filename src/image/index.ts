@@ -84,7 +84,7 @@ export async function buildImage(name: ImageName, opts: BuildImageOptions = {}):
     opts.signal,
     `building image ${name}`,
   );
-  const progress = new ProgressReporter(name, name === "tiny" ? 6 : 10, opts.onProgress);
+  const progress = new ProgressReporter(name, name === "tiny" ? 5 : 8, opts.onProgress);
   const started = performance.now();
   try {
     const signal = deadline.signal;
@@ -113,7 +113,7 @@ export async function buildImage(name: ImageName, opts: BuildImageOptions = {}):
       }
       const tmp = await mkdtemp(join(images, `.build-${name}-`));
       try {
-        const step = (s: string) => progress.begin(s);
+        const step = (s: string, detail?: boolean) => (detail ? progress.detail(s) : progress.begin(s));
         const built =
           name === "tiny"
             ? await deadline.race(

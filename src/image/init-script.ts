@@ -42,7 +42,6 @@ PidFile /run/sshd.pid
 # SSH signal requests from OpenSSH.
 AcceptEnv SMOLVM_RUN_ID
 MaxSessions 64
-MaxSessions 100
 MaxStartups 100:30:200
 Subsystem sftp /usr/lib/openssh/sftp-server
 `;

@@ -40,6 +40,12 @@ export class ProgressReporter {
     this.emit(false);
   }
 
+  /** Updates the current step's label without advancing (e.g. debootstrap's package lines). */
+  detail(step: string): void {
+    this.step = step;
+    this.emit(false);
+  }
+
   finish(step = "done"): void {
     this.step = step;
     this.index = this.total;

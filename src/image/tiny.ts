@@ -170,7 +170,7 @@ export async function buildTinyInto(
   plan: TinyPlan,
   outDir: string,
   cacheDir: string,
-  step: (name: string) => void,
+  step: (name: string, detail?: boolean) => void,
   signal?: AbortSignal,
 ): Promise<BuiltArtifacts> {
   step("fetching and unpacking the kernel");
