@@ -4,3 +4,13 @@ export type * from "./channel/types.js";
 export * from "./command.js";
 export * from "./errors.js";
 export { SSHClient, type SSHClientOptions, type WaitForSshOptions } from "./ssh/client.js";
+export {
+  type BootTimings,
+  type CommChannelChoice,
+  type FromIdOptions,
+  SmolVM,
+  type SmolVMCreateOptions,
+  type SshCommands,
+  type VmRecord,
+  type VmStatus,
+} from "./vm/smolvm.js";
