@@ -20,6 +20,7 @@ import {
   type ImageName,
   loadVerifiedManifest,
   writeManifest,
+  writeVerifiedStamp,
 } from "./manifest.js";
 import { type ImageBuildProgress, ProgressReporter } from "./progress.js";
 import { buildTinyInto, planTiny } from "./tiny.js";
@@ -143,6 +144,7 @@ export async function buildImage(name: ImageName, opts: BuildImageOptions = {}):
           createdAt: new Date().toISOString(),
           buildMs: Math.round(performance.now() - started),
         };
+        await writeVerifiedStamp(tmp, Object.values(artifacts));
         await writeManifest(tmp, manifest);
         // A broken or forced-out previous copy is moved aside first; VMs that have its files
         // open keep them.

@@ -61,10 +61,40 @@ export async function writeManifest(dir: string, manifest: ImageManifest): Promi
   await rename(tmp, join(dir, MANIFEST_FILE));
 }
 
-// Verified artifacts keyed by path+size+mtime: re-hashing a large rootfs on every load is waste.
-const verified = new Map<string, string>();
+/**
+ * Verification results survive the process in `<dir>/.verified.json`, keyed by size, mtime
+ * and inode: hashing a 2 GiB rootfs on every VM start would cost seconds. Any rewrite of an
+ * artifact changes its mtime (or size), so it is hashed again.
+ */
+const STAMP_FILE = ".verified.json";
+type Stamp = Record<string, { size: number; mtimeMs: number; ino: number; sha256: string }>;
 
-async function verifyArtifact(dir: string, art: ImageArtifact): Promise<void> {
+async function readStamp(dir: string): Promise<Stamp> {
+  try {
+    return JSON.parse(await readFile(join(dir, STAMP_FILE), "utf8")) as Stamp;
+  } catch {
+    return {};
+  }
+}
+
+/** Records that the artifacts' current bytes match their sha256 (called right after hashing them). */
+export async function writeVerifiedStamp(dir: string, arts: readonly ImageArtifact[]): Promise<void> {
+  const stamp: Stamp = {};
+  for (const a of arts) {
+    const st = await stat(join(dir, a.file));
+    stamp[a.file] = { size: st.size, mtimeMs: st.mtimeMs, ino: st.ino, sha256: a.sha256 };
+  }
+  const tmp = join(dir, `${STAMP_FILE}.${process.pid}.${Math.random().toString(36).slice(2)}`);
+  try {
+    await writeFile(tmp, JSON.stringify(stamp));
+    await rename(tmp, join(dir, STAMP_FILE));
+  } catch {
+    await rm(tmp, { force: true }); // read-only data dir: verification just stays uncached
+  }
+}
+
+/** Returns true when the file had to be hashed (the stamp did not vouch for it). */
+async function verifyArtifact(dir: string, art: ImageArtifact, stamp: Stamp): Promise<boolean> {
   const path = join(dir, art.file);
   let st: Awaited<ReturnType<typeof stat>>;
   try {
@@ -85,8 +115,10 @@ async function verifyArtifact(dir: string, art: ImageArtifact): Promise<void> {
       { code: "IMAGE_CORRUPT", details: { path, size: st.size, expected: art.size } },
     );
   }
-  const key = `${path}\0${st.size}\0${st.mtimeMs}`;
-  if (verified.get(key) === art.sha256) return;
+  const s = stamp[art.file];
+  if (s && s.size === st.size && s.mtimeMs === st.mtimeMs && s.ino === st.ino && s.sha256 === art.sha256) {
+    return false;
+  }
   const sha = await sha256File(path);
   if (sha !== art.sha256) {
     throw new ImageBuildError(
@@ -94,7 +126,7 @@ async function verifyArtifact(dir: string, art: ImageArtifact): Promise<void> {
       { code: "IMAGE_CORRUPT", details: { path, sha256: sha, expected: art.sha256 } },
     );
   }
-  verified.set(key, sha);
+  return true;
 }
 
 /** Reads dir/manifest.json and checks every artifact (exists, size, sha256). Throws ImageBuildError (code IMAGE_CORRUPT / IMAGE_MISSING). */
@@ -126,7 +158,10 @@ export async function loadVerifiedManifest(dir: string): Promise<ImageManifest> 
     });
   }
   const arts = [m.artifacts.kernel, m.artifacts.initrd, ...(m.artifacts.rootfs ? [m.artifacts.rootfs] : [])];
-  for (const a of arts) await verifyArtifact(dir, a);
+  const stamp = await readStamp(dir);
+  let hashed = false;
+  for (const a of arts) hashed = (await verifyArtifact(dir, a, stamp)) || hashed;
+  if (hashed) await writeVerifiedStamp(dir, arts);
   // Paths are recomputed from the directory so a moved data dir keeps working.
   return {
     ...m,
