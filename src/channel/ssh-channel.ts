@@ -3,7 +3,6 @@
  * written to a temp name, then renamed), the env file through stdin so values never reach argv.
  */
 import { posix } from "node:path";
-import type { SFTPWrapper } from "ssh2";
 import {
   type CommandResult,
   DEFAULT_RUN_TIMEOUT_MS,
@@ -16,6 +15,7 @@ import { Deadline } from "../common/deadline.js";
 import { SmolVMError, ValidationError } from "../errors.js";
 import type { SSHClient } from "../ssh/client.js";
 import type { StreamExecEvent } from "../ssh/connection.js";
+import { getFile, putFile } from "../ssh/sftp.js";
 import { ENV_FILE_PATH, mergeEnv, parseEnvFile, renderEnvFile } from "../vm/env-file.js";
 import type { CallOptions, CommandStream, CommChannel, PutFileOptions, StreamEvent } from "./types.js";
 
@@ -65,26 +65,29 @@ export class SshChannel implements CommChannel {
 
   async putFile(localPath: string, guestPath: string, options: PutFileOptions = {}): Promise<void> {
     validateGuestPath(guestPath);
-    await this.withSftp(options, "upload", async (sftp, signal) => {
-      const dir = posix.dirname(guestPath);
-      if (options.mkdirs !== false) await this.mkdirs(dir, signal);
-      const tmp = `${dir}/.smolvm-upload-${process.pid}-${Date.now().toString(36)}`;
-      try {
-        await sftpCall<void>((cb) => sftp.fastPut(localPath, tmp, { mode: options.mode ?? 0o644 }, cb));
-        await sftpCall<void>((cb) => sftp.chmod(tmp, options.mode ?? 0o644, cb));
-        await sftpCall<void>((cb) => sftp.ext_openssh_rename(tmp, guestPath, cb));
-      } catch (e) {
-        await sftpCall<void>((cb) => sftp.unlink(tmp, cb)).catch(() => {});
-        throw e;
-      }
-    });
+    const deadline = new Deadline(options.timeoutMs ?? FILE_TIMEOUT_MS, options.signal, "file upload");
+    try {
+      const conn = await this.client.connection({ signal: deadline.signal });
+      if (options.mkdirs !== false) await this.mkdirs(posix.dirname(guestPath), deadline.signal);
+      await putFile(conn, localPath, guestPath, {
+        mode: options.mode,
+        signal: deadline.signal,
+        timeoutMs: deadline.remainingMs,
+      });
+    } finally {
+      deadline.dispose();
+    }
   }
 
   async getFile(guestPath: string, localPath: string, options: CallOptions = {}): Promise<void> {
     validateGuestPath(guestPath);
-    await this.withSftp(options, "download", async (sftp) => {
-      await sftpCall<void>((cb) => sftp.fastGet(guestPath, localPath, cb));
-    });
+    const deadline = new Deadline(options.timeoutMs ?? FILE_TIMEOUT_MS, options.signal, "file download");
+    try {
+      const conn = await this.client.connection({ signal: deadline.signal });
+      await getFile(conn, guestPath, localPath, { signal: deadline.signal, timeoutMs: deadline.remainingMs });
+    } finally {
+      deadline.dispose();
+    }
   }
 
   async listEnv(options: CallOptions = {}): Promise<Record<string, string>> {
@@ -145,25 +148,6 @@ export class SshChannel implements CommChannel {
       });
     }
   }
-
-  private async withSftp<T>(
-    options: CallOptions,
-    what: string,
-    body: (sftp: SFTPWrapper, signal: AbortSignal) => Promise<T>,
-  ): Promise<T> {
-    const deadline = new Deadline(options.timeoutMs ?? FILE_TIMEOUT_MS, options.signal, `SFTP ${what}`);
-    let sftp: SFTPWrapper | undefined;
-    try {
-      const conn = await this.client.connection({ signal: deadline.signal });
-      sftp = await deadline.race(sftpCall<SFTPWrapper>((cb) => conn.client.sftp(cb)));
-      return await deadline.race(body(sftp, deadline.signal));
-    } catch (e) {
-      throw mapSftpError(e, what);
-    } finally {
-      sftp?.end();
-      deadline.dispose();
-    }
-  }
 }
 
 export function validateGuestPath(path: string): void {
@@ -176,27 +160,4 @@ export function validateGuestPath(path: string): void {
       `guest path ${JSON.stringify(path)} contains "..": pass a normalized absolute path.`,
     );
   }
-}
-
-function sftpCall<T>(fn: (cb: (err: Error | null | undefined, v?: T) => void) => void): Promise<T> {
-  return new Promise((resolve, reject) => fn((err, v) => (err ? reject(err) : resolve(v as T))));
-}
-
-function mapSftpError(e: unknown, what: string): unknown {
-  if (e instanceof SmolVMError) return e;
-  const code = (e as { code?: unknown }).code;
-  if (typeof code === "number" || code === "ENOENT") {
-    const msg =
-      code === 2 || code === "ENOENT"
-        ? "no such file"
-        : code === 3
-          ? "permission denied"
-          : `SFTP status ${code}`;
-    return new SmolVMError(`file ${what} failed: ${msg}.`, {
-      code: "FILE_TRANSFER",
-      cause: e,
-      details: { sftpCode: code },
-    });
-  }
-  return new SmolVMError(`file ${what} failed: ${(e as Error).message}`, { code: "FILE_TRANSFER", cause: e });
 }

@@ -119,7 +119,7 @@ export class SSHClient implements AsyncDisposable {
     if (this.isClosed) return Promise.reject(this.closedError());
     const c = this.conn;
     if (c?.alive) return Promise.resolve(c);
-    this.connecting ??= SSHConnection.connect(this.connectOptions).then(
+    this.connecting ??= SSHConnection.connectDirect(this.connectOptions).then(
       (conn) => {
         this.connecting = undefined;
         if (this.isClosed) {

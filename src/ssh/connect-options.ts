@@ -167,7 +167,7 @@ export async function connectSession(opts: SessionConnectOptions): Promise<SSHCo
       ? await connectThroughCommand(r.proxyCommand, r.target)
       : r.jumps.length
         ? await connectThroughJumps(r.jumps, r.target)
-        : await Connection.connect(r.target);
+        : await Connection.connectDirect(r.target);
     if (owned) {
       const log = owned;
       ownResources(conn, [() => log.close()]);

@@ -38,8 +38,18 @@ import {
   isChannelOpenRefused,
   parseServerKexInit,
 } from "./classify.js";
+import { connectSession, getEvidenceBundle, type SessionConnectOptions } from "./connect-options.js";
 import type { EventSink } from "./events.js";
+import type { EvidenceBundle } from "./evidence.js";
 import { createHostKeyVerifier, type HostKeyOptions } from "./hostkeys.js";
+import {
+  type PutFileOptions as SftpPutOptions,
+  getFile as sftpGet,
+  putFile as sftpPut,
+  type TransferOptions,
+} from "./sftp.js";
+import { openShell, type ShellOptions, type ShellSession } from "./shell.js";
+import { watchStream } from "./watchdog.js";
 
 // ssh2 is CommonJS: its named exports are only visible through the default import.
 const { Client } = ssh2;
@@ -76,6 +86,9 @@ export interface ExecExtras {
 
 export interface StreamExecOptions
   extends Omit<RunOptions, "encoding" | "onStdout" | "onStderr" | "maxOutputBytes" | "stdin"> {
+  /** No output for this long emits PROGRESS_WARNING (and, with abortOnStall, stops the command). */
+  progressTimeoutMs?: number;
+  abortOnStall?: boolean;
   shellKind?: ShellKind;
   /** Allocate a pseudo-terminal (stdout and stderr then arrive merged as stdout). */
   pty?: boolean;
@@ -92,6 +105,7 @@ export interface ExecChannel {
   channel: ClientChannel;
   /** Tags every process of this command (env SMOLVM_RUN_ID) so it can be found and killed. */
   runId: string;
+  terminated?: boolean;
   exitCode: number | null;
   /** Signal name without "SIG". */
   signal: string | null;
@@ -198,7 +212,17 @@ export class SSHConnection implements AsyncDisposable {
   }
 
   /** Connects, verifies the host key and authenticates, all within connectTimeoutMs. */
-  static async connect(opts: ConnectOptions): Promise<SSHConnection> {
+  /**
+   * Connects with everything the public options allow: OpenSSH config (`sshConfig`), ProxyJump,
+   * ProxyCommand and a JSONL event log (`eventLogPath`). What it creates for the connection
+   * (jump connections, the proxy command, the log) is closed with it.
+   */
+  static async connect(opts: SessionConnectOptions): Promise<SSHConnection> {
+    return connectSession(opts);
+  }
+
+  /** One direct connection with exactly these options (no config files, no proxies). */
+  static async connectDirect(opts: ConnectOptions): Promise<SSHConnection> {
     if (!opts || typeof opts.host !== "string" || opts.host === "") {
       throw new ValidationError("host is required: pass the SSH server's address.");
     }
@@ -523,6 +547,8 @@ export class SSHConnection implements AsyncDisposable {
    * run id (and their process groups). Fire and forget, bounded.
    */
   terminate(st: ExecChannel): void {
+    if (st.terminated) return;
+    st.terminated = true;
     killChannel(st.channel);
     if (!this.isAlive) return;
     const signal = AbortSignal.timeout(KILL_SWEEP_TIMEOUT_MS);
@@ -659,7 +685,36 @@ export class SSHConnection implements AsyncDisposable {
   /** Runs a command and yields its output as it arrives, then one exit event. */
   streamExec(command: string, options: StreamExecOptions = {}): ExecStream {
     validateRunOptions(command, { ...options, stdin: undefined });
-    return new ExecStream(this, command, options);
+    const stream = new ExecStream(this, command, options);
+    if (options.progressTimeoutMs === undefined) return stream;
+    validateTimeout("progressTimeoutMs", options.progressTimeoutMs);
+    // The watchdog wraps the stream but keeps its type: write/end/cancel pass through.
+    return watchStream(stream, {
+      progressTimeoutMs: options.progressTimeoutMs,
+      abortOnStall: options.abortOnStall,
+      events: this.events,
+      context: { command },
+    }) as unknown as ExecStream;
+  }
+
+  /** An interactive login shell on a PTY (what `ssh host` gives); drivable by AutomationEngine. */
+  shell(options: ShellOptions = {}): Promise<ShellSession> {
+    return openShell(this, options);
+  }
+
+  /** Uploads over SFTP; the remote file is replaced atomically. */
+  putFile(localPath: string, remotePath: string, options: SftpPutOptions = {}): Promise<void> {
+    return sftpPut(this, localPath, remotePath, options);
+  }
+
+  /** Downloads over SFTP. */
+  getFile(remotePath: string, localPath: string, options: TransferOptions = {}): Promise<void> {
+    return sftpGet(this, remotePath, localPath, options);
+  }
+
+  /** Everything needed to debug this session: events, algorithms, timings, why it ended. */
+  getEvidenceBundle(extra: Parameters<typeof getEvidenceBundle>[1] = {}): EvidenceBundle {
+    return getEvidenceBundle(this, extra);
   }
 }
 
@@ -675,7 +730,10 @@ export function killChannel(ch: ClientChannel): void {
     _client: { _protocol: { signal(id: number, name: string): void } };
   };
   try {
-    if (c.outgoing.state !== "closed") c._client._protocol.signal(c.outgoing.id, "KILL");
+    // Only on an open channel: a request for a channel the server already freed makes OpenSSH
+    // drop the whole connection ("unknown channel").
+    const st = c.outgoing.state;
+    if (st === "open" || st === "eof") c._client._protocol.signal(c.outgoing.id, "KILL");
   } catch {}
   try {
     ch.close();
@@ -828,8 +886,8 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
     if (this.exec) this.conn.terminate(this.exec);
     this.queue.length = 0;
     this.finish();
+    // A channel that opens after this point is terminated by the open handler (done is set).
     await this.opened.catch(() => {});
-    if (this.exec) this.conn.terminate(this.exec);
   }
 
   [Symbol.asyncIterator](): AsyncIterator<StreamExecEvent> {

@@ -132,7 +132,7 @@ export async function connectThroughJumps(
   try {
     let sock: Duplex | undefined;
     for (const hop of hops) {
-      const c = await SSHConnection.connect({
+      const c = await SSHConnection.connectDirect({
         ...hop,
         ...(sock ? { sock } : {}),
         signal: hop.signal ?? target.signal,
@@ -141,7 +141,7 @@ export async function connectThroughJumps(
       const next = hops[opened.length] ?? target;
       sock = await openTunnel(c, next.host, next.port ?? 22, next.connectTimeoutMs ?? 10_000);
     }
-    const conn = await SSHConnection.connect({ ...target, ...(sock ? { sock } : {}) });
+    const conn = await SSHConnection.connectDirect({ ...target, ...(sock ? { sock } : {}) });
     return ownResources(
       conn,
       opened.map((c) => () => c.close()),
@@ -224,7 +224,7 @@ export class ProxyCommandStream extends Duplex {
 export async function connectThroughCommand(command: string, target: ConnectOptions): Promise<SSHConnection> {
   const stream = new ProxyCommandStream(command);
   try {
-    const conn = await SSHConnection.connect({ ...target, sock: stream });
+    const conn = await SSHConnection.connectDirect({ ...target, sock: stream });
     return ownResources(conn, [() => void stream.destroy()]);
   } catch (e) {
     stream.destroy();

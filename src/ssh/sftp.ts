@@ -5,7 +5,7 @@
  */
 import type { SFTPWrapper } from "ssh2";
 import { Deadline } from "../common/deadline.js";
-import { ConnectionLostError, SSHConnectionError, ValidationError } from "../errors.js";
+import { ConnectionLostError, SmolVMError, ValidationError } from "../errors.js";
 import type { SSHConnection } from "./connection.js";
 
 export interface TransferOptions {
@@ -19,19 +19,25 @@ export interface PutFileOptions extends TransferOptions {
   mode?: number;
 }
 
+const SFTP_STATUS: Record<number, string> = {
+  2: "no such file or directory",
+  3: "permission denied",
+  4: "the server reported a failure (a directory in the way, or the disk is full?)",
+};
+
+/** SFTP status errors are about the file, not the connection: FILE_TRANSFER with the status. */
 function call<T>(fn: (cb: (err: Error | null | undefined, v?: T) => void) => void, what: string): Promise<T> {
   return new Promise((resolve, reject) =>
     fn((err, v) => {
       if (!err) return resolve(v as T);
       const code = (err as { code?: unknown }).code;
+      const why = typeof code === "number" ? (SFTP_STATUS[code] ?? `SFTP status ${code}`) : "SFTP error";
       reject(
-        new SSHConnectionError(
-          `SFTP ${what} failed (SFTP status ${String(code)}): check the path and permissions.`,
-          {
-            cause: err,
-            details: { sftpCode: code },
-          },
-        ),
+        new SmolVMError(`SFTP ${what} failed: ${why}. Check the path and its permissions.`, {
+          code: "FILE_TRANSFER",
+          cause: err,
+          details: { sftpCode: code },
+        }),
       );
     }),
   );

@@ -3,7 +3,7 @@ import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { SSHConnectionError } from "../../src/errors.js";
+import { SmolVMError, SSHConnectionError } from "../../src/errors.js";
 import { AutomationEngine } from "../../src/ssh/automation.js";
 import { SSHConnection } from "../../src/ssh/connection.js";
 import { getFile, putFile } from "../../src/ssh/sftp.js";
@@ -36,9 +36,12 @@ describe("SFTP putFile/getFile and interactive shell", () => {
     await getFile(conn, remote, join(dir, "down.bin"));
     expect(sha256(await readFile(join(dir, "down.bin")))).toBe(sha256(data));
     await conn.exec(`rm -f ${remote}`);
-    await expect(getFile(conn, "/nonexistent/file", join(dir, "x"))).rejects.toBeInstanceOf(
-      SSHConnectionError,
-    );
+    // A missing file is about the file, not the connection.
+    const missing = await getFile(conn, "/nonexistent/file", join(dir, "x")).catch((e) => e);
+    expect(missing).toBeInstanceOf(SmolVMError);
+    expect(missing).not.toBeInstanceOf(SSHConnectionError);
+    expect(missing.code).toBe("FILE_TRANSFER");
+    expect(missing.details.sftpCode).toBe(2);
   });
 
   it("openShell gives a login shell on a PTY that an AutomationEngine can drive", async () => {
