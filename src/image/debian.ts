@@ -8,6 +8,7 @@
  * is therefore on demand only (`smolvm image build debian`). The VM must boot a per-VM
  * copy-on-write view of rootfs.ext4 (e.g. a qcow2 overlay), never the image file itself.
  */
+import { createHash } from "node:crypto";
 import { chmod, copyFile, mkdir, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { HostDependencyError } from "../errors.js";
@@ -17,7 +18,14 @@ import { exec } from "./exec.js";
 import { computeFingerprint } from "./fingerprint.js";
 import { renderDebianStage1, renderDebianStage2, SSHD_CONFIG } from "./init-script.js";
 import { pickKernel } from "./kernel.js";
-import { type BuiltArtifacts, busyboxEntries, initramfsEntries, NET_MODULES, VSOCK_MODULES } from "./tiny.js";
+import {
+  type BuiltArtifacts,
+  busyboxEntries,
+  guestAgent,
+  initramfsEntries,
+  NET_MODULES,
+  VSOCK_MODULES,
+} from "./tiny.js";
 
 export const DEBIAN_SUITE = "bookworm";
 export const DEBIAN_PACKAGES = ["openssh-server", "python3", "curl", "ca-certificates", "iproute2"] as const;
@@ -27,6 +35,7 @@ export const ROOTFS_SIZE = "2G";
 
 export interface DebianPlan {
   fingerprint: string;
+  agentPath?: string;
   kernel: AptPackage;
   busybox: AptPackage;
   mirror: string;
@@ -78,8 +87,14 @@ export async function planDebian(cacheDir: string, signal?: AbortSignal): Promis
     /* reported when it is run */
   }
   const busybox = pkgs.get("busybox-static")!;
+  const agentPath = await guestAgent(cacheDir, signal);
   const fingerprint = computeFingerprint({
     image: "debian",
+    agent: agentPath
+      ? createHash("sha256")
+          .update(await readFile(agentPath))
+          .digest("hex")
+      : null,
     kernel: `${kernel.name}=${kernel.version}`,
     busybox: `${busybox.name}=${busybox.version}`,
     debootstrap,
@@ -96,6 +111,7 @@ export async function planDebian(cacheDir: string, signal?: AbortSignal): Promis
   });
   return {
     fingerprint,
+    agentPath,
     kernel,
     busybox,
     mirror,
@@ -164,6 +180,8 @@ export async function buildDebianInto(
     await mkdir(join(tree, "root/.ssh"), { recursive: true, mode: 0o700 });
     await mkdir(join(tree, "etc/profile.d"), { recursive: true });
     await writeFile(join(tree, "sbin/smolvm-init"), renderDebianStage2(), { mode: 0o755 });
+    if (plan.agentPath) await copyFile(plan.agentPath, join(tree, "sbin/smolvm-agent"));
+    if (plan.agentPath) await chmod(join(tree, "sbin/smolvm-agent"), 0o755);
     await chmod(join(tree, "sbin/smolvm-init"), 0o755);
     await exec("chroot", [tree, "apt-get", "clean"], { signal });
     step("packing rootfs.ext4");
@@ -188,6 +206,7 @@ export async function buildDebianInto(
   }
   return {
     kernelRelease: kernel.release,
+    agent: Boolean(plan.agentPath),
     packages: plan.packages,
     modules: kernel.modules,
   };

@@ -74,6 +74,22 @@ async function plan(name: ImageName, cacheDir: string, signal: AbortSignal) {
   return name === "tiny" ? planTiny(cacheDir, signal) : planDebian(cacheDir, signal);
 }
 
+/** Removes `.build-<name>-<pid>-*` temp dirs left by builders that died (crash, SIGKILL). */
+async function sweepDeadBuilds(images: string): Promise<void> {
+  for (const n of await readdir(images).catch(() => [] as string[])) {
+    const m = /^\.build-[a-z]+-(\d+)-/.exec(n);
+    if (!m) continue;
+    const pid = Number(m[1]);
+    let alive = true;
+    try {
+      process.kill(pid, 0);
+    } catch (e) {
+      alive = (e as NodeJS.ErrnoException).code === "EPERM";
+    }
+    if (!alive) await rm(join(images, n), { recursive: true, force: true });
+  }
+}
+
 /** Builds `name` (or returns the cached, verified image with the same fingerprint). */
 export async function buildImage(name: ImageName, opts: BuildImageOptions = {}): Promise<ImageManifest> {
   checkName(name);
@@ -90,7 +106,9 @@ export async function buildImage(name: ImageName, opts: BuildImageOptions = {}):
   try {
     const signal = deadline.signal;
     progress.begin("resolving package versions");
-    const p = await deadline.race(plan(name, cache, signal));
+    // Every step takes the deadline's signal (child processes are killed, loops stop), so an
+    // error surfaces only after the temp dir and the lock are cleaned up.
+    const p = await plan(name, cache, signal);
     const dir = join(images, `${name}-${shortFingerprint(p.fingerprint)}`);
     if (!opts.force) {
       const cached = await loadVerifiedManifest(dir).catch(() => undefined);
@@ -112,23 +130,20 @@ export async function buildImage(name: ImageName, opts: BuildImageOptions = {}):
           return cached;
         }
       }
-      const tmp = await mkdtemp(join(images, `.build-${name}-`));
+      await sweepDeadBuilds(images);
+      const tmp = await mkdtemp(join(images, `.build-${name}-${process.pid}-`));
       try {
         const step = (s: string, detail?: boolean) => (detail ? progress.detail(s) : progress.begin(s));
         const built =
           name === "tiny"
-            ? await deadline.race(
-                buildTinyInto(p as Awaited<ReturnType<typeof planTiny>>, tmp, cache, step, signal),
-              )
-            : await deadline.race(
-                buildDebianInto(p as Awaited<ReturnType<typeof planDebian>>, tmp, cache, step, signal),
-              );
+            ? await buildTinyInto(p as Awaited<ReturnType<typeof planTiny>>, tmp, cache, step, signal)
+            : await buildDebianInto(p as Awaited<ReturnType<typeof planDebian>>, tmp, cache, step, signal);
         progress.begin("checksumming");
         const artifacts: ImageManifest["artifacts"] = {
-          kernel: await describeArtifact(tmp, "vmlinux"),
-          initrd: await describeArtifact(tmp, "initrd.cpio"),
+          kernel: await describeArtifact(tmp, "vmlinux", signal),
+          initrd: await describeArtifact(tmp, "initrd.cpio", signal),
         };
-        if (name === "debian") artifacts.rootfs = await describeArtifact(tmp, "rootfs.ext4");
+        if (name === "debian") artifacts.rootfs = await describeArtifact(tmp, "rootfs.ext4", signal);
         const manifest: ImageManifest = {
           name,
           fingerprint: p.fingerprint,
@@ -139,7 +154,7 @@ export async function buildImage(name: ImageName, opts: BuildImageOptions = {}):
           kernelRelease: built.kernelRelease,
           kernelCmdline: BASE_KERNEL_CMDLINE,
           artifacts,
-          capabilities: { ssh: true, agent: false },
+          capabilities: { ssh: true, agent: built.agent },
           packages: built.packages,
           createdAt: new Date().toISOString(),
           buildMs: Math.round(performance.now() - started),

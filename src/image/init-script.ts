@@ -55,17 +55,22 @@ done
 unset f
 `;
 
+/** Prints to the console and appends to /run/smolvm/milestones (the agent reports that file). */
 const MILESTONE_FN = `milestone() {
   read up _ < /proc/uptime
   ms="\${up%.*}\${up#*.}0"
   while [ "\${#ms}" -gt 1 ] && [ "\${ms#0}" != "$ms" ]; do ms="\${ms#0}"; done
   echo "smolvm: $ms $1"
+  if [ -d /run/smolvm ]; then echo "smolvm: $ms $1" >> /run/smolvm/milestones; fi
 }`;
 
 const EARLY_MOUNTS = `mount -t devtmpfs devtmpfs /dev 2>/dev/null
 exec </dev/console >/dev/console 2>&1
 mount -t proc proc /proc
-mount -t sysfs sysfs /sys`;
+mount -t sysfs sysfs /sys
+mount -t tmpfs -o mode=755 tmpfs /run
+mkdir -p /run/smolvm
+chmod 700 /run/smolvm`;
 
 function loadModules(modules: readonly string[]): string {
   return modules.map((m) => `insmod /lib/modules/smolvm/${m}.ko`).join("\n");
@@ -88,9 +93,11 @@ mount -t tmpfs -o mode=1777 tmpfs /tmp
 grep -q " /run " /proc/mounts || mount -t tmpfs -o mode=755 tmpfs /run
 ${VIRTIO_PORT_LINKS}
 
-# ---- smolvm guest agent hook: started before networking and sshd when the image ships it.
-if [ -x ${AGENT_PATH} ]; then
-  SMOLVM_AGENT_PORT=/dev/virtio-ports/${AGENT_PORT_NAME} SMOLVM_CONFIG_DIR=${cfg} ${AGENT_PATH} &
+# ---- smolvm guest agent hook: started before networking and sshd when the image ships it,
+# the runtime attached its virtio-serial port and delivered a secret (which it then unlinks).
+if [ -x ${AGENT_PATH} ] && [ -e /dev/virtio-ports/${AGENT_PORT_NAME} ] && [ -s ${cfg}/agent_secret ]; then
+  ${AGENT_PATH} --serial /dev/virtio-ports/${AGENT_PORT_NAME} --secret-file ${cfg}/agent_secret --unlink-secret \\
+    --milestones /run/smolvm/milestones >/dev/console 2>&1 &
   milestone agent-started
 fi
 # ---- end of agent hook
@@ -176,6 +183,7 @@ if ! mount -t ext4 -o rw,noatime /dev/vda /newroot; then
 fi
 mount -t tmpfs -o mode=755 tmpfs /newroot/run
 mkdir -p /newroot${ROOTFS_CONFIG_DIR}
+cp /run/smolvm/milestones /newroot/run/smolvm/milestones 2>/dev/null
 chmod 700 /newroot/run/smolvm /newroot${ROOTFS_CONFIG_DIR}
 cp -a ${CONFIG_DIR}/. /newroot${ROOTFS_CONFIG_DIR}/ 2>/dev/null
 rm -rf /smolvm

@@ -42,15 +42,20 @@ export interface ImageManifest {
 
 export const MANIFEST_FILE = "manifest.json";
 
-export async function sha256File(path: string): Promise<string> {
+export async function sha256File(path: string, signal?: AbortSignal): Promise<string> {
   const hash = createHash("sha256");
-  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+  for await (const chunk of createReadStream(path, { highWaterMark: 1 << 20, signal }))
+    hash.update(chunk as Buffer);
   return hash.digest("hex");
 }
 
-export async function describeArtifact(dir: string, file: string): Promise<ImageArtifact> {
+export async function describeArtifact(
+  dir: string,
+  file: string,
+  signal?: AbortSignal,
+): Promise<ImageArtifact> {
   const path = join(dir, file);
-  const [{ size }, sha256] = await Promise.all([stat(path), sha256File(path)]);
+  const [{ size }, sha256] = await Promise.all([stat(path), sha256File(path, signal)]);
   return { file, size, sha256 };
 }
 

@@ -7,6 +7,8 @@
 import { createHash } from "node:crypto";
 import { copyFile, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { buildAgent } from "../channel/agent-build.js";
+import { HostDependencyError } from "../errors.js";
 import { type AptPackage, extractDeb, fetchDeb, resolveImagePackages } from "./apt.js";
 import { type CpioEntry, withParentDirs, writeCpio } from "./cpio.js";
 import { exec } from "./exec.js";
@@ -49,6 +51,8 @@ export const ETC_SHADOW =
 
 export interface TinyPlan {
   fingerprint: string;
+  /** The static guest agent binary, or undefined when this host cannot build it. */
+  agentPath?: string;
   kernel: AptPackage;
   busybox: AptPackage;
   hostFiles: Record<string, string>;
@@ -65,6 +69,7 @@ async function sha256(path: string): Promise<string> {
 export async function planTiny(cacheDir: string, signal?: AbortSignal): Promise<TinyPlan> {
   const { kernel, pkgs } = await resolveImagePackages(["busybox-static"], cacheDir, signal);
   const libs = await sharedLibraries(SSH_BINARIES, signal);
+  const agentPath = await guestAgent(cacheDir, signal);
   const hostFiles: Record<string, string> = {};
   for (const f of [...SSH_BINARIES, ...libs]) hostFiles[f] = await sha256(f);
   const busybox = pkgs.get("busybox-static")!;
@@ -75,6 +80,7 @@ export async function planTiny(cacheDir: string, signal?: AbortSignal): Promise<
     modules: [...NET_MODULES],
     optionalModules: [...VSOCK_MODULES],
     hostFiles,
+    agent: agentPath ? await sha256(agentPath) : null,
     init: renderTinyInit([...NET_MODULES]),
     sshdConfig: SSHD_CONFIG,
     profile: PROFILE,
@@ -82,11 +88,25 @@ export async function planTiny(cacheDir: string, signal?: AbortSignal): Promise<
   });
   return {
     fingerprint,
+    agentPath,
     kernel,
     busybox,
     hostFiles,
     packages: { [kernel.name]: kernel.version, [busybox.name]: busybox.version },
   };
+}
+
+/**
+ * The guest agent (agent/*.c, compiled statically and cached by the agent builder). A host
+ * without a static C toolchain still gets a working image, with SSH as its only channel.
+ */
+export async function guestAgent(cacheDir: string, signal?: AbortSignal): Promise<string | undefined> {
+  try {
+    return await buildAgent({ cacheDir: join(cacheDir, "agent"), signal });
+  } catch (e) {
+    if (e instanceof HostDependencyError) return undefined;
+    throw e;
+  }
 }
 
 /** Busybox binary + applet symlinks, from the unpacked busybox-static package. */
@@ -123,6 +143,7 @@ export async function initramfsEntries(opts: {
   kernelModulesDir: string;
   busybox: CpioEntry[];
   withSsh: boolean;
+  agentPath?: string;
   signal?: AbortSignal;
 }): Promise<CpioEntry[]> {
   const dirs = ["proc", "sys", "dev", "tmp", "run", "root", "etc", "var/log", "lib/modules/smolvm", "smolvm"];
@@ -133,6 +154,14 @@ export async function initramfsEntries(opts: {
   }));
   entries.push(...opts.busybox);
   entries.push({ type: "file", path: "init", mode: 0o755, data: opts.init });
+  if (opts.agentPath) {
+    entries.push({
+      type: "file",
+      path: "sbin/smolvm-agent",
+      mode: 0o755,
+      data: await readFile(opts.agentPath),
+    });
+  }
   for (const m of opts.modules) {
     entries.push({
       type: "file",
@@ -161,6 +190,8 @@ export async function initramfsEntries(opts: {
 
 export interface BuiltArtifacts {
   kernelRelease: string;
+  /** Whether the image ships the guest agent. */
+  agent: boolean;
   packages: Record<string, string>;
   modules: string[];
 }
@@ -184,9 +215,15 @@ export async function buildTinyInto(
     kernelModulesDir: join(kernel.dir, "modules"),
     busybox,
     withSsh: true,
+    agentPath: plan.agentPath,
     signal,
   });
   await writeFile(join(outDir, "initrd.cpio"), writeCpio(entries));
   await copyFile(kernel.vmlinux, join(outDir, "vmlinux"));
-  return { kernelRelease: kernel.release, packages: plan.packages, modules: kernel.modules };
+  return {
+    kernelRelease: kernel.release,
+    agent: Boolean(plan.agentPath),
+    packages: plan.packages,
+    modules: kernel.modules,
+  };
 }

@@ -20,6 +20,7 @@ import {
   loadVerifiedManifest,
   writeManifest,
 } from "../../src/image/manifest.js";
+import { ProgressReporter } from "../../src/image/progress.js";
 
 const dirs: string[] = [];
 function tmp(): string {
@@ -171,5 +172,48 @@ describe("build lock", () => {
     await expect(acquireLock(path, { signal: AbortSignal.timeout(150), pollMs: 20 })).rejects.toBeDefined();
     expect(Date.now() - started).toBeLessThan(1000);
     await held.release();
+  });
+});
+
+describe("progress display", () => {
+  // A stand-in for a terminal: the reporter only needs isTTY and write().
+  function sink(isTTY: boolean) {
+    const writes: string[] = [];
+    return {
+      stream: { isTTY, write: (s: string) => writes.push(s) } as unknown as NodeJS.WriteStream,
+      writes,
+    };
+  }
+
+  it("draws one updating line on a TTY and calls onProgress for each step", () => {
+    const { stream, writes } = sink(true);
+    const seen: string[] = [];
+    const p = new ProgressReporter(
+      "tiny",
+      3,
+      (e) => seen.push(`${e.index}/${e.total} ${e.step} ${e.done}`),
+      stream,
+    );
+    p.begin("resolving");
+    p.begin("unpacking");
+    p.detail("unpacking: busybox");
+    p.finish("built");
+    expect(seen).toEqual([
+      "1/3 resolving false",
+      "2/3 unpacking false",
+      "2/3 unpacking: busybox false",
+      "3/3 built true",
+    ]);
+    expect(writes.every((w) => w.startsWith("\r\x1b[2K") || w === "\n")).toBe(true);
+    expect(writes.at(-2)).toMatch(/^\r\x1b\[2Ksmolvm image tiny: \[3\/3\] built \(\d+\.\d+s\)$/);
+    expect(writes.at(-1)).toBe("\n");
+  });
+
+  it("is silent when stderr is not a TTY", () => {
+    const { stream, writes } = sink(false);
+    const p = new ProgressReporter("tiny", 2, undefined, stream);
+    p.begin("a");
+    p.finish();
+    expect(writes).toEqual([]);
   });
 });

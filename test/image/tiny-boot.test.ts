@@ -19,6 +19,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { OperationAbortedError, OperationTimeoutError } from "../../src/errors.js";
 import {
   buildImage,
   buildVmConfigCpio,
@@ -79,7 +80,8 @@ describe("tiny image build", () => {
     expect(manifest.name).toBe("tiny");
     expect(manifest.dir).toBe(join(dataDir, "images", `tiny-${manifest.fingerprint.slice(0, 16)}`));
     expect(manifest.kernelRelease).toMatch(/^\d+\.\d+\.\d+-\d+-amd64$/);
-    expect(manifest.capabilities).toEqual({ ssh: true, agent: false });
+    // This host has gcc and a static libc (scripts/setup.sh), so tiny ships the guest agent.
+    expect(manifest.capabilities).toEqual({ ssh: true, agent: true });
     expect(manifest.artifacts.initrd.size).toBeGreaterThan(1_000_000);
     expect(readFileSync(manifest.kernelPath).subarray(0, 4).toString("latin1")).toBe("\x7fELF");
     expect(steps.at(-1)?.done).toBe(true);
@@ -106,6 +108,23 @@ describe("tiny image build", () => {
     expect(await removeImage("tiny", { dataDir: scratch })).toEqual([rebuilt.dir]);
     expect(existsSync(rebuilt.dir)).toBe(false);
   }, 120_000);
+
+  it("a build past its timeout fails with OperationTimeoutError and leaves nothing behind", async () => {
+    const scratch = join(work, "timeout");
+    const started = performance.now();
+    const err = await buildImage("tiny", { dataDir: scratch, force: true, timeoutMs: 100 }).catch((e) => e);
+    expect(err).toBeInstanceOf(OperationTimeoutError);
+    expect(err).not.toBeInstanceOf(OperationAbortedError);
+    expect(performance.now() - started).toBeLessThan(5000);
+    const left = existsSync(join(scratch, "images")) ? readdirSync(join(scratch, "images")) : [];
+    expect(left).toEqual([]);
+    const ac = new AbortController();
+    ac.abort();
+    await expect(buildImage("tiny", { dataDir: scratch, signal: ac.signal })).rejects.toBeInstanceOf(
+      OperationAbortedError,
+    );
+    rmSync(scratch, { recursive: true, force: true });
+  });
 
   it("two concurrent builds of the same image agree and leave no temp dirs", async () => {
     const scratch = join(work, "race");
@@ -141,6 +160,7 @@ describe("tiny image boot (QEMU TCG)", () => {
       { path: "smolvm/config/authorized_keys", mode: 0o600, data: `${client.publicKey}\n` },
       { path: "smolvm/config/hostname", mode: 0o644, data: "smolvm-test\n" },
       { path: "smolvm/config/env", mode: 0o600, data: "export GREETING='hello from env'\n" },
+      { path: "smolvm/config/agent_secret", mode: 0o600, data: Buffer.alloc(32, 5) },
     ]);
     const initrd = join(vmDir, "initrd.img");
     await composeInitrd(manifest.initrdPath, config, initrd);
@@ -188,6 +208,7 @@ describe("tiny image boot (QEMU TCG)", () => {
     expect(milestones.map((m) => m[0])).toEqual([
       "init-start",
       "modules-loaded",
+      "agent-started",
       "network-up",
       "sshd-started",
     ]);
@@ -208,12 +229,12 @@ describe("tiny image boot (QEMU TCG)", () => {
     expect(r.code).toBe(0);
 
     const env = await ssh(
-      "sh -lc 'echo \"$GREETING\"'; hostname; id -un; stat -c %a /etc/profile.d/smolvm_env.sh /root/.ssh/authorized_keys; ls /smolvm/config; readlink /dev/virtio-ports/org.smolvm.agent; cat /etc/resolv.conf",
+      "sh -lc 'echo \"$GREETING\"'; hostname; id -un; stat -c %a /etc/profile.d/smolvm_env.sh /root/.ssh/authorized_keys; ls /smolvm/config; readlink /dev/virtio-ports/org.smolvm.agent; cat /etc/resolv.conf; pidof smolvm-agent >/dev/null && echo agent-running; grep -c '^smolvm: [0-9]* ' /run/smolvm/milestones",
     );
     expect(env.stdout).toMatch(
-      /^hello from env\nsmolvm-test\nroot\n600\n600\nauthorized_keys\nenv\nhostname\n\.\.\/vport\d+p1\nnameserver 10\.0\.2\.3\n$/,
+      /^hello from env\nsmolvm-test\nroot\n600\n600\nauthorized_keys\nenv\nhostname\n\.\.\/vport\d+p1\nnameserver 10\.0\.2\.3\nagent-running\n5\n$/,
     );
-    // The private host key does not linger in the config dir (listed above); exit codes come through.
+    // The private host key and the agent secret do not linger in the config dir (listed above).
     expect((await ssh("exit 7")).code).toBe(7);
 
     // sftp-server works (file transfer).
