@@ -74,7 +74,8 @@ enum {
   E_TIMEOUT, E_LIMIT, E_CANCELLED, E_UNSUPPORTED, E_NOT_READY,
 };
 enum { K_FREE = 0, K_EXEC, K_PUT, K_GET, K_WAIT };
-enum { S_OFF, S_WAIT_HELLO, S_WAIT_AUTH, S_READY };
+enum { S_OFF, S_WAIT_HELLO, S_WAIT_AUTH, S_READY, S_CLOSING };
+#define CLOSE_LINGER_MS 1000
 enum { TR_FD, TR_UNIX, TR_VSOCK, TR_SERIAL };
 
 typedef struct {
@@ -113,6 +114,8 @@ static struct {
   int listen_fd, conn_fd;
   int state;
   int64_t hup_until;
+  int64_t close_at; /* S_CLOSING: when to give up on the host reading our last frames */
+  int shut;
   uint8_t secret[32];
   uint8_t host_nonce[32], agent_nonce[32];
   uint8_t in[IN_CAP];
@@ -383,14 +386,11 @@ static void session_fail(uint16_t code, const char *msg) {
   if (G.transport == TR_SERIAL) {
     G.state = S_WAIT_HELLO;
   } else {
-    /* Flush the error synchronously (small), then close. */
-    while (G.out_len) {
-      ssize_t w = write(G.conn_fd, G.out + G.out_off, G.out_len);
-      if (w <= 0) break;
-      G.out_off += (size_t)w;
-      G.out_len -= (size_t)w;
-    }
-    close_conn();
+    /* Flush the error, half-close, and drain what the host still sends before closing: closing
+     * with unread input would reset the connection and the host could lose the error frame. */
+    G.state = S_CLOSING;
+    G.shut = 0;
+    G.close_at = now_ms() + CLOSE_LINGER_MS;
   }
 }
 
@@ -1149,7 +1149,7 @@ static int hello_header_at(const uint8_t *h) {
 /* Parses as many whole frames as the input holds, while the output buffer has room. */
 static void process_input(void) {
   size_t off = 0;
-  while (G.state != S_OFF) {
+  while (G.state != S_OFF && G.state != S_CLOSING) {
     size_t avail = G.in_len - off;
     if (G.state == S_WAIT_HELLO) {
       /* Resync: skip to the next well-formed HELLO header. */
@@ -1188,7 +1188,7 @@ static void process_input(void) {
     }
     if (G.in_len < off) return; /* the session was reset while handling the frame */
   }
-  if (G.state == S_OFF) { G.in_len = 0; return; }
+  if (G.state == S_OFF || G.state == S_CLOSING) { G.in_len = 0; return; }
   if (off > G.in_len) off = G.in_len;
   memmove(G.in, G.in + off, G.in_len - off);
   G.in_len -= off;
@@ -1210,6 +1210,15 @@ static void accept_conn(void) {
 }
 
 static void read_conn(void) {
+  if (G.state == S_CLOSING) {
+    uint8_t junk[4096];
+    for (;;) {
+      ssize_t r = read(G.conn_fd, junk, sizeof junk);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0 && errno == EAGAIN) return;
+      if (r <= 0) { close_conn(); return; }
+    }
+  }
   for (;;) {
     if (G.in_len == IN_CAP) return;
     ssize_t r = read(G.conn_fd, G.in + G.in_len, IN_CAP - G.in_len);
@@ -1445,7 +1454,11 @@ int main(int argc, char **argv) {
   static stream_t *owner[4 + 3 * MAX_STREAMS];
   while (!G.stop) {
     int64_t now = now_ms();
-    if (G.in_len >= HDR && G.out_len <= OUT_SOFT && G.state != S_OFF) process_input();
+    if (G.state == S_CLOSING) {
+      if (!G.out_len && !G.shut) { shutdown(G.conn_fd, SHUT_WR); G.shut = 1; }
+      if (now >= G.close_at) close_conn();
+    }
+    if (G.in_len >= HDR && G.out_len <= OUT_SOFT && G.state != S_OFF && G.state != S_CLOSING) process_input();
     pump(now);
     write_conn();
     int n = 0, timeout = -1;
@@ -1458,7 +1471,8 @@ int main(int argc, char **argv) {
       } else {
         G.hup_until = 0;
         short ev = 0;
-        if (G.out_len <= OUT_SOFT && G.in_len < IN_CAP) ev |= POLLIN;
+        if ((G.out_len <= OUT_SOFT && G.in_len < IN_CAP) || G.state == S_CLOSING) ev |= POLLIN;
+        if (G.state == S_CLOSING) timeout = (int)(G.close_at > now ? G.close_at - now : 0);
         if (G.out_len) ev |= POLLOUT;
         ci = n;
         pfd[n++] = (struct pollfd){.fd = G.conn_fd, .events = ev};
