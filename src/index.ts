@@ -1,5 +1,15 @@
 // smolvm: the sandbox SDK. The SSH library is also available on its own as "smolvm/ssh".
 
+export { agentSourceDir, type BuildAgentOptions, buildAgent } from "./channel/agent-build.js";
+export {
+  AgentChannel,
+  type AgentChannelOptions,
+  type AgentCommandStream,
+  connectUnix,
+  connectVsockUds,
+  type ExecArgvOptions,
+} from "./channel/agent-channel.js";
+export type { AgentInfo } from "./channel/agent-protocol.js";
 export type * from "./channel/types.js";
 export * from "./command.js";
 export * from "./errors.js";
