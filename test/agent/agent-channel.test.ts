@@ -503,6 +503,43 @@ describe("authentication and failures", () => {
     }
   });
 
+  it("connects through a Firecracker-style vsock Unix socket (CONNECT/OK handshake)", async () => {
+    // A relay speaking the hybrid-vsock handshake in front of the real agent socket.
+    const { AgentChannel, connectVsockUds } = await import("../../src/channel/agent-channel.js");
+    const { connect: netConnect } = await import("node:net");
+    const path = join(work, "vsock.sock");
+    const seen: string[] = [];
+    const relay = createServer((client) => {
+      client.once("data", (first: Buffer) => {
+        const line = first.toString("latin1");
+        seen.push(line);
+        if (line !== "CONNECT 1024\n") {
+          client.end("FAILURE\n");
+          return;
+        }
+        const upstream = netConnect(agent.socket, () => {
+          client.write("OK 1073741824\n");
+          client.pipe(upstream).pipe(client);
+        });
+        upstream.on("error", () => client.destroy());
+        client.on("error", () => upstream.destroy());
+      });
+    });
+    await new Promise<void>((r) => relay.listen(path, r));
+    try {
+      await using ch = new AgentChannel({
+        connect: (s) => connectVsockUds(path, 1024, s),
+        secret: agent.secret,
+      });
+      expect((await ch.run("echo via vsock", { shell: "raw" })).stdout).toBe("via vsock\n");
+      const refused = await connectVsockUds(path, 9, undefined).catch((e) => e);
+      expect(refused).toBeInstanceOf(ConnectionRefusedError);
+      expect(seen).toEqual(["CONNECT 1024\n", "CONNECT 9\n"]);
+    } finally {
+      relay.close();
+    }
+  });
+
   it("closed channels refuse calls; close is idempotent", async () => {
     const ch = agent.channel();
     await ch.close();
