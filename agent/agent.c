@@ -116,6 +116,7 @@ static struct {
   int64_t hup_until;
   int64_t close_at; /* S_CLOSING: when to give up on the host reading our last frames */
   int shut;
+  int hup_logged;
   uint8_t secret[32];
   uint8_t host_nonce[32], agent_nonce[32];
   uint8_t in[IN_CAP];
@@ -365,14 +366,16 @@ static void close_conn(void) {
 
 /* The host went away on a port that stays open: back off instead of spinning on POLLHUP. */
 static void host_gone(void) {
-  logf_("host disconnected");
   if (G.transport == TR_SERIAL) {
+    if (!G.hup_logged) logf_("host disconnected");
+    G.hup_logged = 1;
     drop_all_streams();
     G.in_len = 0;
     G.out_off = G.out_len = 0;
     G.state = S_WAIT_HELLO;
     G.hup_until = now_ms() + HUP_BACKOFF_MS;
   } else {
+    logf_("host disconnected");
     close_conn();
   }
 }
@@ -1225,6 +1228,7 @@ static void read_conn(void) {
     if (r < 0 && errno == EINTR) continue;
     if (r < 0 && errno == EAGAIN) return;
     if (r <= 0) { host_gone(); return; }
+    G.hup_logged = 0;
     G.in_len += (size_t)r;
     process_input();
     if (G.state == S_OFF || G.conn_fd < 0) return;
