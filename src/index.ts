@@ -12,7 +12,20 @@ export {
 export type { AgentInfo } from "./channel/agent-protocol.js";
 export type * from "./channel/types.js";
 export * from "./command.js";
+export { dataDir } from "./common/paths.js";
 export * from "./errors.js";
+export {
+  type BuildImageOptions,
+  buildImage,
+  ensureImage,
+  type ImageBuildProgress,
+  type ImageListEntry,
+  type ImageManifest,
+  type ImageName,
+  type ImageOptions,
+  listImages,
+  removeImage,
+} from "./image/index.js";
 export { SSHClient, type SSHClientOptions, type WaitForSshOptions } from "./ssh/client.js";
 export {
   type BootTimings,
