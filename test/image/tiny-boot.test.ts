@@ -126,15 +126,27 @@ describe("tiny image build", () => {
     rmSync(scratch, { recursive: true, force: true });
   });
 
-  it("two concurrent builds of the same image agree and leave no temp dirs", async () => {
+  it("two processes building the same image at once agree and leave no temp dirs", async () => {
     const scratch = join(work, "race");
-    const [a, b] = await Promise.all([
-      buildImage("tiny", { dataDir: scratch }),
-      buildImage("tiny", { dataDir: scratch, force: true }),
-    ]);
-    expect(a.dir).toBe(b.dir);
-    const entries = readdirSync(join(scratch, "images"));
-    expect(entries).toEqual([`tiny-${a.fingerprint.slice(0, 16)}`]);
+    const child = (force: boolean) =>
+      new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
+        const p = spawn(
+          process.execPath,
+          ["--import", "tsx", join(import.meta.dirname, "build-child.ts"), scratch, force ? "force" : ""],
+          { stdio: ["ignore", "pipe", "pipe"] },
+        );
+        let out = "";
+        let err = "";
+        p.stdout!.on("data", (b) => (out += b));
+        p.stderr!.on("data", (b) => (err += b));
+        p.on("exit", (code) => resolve({ code, out, err }));
+      });
+    const [a, b] = await Promise.all([child(true), child(false)]);
+    expect([a.code, a.err, b.code, b.err]).toEqual([0, "", 0, ""]);
+    const ra = JSON.parse(a.out) as { dir: string; fingerprint: string };
+    const rb = JSON.parse(b.out) as { dir: string; fingerprint: string };
+    expect(ra).toEqual(rb);
+    expect(readdirSync(join(scratch, "images"))).toEqual([`tiny-${ra.fingerprint.slice(0, 16)}`]);
     expect((await listImages({ dataDir: scratch }))[0]?.ok).toBe(true);
     rmSync(scratch, { recursive: true, force: true });
   }, 120_000);
