@@ -151,10 +151,14 @@ export function buildPlan(
     };
   }
   if (o.serveraliveinterval) {
-    connect.keepalive = {
-      intervalMs: Number(o.serveraliveinterval) * 1000,
-      countMax: o.serveralivecountmax ? Number(o.serveralivecountmax) : 3,
-    };
+    // 0 turns keepalive off, as in OpenSSH; otherwise it tunes the connection's default one.
+    connect.keepalive =
+      Number(o.serveraliveinterval) > 0
+        ? {
+            intervalMs: Number(o.serveraliveinterval) * 1000,
+            countMax: o.serveralivecountmax ? Number(o.serveralivecountmax) : 3,
+          }
+        : false;
   }
   const known = new Set([
     "user",

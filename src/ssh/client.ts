@@ -28,6 +28,7 @@ import { type AuthConfig, createAgentAuth, createKeyAuth } from "./auth.js";
 import { type ConnectOptions, SSHConnection } from "./connection.js";
 import type { EventSink } from "./events.js";
 import type { HostKeyOptions } from "./hostkeys.js";
+import { resolveKeepalive } from "./keepalive.js";
 
 export interface SSHClientOptions {
   host: string;
@@ -48,6 +49,10 @@ export interface SSHClientOptions {
   shellKind?: ShellKind;
   /** Default: strict, ~/.ssh/known_hosts. */
   hostKey?: HostKeyOptions;
+  /**
+   * keepalive@openssh.com every this many ms; a link silent for interval x count is closed with
+   * ConnectionLostError and replaced by the next call. Default 15 000; 0 turns keepalive off.
+   */
   keepaliveIntervalMs?: number;
   /** Unanswered keepalives before the connection is declared dead. Default 3. */
   keepaliveCountMax?: number;
@@ -84,7 +89,8 @@ export class SSHClient implements AsyncDisposable {
       throw new ValidationError(`port must be an integer 1..65535, got ${String(port)}.`);
     }
     validateTimeout("connectTimeoutMs", options.connectTimeoutMs);
-    validateTimeout("keepaliveIntervalMs", options.keepaliveIntervalMs);
+    if (options.keepaliveIntervalMs !== 0)
+      validateTimeout("keepaliveIntervalMs", options.keepaliveIntervalMs);
     if (options.shellKind !== undefined && !SHELL_KINDS.includes(options.shellKind)) {
       throw new ValidationError(
         `shellKind must be one of ${SHELL_KINDS.join(", ")}, got ${String(options.shellKind)}.`,
@@ -101,9 +107,15 @@ export class SSHClient implements AsyncDisposable {
       auth: authFromOptions(options),
       hostKey: options.hostKey,
       connectTimeoutMs: options.connectTimeoutMs ?? 10_000,
-      keepalive: options.keepaliveIntervalMs
-        ? { intervalMs: options.keepaliveIntervalMs, countMax: options.keepaliveCountMax ?? 3 }
-        : undefined,
+      keepalive:
+        options.keepaliveIntervalMs === 0
+          ? false
+          : resolveKeepalive({
+              ...(options.keepaliveIntervalMs !== undefined
+                ? { intervalMs: options.keepaliveIntervalMs }
+                : {}),
+              ...(options.keepaliveCountMax !== undefined ? { countMax: options.keepaliveCountMax } : {}),
+            }),
       events: options.events,
       signal: this.lifetime.signal,
     };

@@ -81,11 +81,18 @@ export function resolveSessionOptions(opts: SessionConnectOptions): ResolvedSess
       username: opts.username ?? c.user,
       auth: opts.auth ?? authFromIdentities(c.identityFiles, c.identitiesOnly),
       connectTimeoutMs: opts.connectTimeoutMs ?? c.connectTimeoutMs,
+      // ServerAliveInterval/CountMax tune the connection's one keepalive; an interval of 0 turns
+      // it off, as in OpenSSH. Unset: the library default (on).
       keepalive:
         opts.keepalive ??
-        (c.serverAliveIntervalMs > 0
-          ? { intervalMs: c.serverAliveIntervalMs, countMax: c.serverAliveCountMax }
-          : undefined),
+        (has("serveraliveinterval") && c.serverAliveIntervalMs <= 0
+          ? false
+          : has("serveraliveinterval") || has("serveralivecountmax")
+            ? {
+                ...(c.serverAliveIntervalMs > 0 ? { intervalMs: c.serverAliveIntervalMs } : {}),
+                countMax: c.serverAliveCountMax,
+              }
+            : undefined),
       hostKey:
         opts.hostKey ??
         (has("stricthostkeychecking") || has("userknownhostsfile")

@@ -42,6 +42,7 @@ import { connectSession, getEvidenceBundle, type SessionConnectOptions } from ".
 import type { EventSink } from "./events.js";
 import type { EvidenceBundle } from "./evidence.js";
 import { createHostKeyVerifier, type HostKeyOptions } from "./hostkeys.js";
+import { type KeepaliveConfig, KeepaliveMonitor, resolveKeepalive } from "./keepalive.js";
 import {
   type PutFileOptions as SftpPutOptions,
   getFile as sftpGet,
@@ -57,10 +58,7 @@ type Client = SSH2Client;
 const require = createRequire(import.meta.url);
 const SSH2_DEFAULTS = require("ssh2/lib/protocol/constants.js") as Record<string, string[]>;
 
-export interface KeepaliveOptions {
-  intervalMs: number;
-  countMax: number;
-}
+export type KeepaliveOptions = KeepaliveConfig;
 
 export interface ConnectOptions {
   host: string;
@@ -71,7 +69,12 @@ export interface ConnectOptions {
   hostKey?: HostKeyOptions;
   /** TCP connect + handshake + auth. Default 10 000. */
   connectTimeoutMs?: number;
-  keepalive?: KeepaliveOptions;
+  /**
+   * keepalive@openssh.com every `intervalMs`; `countMax` unanswered in a row close the
+   * connection with ConnectionLostError (details.reason "keepalive_timeout"). Default on,
+   * 15 000 ms x 3 (DEFAULT_KEEPALIVE); `false` turns it off.
+   */
+  keepalive?: Partial<KeepaliveOptions> | false;
   events?: EventSink;
   /** A pre-connected stream (proxy, jump host); host/port then only label errors and known_hosts. */
   sock?: Duplex;
@@ -166,7 +169,10 @@ export class SSHConnection implements AsyncDisposable {
   /** The server's identification string, e.g. "OpenSSH_9.2p1 Debian-2+deb12u10". */
   serverVersion: string | undefined;
   timings: ConnectTimings = { tcpMs: 0, handshakeMs: 0, authMs: 0, totalMs: 0 };
-  private readonly events: EventSink | undefined;
+  /** Where this connection's events go (CONNECT, EXEC, KEEPALIVE, DISCONNECT, ...). */
+  readonly events: EventSink | undefined;
+  /** The running keepalive, if on. */
+  keepaliveMonitor: KeepaliveMonitor | undefined;
   private isAlive = true;
   private closeReason: Error | undefined;
   private lastError: Error | undefined;
@@ -187,13 +193,12 @@ export class SSHConnection implements AsyncDisposable {
     this.closed = new Promise((resolve) => {
       client.once("close", () => {
         this.isAlive = false;
+        this.keepaliveMonitor?.stop();
         this.closeReason ??= this.lastError;
         this.events?.emit("DISCONNECT", {
           host: this.host,
           port: this.port,
-          reason: this.closeReason
-            ? ((this.closeReason as { code?: string }).code ?? this.closeReason.name)
-            : "closed",
+          reason: disconnectReason(this.closeReason),
         });
         for (const l of this.closeListeners) l(this.closeReason);
         this.closeListeners.clear();
@@ -234,6 +239,7 @@ export class SSHConnection implements AsyncDisposable {
       throw new ValidationError(`port must be an integer 1..65535, got ${String(port)}.`);
     }
     validateTimeout("connectTimeoutMs", opts.connectTimeoutMs);
+    const keepalive = resolveKeepalive(opts.keepalive);
     const connectTimeoutMs = opts.connectTimeoutMs ?? 10_000;
     const ctx: ConnectContext = {
       host: opts.host,
@@ -334,8 +340,8 @@ export class SSHConnection implements AsyncDisposable {
         username: opts.username,
         // Our own timer governs the deadline; ssh2's would only duplicate it.
         readyTimeout: 0,
-        keepaliveInterval: opts.keepalive?.intervalMs ?? 0,
-        keepaliveCountMax: opts.keepalive?.countMax ?? 3,
+        // Keepalive is ours (KeepaliveMonitor, with events), never ssh2's timer as well.
+        keepaliveInterval: 0,
         authHandler: createAuthHandler(methods, opts.username, ctx.tried),
         hostVerifier: ((key: Buffer, verify: (ok: boolean) => void) => {
           verifier(key).then(
@@ -376,6 +382,7 @@ export class SSHConnection implements AsyncDisposable {
         ok: true,
         authMs: round(timings.authMs),
       });
+      if (keepalive) conn.startKeepalive(keepalive);
       return conn;
     } catch (e) {
       cleanupTimers();
@@ -389,6 +396,34 @@ export class SSHConnection implements AsyncDisposable {
       opts.events?.emit("ERROR", { phase, code: (e as SmolVMError).code });
       throw e;
     }
+  }
+
+  private startKeepalive(k: KeepaliveConfig): void {
+    if (!this.isAlive) return;
+    this.keepaliveMonitor = new KeepaliveMonitor(this.client, {
+      ...k,
+      events: this.events,
+      host: this.host,
+      port: this.port,
+      onTimeout: ({ silentMs, unanswered }) => {
+        // Set before the transport is destroyed, so every waiter fails with this reason.
+        this.closeReason = new ConnectionLostError(
+          `SSH connection to ${this.host}:${this.port} stopped answering: no keepalive reply for ` +
+            `${Math.round(silentMs)} ms (${unanswered} unanswered, every ${k.intervalMs} ms, at most ${k.countMax}): ` +
+            "check the network path to the server, then reconnect.",
+          {
+            details: {
+              host: this.host,
+              port: this.port,
+              reason: "keepalive_timeout",
+              silentMs: Math.round(silentMs),
+              intervalMs: k.intervalMs,
+              countMax: k.countMax,
+            },
+          },
+        );
+      },
+    }).start();
   }
 
   /** True while the transport is up. */
@@ -751,6 +786,14 @@ function ourLists(algorithms: ConnectConfig["algorithms"] | undefined): Algorith
     mac: pick(a.hmac, SSH2_DEFAULTS.DEFAULT_MAC),
     compress: pick(a.compress, SSH2_DEFAULTS.DEFAULT_COMPRESSION),
   };
+}
+
+/** Why a transport ended, for DISCONNECT events: "keepalive_timeout", an error code, "closed". */
+function disconnectReason(e: Error | undefined): string {
+  if (!e) return "closed";
+  const reason = (e as SmolVMError).details?.reason;
+  if (typeof reason === "string") return reason;
+  return (e as { code?: string }).code ?? e.name;
 }
 
 function round(ms: number): number {

@@ -5,7 +5,9 @@
  * on it fails at once with ConnectionLostError instead of hanging on a silent link.
  *
  * Default: 15 s x 3, so a dead link is noticed within 45 s (OpenSSH has keepalive off by
- * default; a library that reconnects needs it on).
+ * default; a library that reconnects needs it on). Every SSHConnection runs one monitor (SSHClient
+ * and SSHSupervisor included); ssh2's own keepalive timer is never used. The timer is unref'd:
+ * it never keeps the process alive, and it is cleared when the connection closes.
  */
 import type { Client } from "ssh2";
 import { ValidationError } from "../errors.js";
@@ -20,6 +22,20 @@ export const DEFAULT_KEEPALIVE: Readonly<KeepaliveConfig> = Object.freeze({
   intervalMs: 15_000,
   countMax: 3,
 });
+
+/**
+ * The keepalive a connection runs: `false` turns it off, a partial config is completed with the
+ * defaults, undefined is the default.
+ */
+export function resolveKeepalive(k: Partial<KeepaliveConfig> | false | undefined): KeepaliveConfig | false {
+  if (k === false) return false;
+  if (k !== undefined && (typeof k !== "object" || k === null)) {
+    throw new ValidationError("keepalive must be false or { intervalMs, countMax }.");
+  }
+  const r = { ...DEFAULT_KEEPALIVE, ...k };
+  validateKeepalive(r);
+  return r;
+}
 
 export function validateKeepalive(k: KeepaliveConfig): void {
   if (!Number.isFinite(k.intervalMs) || k.intervalMs <= 0) {
@@ -75,6 +91,11 @@ export class KeepaliveMonitor {
     validateKeepalive(options);
   }
 
+  /** The interval and count this monitor runs with. */
+  get config(): KeepaliveConfig {
+    return { intervalMs: this.options.intervalMs, countMax: this.options.countMax };
+  }
+
   get deadAfterMs(): number {
     return this.options.intervalMs * this.options.countMax;
   }
@@ -89,6 +110,13 @@ export class KeepaliveMonitor {
     if (this.stopped) return;
     const untilDead = this.lastReply + this.deadAfterMs - performance.now();
     this.timer = setTimeout(() => this.tick(), Math.max(0, Math.min(this.options.intervalMs, untilDead)));
+    // The socket keeps the process alive while it is open; the keepalive alone must not.
+    this.timer.unref();
+  }
+
+  /** True while the monitor runs (a timer is armed). */
+  get active(): boolean {
+    return !this.stopped;
   }
 
   private tick(): void {

@@ -1,8 +1,8 @@
 /**
  * SSHSupervisor: one logical SSH session that survives drops. It owns the current
- * SSHConnection, notices a drop the moment it happens (transport close, or keepalive silence
- * for interval x countMax), reconnects under a RetryPolicy, and replays open forwards onto the
- * new transport on the same local ports.
+ * SSHConnection, notices a drop the moment it happens (transport close, or the connection's
+ * keepalive declaring the link dead after interval x countMax of silence), reconnects under a
+ * RetryPolicy, and replays open forwards onto the new transport on the same local ports.
  *
  * States: DISCONNECTED (not started) → CONNECTING → CONNECTED ⇄ RECONNECTING; FAILED (permanent
  * error or retries exhausted); CLOSED (close() called, from any state).
@@ -39,7 +39,7 @@ import {
   type RemoteForwardHandle,
   type RemoteForwardSpec,
 } from "./forward.js";
-import { DEFAULT_KEEPALIVE, type KeepaliveConfig, KeepaliveMonitor, validateKeepalive } from "./keepalive.js";
+import { type KeepaliveConfig, resolveKeepalive } from "./keepalive.js";
 import { classifyFailure, RetryPolicy } from "./retry.js";
 import { type WatchedStream, watchStream } from "./watchdog.js";
 
@@ -56,12 +56,14 @@ export type ConnectionState = (typeof ConnectionState)[keyof typeof ConnectionSt
 export type Connector = (options: SessionConnectOptions) => Promise<SSHConnection>;
 
 /** Connect options (sshConfig, proxyJump and proxyCommand included: proxies are rebuilt per attempt) plus supervision. */
-export interface SupervisorOptions
-  extends Omit<SessionConnectOptions, "keepalive" | "signal" | "eventLogPath"> {
+export interface SupervisorOptions extends Omit<SessionConnectOptions, "signal" | "eventLogPath"> {
   /** Default: new RetryPolicy() (5 retries, 1 s base, x2, 60 s max, jitter). */
   retryPolicy?: RetryPolicy;
-  /** Keepalive run by the supervisor; default 15 s x 3. `false` turns it off (drops are then seen on socket close only). */
-  keepalive?: KeepaliveConfig | false;
+  /**
+   * Each connection's keepalive (the SSHConnection one): default 15 s x 3, or the config file's
+   * ServerAliveInterval/CountMax. `false` turns it off (drops are then seen on socket close only).
+   */
+  keepalive?: Partial<KeepaliveConfig> | false;
   /** Writes events to this JSONL file (when `events` is not given). */
   eventLogPath?: string;
   /** How long forwarded connections wait for a reconnect before giving up. Default 30 000. */
@@ -86,7 +88,8 @@ export type StateListener = (to: ConnectionState, from: ConnectionState, error?:
 
 export class SSHSupervisor implements AsyncDisposable {
   readonly retryPolicy: RetryPolicy;
-  readonly keepalive: KeepaliveConfig | false;
+  /** The keepalive asked for (undefined: the connection's default or the config file's). */
+  readonly keepalive: Partial<KeepaliveConfig> | false | undefined;
   readonly forwardManager: ForwardManager;
   readonly events: EventSink | undefined;
   /** Successful reconnections after drops. */
@@ -96,7 +99,6 @@ export class SSHSupervisor implements AsyncDisposable {
   /** Why the last connection ended ("keepalive_timeout", "connection_closed", an error code). */
   lastDisconnectReason: string | undefined;
   private current: SSHConnection | undefined;
-  private monitor: KeepaliveMonitor | undefined;
   private st: ConnectionState = ConnectionState.DISCONNECTED;
   private readonly stop = new AbortController();
   private loop: Promise<void> = Promise.resolve();
@@ -107,8 +109,7 @@ export class SSHSupervisor implements AsyncDisposable {
   private readonly connectOptions: SessionConnectOptions;
 
   private constructor(options: SupervisorOptions) {
-    const { retryPolicy, keepalive, eventLogPath, forwardPendingTimeoutMs, connect, ...connectOptions } =
-      options;
+    const { retryPolicy, eventLogPath, forwardPendingTimeoutMs, connect, ...connectOptions } = options;
     if (!options || typeof options.host !== "string" || !options.host) {
       throw new ValidationError("SSHSupervisor needs host.");
     }
@@ -116,11 +117,11 @@ export class SSHSupervisor implements AsyncDisposable {
       throw new ValidationError("retryPolicy must be a RetryPolicy.");
     }
     this.retryPolicy = retryPolicy ?? new RetryPolicy();
-    this.keepalive = keepalive === false ? false : { ...DEFAULT_KEEPALIVE, ...keepalive };
-    if (this.keepalive) validateKeepalive(this.keepalive);
+    this.keepalive = options.keepalive;
+    // Invalid settings fail here, not on every connect attempt.
+    resolveKeepalive(options.keepalive);
     if (!options.events && eventLogPath) this.ownedEvents = new EventCollector({ logPath: eventLogPath });
     this.events = options.events ?? this.ownedEvents;
-    // keepalive is ours (with events and OpenSSH's count semantics), not ssh2's.
     this.connectOptions = { ...connectOptions, events: this.events };
     this.connector = connect ?? connectSession;
     const self = this;
@@ -230,28 +231,14 @@ export class SSHSupervisor implements AsyncDisposable {
 
   private adopt(conn: SSHConnection): void {
     this.current = conn;
-    let keepaliveTimedOut = false;
-    if (this.keepalive) {
-      this.monitor = new KeepaliveMonitor(conn.client, {
-        ...this.keepalive,
-        events: this.events,
-        host: conn.host,
-        port: conn.port,
-        onTimeout: () => {
-          keepaliveTimedOut = true;
-        },
-      }).start();
-    }
     conn.onClose((reason) => {
       if (this.current !== conn) return;
-      this.monitor?.stop();
-      this.monitor = undefined;
       this.current = undefined;
       this.forwardManager.detach();
       if (this.stopped) return;
-      this.lastDisconnectReason = keepaliveTimedOut
-        ? "keepalive_timeout"
-        : ((reason as { code?: string } | undefined)?.code ?? "connection_closed");
+      const r = reason as { code?: string; details?: { reason?: unknown } } | undefined;
+      this.lastDisconnectReason =
+        typeof r?.details?.reason === "string" ? r.details.reason : (r?.code ?? "connection_closed");
       this.lastError = new ConnectionLostError(
         `SSH connection to ${conn.host}:${conn.port} dropped (${this.lastDisconnectReason}).`,
         { cause: reason, details: { reason: this.lastDisconnectReason } },
@@ -439,8 +426,6 @@ export class SSHSupervisor implements AsyncDisposable {
   close(): Promise<void> {
     this.closing ??= (async () => {
       this.stop.abort(new SSHConnectionError("the SSH supervisor was closed."));
-      this.monitor?.stop();
-      this.monitor = undefined;
       await this.forwardManager.closeAll();
       const conn = this.current;
       this.current = undefined;
