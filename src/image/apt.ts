@@ -84,8 +84,8 @@ export async function aptUpdate(why: string, signal?: AbortSignal): Promise<void
   const prefix = await sudoPrefix(signal);
   if (!prefix) {
     throw new HostDependencyError(
-      `the host's apt package lists are ${why} and smolvm is neither root nor allowed passwordless sudo: run \`sudo apt-get update\` and retry.`,
-      { details: { reason: why } },
+      `the host's apt package lists are ${why}, so the image packages (linux-image-amd64, busybox-static) cannot be fetched, and smolvm is neither root nor allowed passwordless sudo: run \`sudo apt-get update\` and retry.`,
+      { details: { reason: why, packages: ["linux-image-amd64", "busybox-static"] } },
     );
   }
   const [cmd, ...rest] = [...prefix, "apt-get", "update", "-qq"];
@@ -193,7 +193,7 @@ export async function fetchDeb(pkg: AptPackage, cacheDir: string, signal?: Abort
       await aptUpdate("stale (download failed)", signal);
       throw new ImageBuildError(
         `downloading ${pkg.name} ${pkg.version} failed; the package lists were refreshed: run the build again to use the new versions.`,
-        { details: { package: pkg.name }, cause: e },
+        { code: "IMAGE_LISTS_REFRESHED", details: { package: pkg.name }, cause: e },
       );
     }
     const files = (await readdir(tmp)).filter((f) => f.endsWith(".deb"));

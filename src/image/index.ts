@@ -90,9 +90,23 @@ async function sweepDeadBuilds(images: string): Promise<void> {
   }
 }
 
-/** Builds `name` (or returns the cached, verified image with the same fingerprint). */
+/**
+ * Builds `name` (or returns the cached, verified image with the same fingerprint). When a
+ * download fails because the host's package lists were stale, they are refreshed and the build
+ * is planned again once (new versions, new fingerprint).
+ */
 export async function buildImage(name: ImageName, opts: BuildImageOptions = {}): Promise<ImageManifest> {
   checkName(name);
+  try {
+    return await buildOnce(name, opts);
+  } catch (e) {
+    if (!(e instanceof ImageBuildError) || e.code !== "IMAGE_LISTS_REFRESHED" || opts.signal?.aborted)
+      throw e;
+    return buildOnce(name, opts);
+  }
+}
+
+async function buildOnce(name: ImageName, opts: BuildImageOptions): Promise<ImageManifest> {
   const base = opts.dataDir ?? defaultDataDir();
   const cache = opts.cacheDir ?? defaultCacheDir();
   const images = imagesDir(base);

@@ -93,6 +93,18 @@ mount -t tmpfs -o mode=1777 tmpfs /tmp
 grep -q " /run " /proc/mounts || mount -t tmpfs -o mode=755 tmpfs /run
 ${VIRTIO_PORT_LINKS}
 
+# Identity and the managed env file come first: the agent can serve a command the moment it
+# starts, and that command must already see both.
+h=smolvm
+[ -s ${cfg}/hostname ] && h=$(cat ${cfg}/hostname)
+hostname "$h"
+echo "$h" > /etc/hostname
+printf '127.0.0.1 localhost\\n127.0.1.1 %s\\n' "$h" > /etc/hosts
+
+mkdir -p /etc/profile.d
+( umask 077; [ -f ${cfg}/env ] && cp ${cfg}/env /etc/profile.d/smolvm_env.sh; touch /etc/profile.d/smolvm_env.sh )
+chmod 600 /etc/profile.d/smolvm_env.sh
+
 # ---- smolvm guest agent hook: started before networking and sshd when the image ships it,
 # the runtime attached its virtio-serial port and delivered a secret (which it then unlinks).
 if [ -x ${AGENT_PATH} ] && [ -e /dev/virtio-ports/${AGENT_PORT_NAME} ] && [ -s ${cfg}/agent_secret ]; then
@@ -109,12 +121,6 @@ ip route add default via 10.0.2.2
 echo "nameserver 10.0.2.3" > /etc/resolv.conf
 milestone network-up
 
-h=smolvm
-[ -s ${cfg}/hostname ] && h=$(cat ${cfg}/hostname)
-hostname "$h"
-echo "$h" > /etc/hostname
-printf '127.0.0.1 localhost\\n127.0.1.1 %s\\n' "$h" > /etc/hosts
-
 umask 077
 mkdir -p /root/.ssh /etc/ssh /etc/profile.d /run/sshd
 chmod 700 /root /root/.ssh
@@ -128,9 +134,7 @@ else
 fi
 chmod 600 /etc/ssh/ssh_host_ed25519_key
 [ -f ${cfg}/authorized_keys ] && cp ${cfg}/authorized_keys /root/.ssh/authorized_keys
-[ -f ${cfg}/env ] && cp ${cfg}/env /etc/profile.d/smolvm_env.sh
-touch /etc/profile.d/smolvm_env.sh
-chmod 600 /etc/profile.d/smolvm_env.sh /root/.ssh/authorized_keys 2>/dev/null
+chmod 600 /root/.ssh/authorized_keys 2>/dev/null
 umask 022
 /usr/sbin/sshd -D -E /var/log/sshd.log &
 # "started" means listening: wait for :22 (0x0016) in LISTEN (0A) state.
