@@ -564,7 +564,8 @@ export class SSHConnection implements AsyncDisposable {
     }
   }
 
-  private lostError(when: string, cause?: unknown): ConnectionLostError {
+  /** @internal The error for a command cut by the transport's end. */
+  lostError(when: string, cause?: unknown): ConnectionLostError {
     const started = !when.startsWith("before");
     return new ConnectionLostError(
       `SSH connection to ${this.host}:${this.port} was lost ${when}: ${started ? "check whether it took effect, then retry" : "reconnect and retry"}.`,
@@ -813,6 +814,11 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
   private readonly pendingStdin: Array<Buffer | null> = [];
   private readonly deadline: Deadline;
   private readonly opened: Promise<void>;
+  private readonly command: string;
+  private readonly startedAt = performance.now();
+  private bytesStdout = 0;
+  private bytesStderr = 0;
+  private endReported = false;
 
   constructor(
     conn: SSHConnection,
@@ -829,6 +835,8 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
       runId,
     });
     this.conn = conn;
+    this.command = command;
+    conn.events?.emit("EXEC", { phase: "start", command, host: conn.host, stream: true });
     this.opened = conn.openExec(wrapped.command, this.deadline.signal, options.pty, runId).then(
       (st) => {
         const ch = st.channel;
@@ -838,20 +846,23 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
           conn.terminate(st);
           return;
         }
-        ch.on("data", (d: Buffer) => this.push({ stream: "stdout", data: d }));
-        ch.stderr.on("data", (d: Buffer) => this.push({ stream: "stderr", data: d }));
+        ch.on("data", (d: Buffer) => {
+          this.bytesStdout += d.length;
+          this.push({ stream: "stdout", data: d });
+        });
+        ch.stderr.on("data", (d: Buffer) => {
+          this.bytesStderr += d.length;
+          this.push({ stream: "stderr", data: d });
+        });
         const onClose = () => {
           const { exitCode, signal } = st;
           this.deadline.signal.removeEventListener("abort", this.onAbort);
           if (exitCode === null && signal === null && !conn.alive && !this.done) {
-            this.fail(
-              new ConnectionLostError(
-                `SSH connection to ${conn.host}:${conn.port} was lost while the command ran.`,
-              ),
-            );
+            this.fail(conn.lostError("while the command ran (it may or may not have finished)"));
             return;
           }
           this.push({ stream: "exit", exitCode, signal });
+          this.reportEnd({ exitCode, signal });
           this.finish();
         };
         if (st.closed) setImmediate(onClose);
@@ -886,6 +897,23 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
     } else this.queue.push(ev);
   }
 
+  /** One EXEC end event per stream, however it ended (byte counts, never data or env). */
+  private reportEnd(outcome: Record<string, unknown>): void {
+    if (this.endReported) return;
+    this.endReported = true;
+    this.conn.events?.emit("EXEC", {
+      phase: "end",
+      command: this.command,
+      stream: true,
+      exitCode: null,
+      signal: null,
+      ...outcome,
+      durationMs: round(performance.now() - this.startedAt),
+      bytesStdout: this.bytesStdout,
+      bytesStderr: this.bytesStderr,
+    });
+  }
+
   private finish(): void {
     this.done = true;
     this.deadline.dispose();
@@ -898,6 +926,7 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
 
   private fail(e: unknown): void {
     if (this.done) return;
+    this.reportEnd({ error: (e as { code?: string } | null)?.code ?? (e as Error | null)?.name ?? "error" });
     this.error = e;
     this.done = true;
     this.deadline.dispose();
@@ -928,6 +957,7 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
     if (this.done) return;
     if (this.exec) this.conn.terminate(this.exec);
     this.queue.length = 0;
+    this.reportEnd({ cancelled: true });
     this.finish();
     // A channel that opens after this point is terminated by the open handler (done is set).
     await this.opened.catch(() => {});
