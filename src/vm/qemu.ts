@@ -148,6 +148,8 @@ export function buildQemuArgv(spec: VmLaunchSpec): string[] {
   if (spec.accel === "tcg" && spec.tscKhz !== undefined && !/(^|\s)tsc_early_khz=/.test(append)) {
     append = `${append} tsc_early_khz=${spec.tscKhz}`.trim();
   }
+  // TCG: without this the clocksource watchdog can demote the TSC on a busy host and the boot stalls.
+  if (spec.accel === "tcg" && !/(^|\s)tsc=/.test(append)) append = `${append} tsc=reliable`.trim();
 
   const fwds = [{ hostPort: spec.sshHostPort, guestPort: 22 }, ...(spec.extraHostForwards ?? [])];
   const netdev = [
@@ -203,7 +205,7 @@ export function buildQemuArgv(spec: VmLaunchSpec): string[] {
     const rootfs = checkPath("rootfsPath", spec.rootfsPath);
     argv.push(
       "-drive",
-      `file=${rootfs},if=none,id=rootfs,format=raw,discard=unmap`,
+      `file=${rootfs},if=none,id=rootfs,format=${rootfs.endsWith(".qcow2") ? "qcow2" : "raw"},discard=unmap`,
       "-device",
       "virtio-blk-device,drive=rootfs",
     );

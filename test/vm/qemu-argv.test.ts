@@ -52,7 +52,7 @@ describe("buildQemuArgv", () => {
       "-initrd",
       "/d/vms/vm-1/initrd",
       "-append",
-      "console=ttyS0 quiet",
+      "console=ttyS0 quiet tsc=reliable",
       "-chardev",
       "file,id=serial0,path=/d/vms/vm-1/serial.log",
       "-serial",
@@ -92,19 +92,19 @@ describe("buildQemuArgv", () => {
       expect(argv.filter((a) => a === f)).toHaveLength(1);
   });
 
-  it("adds tsc_early_khz on TCG only, and never twice", () => {
+  it("adds tsc_early_khz and tsc=reliable on TCG only, and never twice", () => {
     expect(values(buildQemuArgv({ ...base, tscKhz: 2445000 }), "-append")).toEqual([
-      "console=ttyS0 quiet tsc_early_khz=2445000",
+      "console=ttyS0 quiet tsc_early_khz=2445000 tsc=reliable",
     ]);
     expect(values(buildQemuArgv({ ...base, accel: "kvm", tscKhz: 2445000 }), "-append")).toEqual([
       "console=ttyS0 quiet",
     ]);
     expect(
       values(
-        buildQemuArgv({ ...base, kernelAppend: "console=ttyS0 tsc_early_khz=1000", tscKhz: 2 }),
+        buildQemuArgv({ ...base, kernelAppend: "console=ttyS0 tsc_early_khz=1000 tsc=unstable", tscKhz: 2 }),
         "-append",
       ),
-    ).toEqual(["console=ttyS0 tsc_early_khz=1000"]);
+    ).toEqual(["console=ttyS0 tsc_early_khz=1000 tsc=unstable"]);
   });
 
   it("sizes memory and vCPUs", () => {
@@ -133,6 +133,10 @@ describe("buildQemuArgv", () => {
     ]);
     expect(values(argv, "-device")).toContain("virtio-blk-device,drive=rootfs");
     expect(values(buildQemuArgv(base), "-drive")).toEqual([]);
+    // a copy-on-write overlay (what VMs of the debian image boot from)
+    expect(values(buildQemuArgv({ ...base, rootfsPath: "/d/vms/vm-1/rootfs.qcow2" }), "-drive")).toEqual([
+      "file=/d/vms/vm-1/rootfs.qcow2,if=none,id=rootfs,format=qcow2,discard=unmap",
+    ]);
   });
 
   it("adds the agent virtio-serial port backed by a server socket", () => {
