@@ -5,8 +5,10 @@
  * State lives in the store, so `fromId` works from any process.
  */
 import { randomBytes } from "node:crypto";
+import { readFileSync } from "node:fs";
 import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { AgentChannel, connectUnix } from "../channel/agent-channel.js";
 import { SshChannel } from "../channel/ssh-channel.js";
 import type { CommandStream, CommChannel } from "../channel/types.js";
 import {
@@ -80,14 +82,18 @@ export interface FromIdOptions {
 }
 
 export interface BootTimings {
+  /** The channel create() waited for: the agent (network-free) or SSH. */
+  channel: "agent" | "ssh";
   /** QEMU spawned until its monitor answered. */
   qemuStartMs: number;
   /** Guest kernel start until /init ran (from the serial milestones). */
   kernelMs?: number;
   /** /init start until sshd listened. */
   initToSshdMs?: number;
-  /** Host side: QEMU spawn until the SSH handshake completed. */
-  bootToSshMs: number;
+  /** Host side: QEMU spawn until the channel answered (the agent's handshake or SSH's). */
+  bootToChannelMs: number;
+  /** Host side: QEMU spawn until the SSH handshake completed (only when create() waited for SSH). */
+  bootToSshMs?: number;
   /** create() called until it returned. */
   totalMs: number;
 }
@@ -99,6 +105,10 @@ export interface SshCommands {
 }
 
 const DEFAULT_CREATE_TIMEOUT_MS = 180_000;
+/** auto: how long boot waits for the agent before settling for SSH. */
+const AUTO_AGENT_WAIT_MS = 60_000;
+/** auto on re-attach: how long the agent gets to answer before SSH is used. */
+const AUTO_AGENT_PROBE_MS = 2_000;
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 
 export class SmolVM implements AsyncDisposable {
@@ -107,6 +117,7 @@ export class SmolVM implements AsyncDisposable {
   private readonly dataDir: string;
   private chan: CommChannel | undefined;
   private sshClient: SSHClient | undefined;
+  private agentChan: AgentChannel | undefined;
   /** Set for VMs this object created: disposing them deletes the VM. */
   private readonly owned: boolean;
   private readonly commChannel: CommChannelChoice;
@@ -498,8 +509,11 @@ export class SmolVM implements AsyncDisposable {
     const qemuStartMs = performance.now() - t0;
     this.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
     await this.closeChannel();
+    const kind = this.plannedChannel();
     try {
-      await this.ssh().waitForSsh({ timeoutMs: deadline.remainingMs, signal: deadline.signal });
+      if (kind === "ssh")
+        await this.ssh().waitForSsh({ timeoutMs: deadline.remainingMs, signal: deadline.signal });
+      else await this.waitForAgent(kind === "auto", deadline);
     } catch (e) {
       const log = await tailFile(spec.serialLogPath, 1500);
       if (!isQemuAlive(launched.pid, this.files.marker)) {
@@ -510,24 +524,44 @@ export class SmolVM implements AsyncDisposable {
       }
       if (e instanceof SmolVMError) {
         throw new VMStateError(
-          `VM ${this.id} did not answer on SSH while booting (${e.message}). Serial console tail:\n${log}`,
+          `VM ${this.id} did not answer on ${kind === "ssh" ? "SSH" : "its agent"} while booting (${e.message}). Serial console tail:\n${log}`,
           { cause: e, code: e.code },
         );
       }
       throw e;
     }
-    const bootToSshMs = performance.now() - t0;
+    const bootToChannelMs = Math.round(performance.now() - t0);
     const ms = serialMilestones(await this.serialLog());
+    const ready = this.chan === this.agentChan && this.chan ? "agent" : "ssh";
     this.bootTimings = {
+      channel: ready,
       qemuStartMs: Math.round(qemuStartMs),
       kernelMs: ms["init-start"],
       initToSshdMs:
         ms["sshd-started"] !== undefined && ms["init-start"] !== undefined
           ? ms["sshd-started"] - ms["init-start"]
           : undefined,
-      bootToSshMs: Math.round(bootToSshMs),
-      totalMs: Math.round(bootToSshMs),
+      bootToChannelMs,
+      bootToSshMs: ready === "ssh" ? bootToChannelMs : undefined,
+      totalMs: bootToChannelMs,
     };
+  }
+
+  /**
+   * Waits for the guest agent; with `fallback` (auto), SSH is used when the agent does not
+   * answer in time, so an image whose agent is broken still works.
+   */
+  private async waitForAgent(fallback: boolean, deadline: Deadline): Promise<void> {
+    const agent = this.agent();
+    try {
+      const budget = fallback ? Math.min(AUTO_AGENT_WAIT_MS, deadline.remainingMs) : deadline.remainingMs;
+      await agent.waitReady({ timeoutMs: Math.max(1, budget), signal: deadline.signal });
+      this.chan = agent;
+    } catch (e) {
+      if (!fallback || deadline.expired) throw e;
+      await this.ssh().waitForSsh({ timeoutMs: deadline.remainingMs, signal: deadline.signal });
+      this.chan = new SshChannel(this.ssh());
+    }
   }
 
   /** Copy-on-write disk over the image's rootfs, so the image itself is never written. */
@@ -563,17 +597,67 @@ export class SmolVM implements AsyncDisposable {
       );
     }
     this.requireRunning("run commands");
-    if (!this.chan) this.chan = new SshChannel(this.ssh());
+    if (this.chan) return this.chan;
+    const kind = this.plannedChannel();
+    if (kind === "ssh") this.chan = new SshChannel(this.ssh());
+    else if (kind === "agent") this.chan = this.agent();
+    else {
+      // auto on a VM we did not boot ourselves: the agent if it answers now, else SSH.
+      const agent = this.agent();
+      try {
+        await agent.waitReady({ timeoutMs: AUTO_AGENT_PROBE_MS });
+        this.chan = agent;
+      } catch {
+        this.chan = new SshChannel(this.ssh());
+      }
+    }
     return this.chan;
   }
 
   private async closeChannel(): Promise<void> {
-    const c = this.chan;
     const s = this.sshClient;
+    const a = this.agentChan;
     this.chan = undefined;
     this.sshClient = undefined;
-    await c?.close();
+    this.agentChan = undefined;
+    await a?.close();
     await s?.close();
+  }
+
+  /** Which channel calls go through: explicit > persisted with the VM > auto. */
+  private plannedChannel(): "ssh" | "agent" | "auto" {
+    const caps = this.record.config.capabilities as { ssh: boolean; agent: boolean } | undefined;
+    const choice = this.commChannel;
+    if (choice === "ssh") return "ssh";
+    if (choice === "vsock") {
+      throw new CommandExecutionUnavailableError(
+        `commChannel "vsock" was asked for VM ${this.id}, but smolvm's images run the agent on a virtio-serial port, which needs no host module.`,
+        'Use commChannel "agent" (the same agent, over virtio-serial) or "auto".',
+      );
+    }
+    if (choice === "agent") {
+      if (!caps?.agent) {
+        throw new CommandExecutionUnavailableError(
+          `VM ${this.id} (image ${this.record.image}) has no guest agent, but commChannel "agent" was asked for.`,
+          'Use commChannel "ssh" or "auto", or rebuild the image with the agent (smolvm image build --force).',
+        );
+      }
+      return "agent";
+    }
+    return caps?.agent ? "auto" : "ssh";
+  }
+
+  private agent(): AgentChannel {
+    if (!this.agentChan) {
+      const socket = this.files.agentSocket;
+      const secretPath = join(this.record.vmDir, "agent_secret");
+      this.agentChan = new AgentChannel({
+        connect: (signal) => connectUnix(socket, signal),
+        secret: readFileSync(secretPath),
+        name: `the agent of VM ${this.name}`,
+      });
+    }
+    return this.agentChan;
   }
 
   /** Turns a transport failure on a dead VM into a VM error that says what happened. */

@@ -63,7 +63,8 @@ describe("SmolVM on a real microVM", () => {
   it("boots, reports its timings and runs the seed's examples", async () => {
     expect(vm.status).toBe("running");
     expect(vm.id).toMatch(/^vm-[0-9a-f]{12}$/);
-    expect(vm.bootTimings!.bootToSshMs).toBeGreaterThan(0);
+    expect(vm.bootTimings!.channel).toBe("agent");
+    expect(vm.bootTimings!.bootToChannelMs).toBeGreaterThan(0);
     const hello = await vm.run("echo 'Hello from SmolVM'");
     expect(hello.stdout).toBe("Hello from SmolVM\n");
     expect(hello.ok).toBe(true);
@@ -128,6 +129,7 @@ describe("SmolVM on a real microVM", () => {
   });
 
   it("gives ready-to-paste OpenSSH commands that verify the pinned host key", async () => {
+    await vm.waitForSsh({ timeoutMs: 60_000 });
     const cmds = vm.sshCommands();
     expect(cmds.ssh).toContain(`-p ${vm.sshPort} root@127.0.0.1`);
     const { stdout } = await pexec("/bin/sh", ["-c", `${cmds.ssh} -o BatchMode=yes echo via-openssh`]);

@@ -42,7 +42,7 @@ describe("npm start (scripts/start.ts)", () => {
 
     expect(lines[0]).toMatch(/^image tiny: (cached|built in \d+\.\ds) \(\d+ ms\)$/);
     expect(lines[1]).toBe(
-      `booted ${summary.vmId} in ${lines[1]!.match(/in (\d+) ms/)![1]} ms (accelerator ${summary.accel})`,
+      `booted ${summary.vmId} in ${lines[1]!.match(/in (\d+) ms/)![1]} ms (accelerator ${summary.accel}, channel agent)`,
     );
     expect(summary.accel).toMatch(/^(kvm|tcg)$/);
     expect(lines[2]).toMatch(new RegExp(`^uname -a: Linux ${summary.vmId} \\S+ .* x86_64 GNU/Linux$`));
@@ -54,13 +54,9 @@ describe("npm start (scripts/start.ts)", () => {
     expect(lines[6]).toMatch(/^upload: 16 MiB in \d+ ms, sha256 in the guest matches \([0-9a-f]{16}…\)$/);
 
     const row = (label: string) => lines.find((l) => l.startsWith(label));
-    expect(row("boot to SSH")).toMatch(new RegExp(`^boot to SSH +${summary.bootToSshMs} ms$`));
-    for (const label of [
-      "  QEMU start",
-      "  kernel (to /init)",
-      "  init (to sshd)",
-      "  rest (sshd, handshake)",
-    ]) {
+    expect(summary.channel).toBe("agent");
+    expect(row("boot to agent")).toMatch(new RegExp(`^boot to agent +${summary.bootToChannelMs} ms$`));
+    for (const label of ["  QEMU start", "  kernel (to /init)", "  rest (init, agent handshake)"]) {
       expect(row(label)).toMatch(/ \d+ ms$/);
     }
     expect(row("first command")).toMatch(/ \d+ ms$/);
