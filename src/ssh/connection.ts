@@ -801,9 +801,19 @@ function round(ms: number): number {
   return Math.round(ms * 100) / 100;
 }
 
+/**
+ * Output queued for a slow consumer above this pauses the channel: ssh2 then stops granting the
+ * server window, so the remote command blocks on write instead of our memory growing. Reading
+ * resumes once the queue is below the low-water mark.
+ */
+export const STREAM_HIGH_WATER_BYTES = 1024 * 1024;
+export const STREAM_LOW_WATER_BYTES = 256 * 1024;
+
 /** A streamed command: async-iterate its events; write()/end() feed stdin; cancel() kills it. */
 export class ExecStream implements AsyncIterable<StreamExecEvent> {
   private readonly queue: StreamExecEvent[] = [];
+  private queuedBytes = 0;
+  private paused = false;
   private waiting: ((v: IteratorResult<StreamExecEvent>) => void) | undefined;
   private waitingReject: ((e: unknown) => void) | undefined;
   private error: unknown;
@@ -855,6 +865,11 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
           this.push({ stream: "stderr", data: d });
         });
         const onClose = () => {
+          // 'close' follows stdout's end; stderr may still hold output if we paused it.
+          if (!ch.stderr.readableEnded && !ch.stderr.destroyed && !this.done) {
+            ch.stderr.once("end", onClose);
+            return;
+          }
           const { exitCode, signal } = st;
           this.deadline.signal.removeEventListener("abort", this.onAbort);
           if (exitCode === null && signal === null && !conn.alive && !this.done) {
@@ -894,7 +909,35 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
       this.waiting = undefined;
       this.waitingReject = undefined;
       w({ value: ev, done: false });
-    } else this.queue.push(ev);
+      return;
+    }
+    this.queue.push(ev);
+    if (ev.stream === "exit") return;
+    this.queuedBytes += ev.data.length;
+    if (!this.paused && this.queuedBytes > STREAM_HIGH_WATER_BYTES) this.setFlow(false);
+  }
+
+  private shift(): StreamExecEvent | undefined {
+    const ev = this.queue.shift();
+    if (ev && ev.stream !== "exit") {
+      this.queuedBytes -= ev.data.length;
+      if (this.paused && this.queuedBytes <= STREAM_LOW_WATER_BYTES) this.setFlow(true);
+    }
+    return ev;
+  }
+
+  /** Pauses or resumes reading both output streams of the channel. */
+  private setFlow(on: boolean): void {
+    this.paused = !on;
+    const ch = this.channel;
+    if (!ch) return;
+    if (on) {
+      ch.resume();
+      ch.stderr.resume();
+    } else {
+      ch.pause();
+      ch.stderr.pause();
+    }
   }
 
   /** One EXEC end event per stream, however it ended (byte counts, never data or env). */
@@ -917,6 +960,8 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
   private finish(): void {
     this.done = true;
     this.deadline.dispose();
+    // Nothing more is delivered: let the channel drain so it can close and free its slot.
+    if (this.paused) this.setFlow(true);
     if (this.waiting) {
       const w = this.waiting;
       this.waiting = undefined;
@@ -930,12 +975,18 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
     this.error = e;
     this.done = true;
     this.deadline.dispose();
+    if (this.paused) this.setFlow(true);
     if (this.waitingReject) {
       const r = this.waitingReject;
       this.waiting = undefined;
       this.waitingReject = undefined;
       r(e);
     }
+  }
+
+  /** Output received but not yet taken by the consumer (bounded by the high-water mark). */
+  get bufferedBytes(): number {
+    return this.queuedBytes;
   }
 
   /** Writes to the command's stdin (needs `stdin: true`). */
@@ -957,6 +1008,7 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
     if (this.done) return;
     if (this.exec) this.conn.terminate(this.exec);
     this.queue.length = 0;
+    this.queuedBytes = 0;
     this.reportEnd({ cancelled: true });
     this.finish();
     // A channel that opens after this point is terminated by the open handler (done is set).
@@ -966,7 +1018,7 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
   [Symbol.asyncIterator](): AsyncIterator<StreamExecEvent> {
     return {
       next: () => {
-        const ev = this.queue.shift();
+        const ev = this.shift();
         if (ev) return Promise.resolve({ value: ev, done: false });
         if (this.error !== undefined) return Promise.reject(this.error);
         if (this.done) return Promise.resolve({ value: undefined, done: true });
