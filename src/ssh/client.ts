@@ -25,7 +25,7 @@ import {
   ValidationError,
 } from "../errors.js";
 import { type AuthConfig, createAgentAuth, createKeyAuth } from "./auth.js";
-import { type ConnectOptions, SSHConnection } from "./connection.js";
+import { type ConnectOptions, type ExecExtras, SSHConnection, validateShellKind } from "./connection.js";
 import type { EventSink } from "./events.js";
 import type { HostKeyOptions } from "./hostkeys.js";
 import { resolveKeepalive } from "./keepalive.js";
@@ -67,8 +67,6 @@ export interface WaitForSshOptions {
   signal?: AbortSignal;
 }
 
-const SHELL_KINDS: readonly ShellKind[] = ["sh", "powershell", "cmd"];
-
 export class SSHClient implements AsyncDisposable {
   readonly host: string;
   readonly user: string;
@@ -91,11 +89,7 @@ export class SSHClient implements AsyncDisposable {
     validateTimeout("connectTimeoutMs", options.connectTimeoutMs);
     if (options.keepaliveIntervalMs !== 0)
       validateTimeout("keepaliveIntervalMs", options.keepaliveIntervalMs);
-    if (options.shellKind !== undefined && !SHELL_KINDS.includes(options.shellKind)) {
-      throw new ValidationError(
-        `shellKind must be one of ${SHELL_KINDS.join(", ")}, got ${String(options.shellKind)}.`,
-      );
-    }
+    validateShellKind(options.shellKind);
     this.host = options.host;
     this.user = options.user ?? "root";
     this.port = port;
@@ -154,22 +148,27 @@ export class SSHClient implements AsyncDisposable {
    * Runs a command. Non-zero exit is a result (`ok` false), not an error. `timeoutMs` (default
    * 30 000) is a total deadline, connect included; when it passes, or `signal` fires, the remote
    * command is killed and OperationTimeoutError carries the output so far on `partial`.
+   * `shellKind` overrides the client's for this call.
    */
-  run(command: string, options?: RunOptionsUtf8): Promise<CommandResult<string>>;
-  run(command: string, options: RunOptionsBuffer): Promise<CommandResult<Buffer>>;
-  run(command: string, options?: RunOptions): Promise<CommandResult<string> | CommandResult<Buffer>>;
+  run(command: string, options?: RunOptionsUtf8 & ExecExtras): Promise<CommandResult<string>>;
+  run(command: string, options: RunOptionsBuffer & ExecExtras): Promise<CommandResult<Buffer>>;
+  run(
+    command: string,
+    options?: RunOptions & ExecExtras,
+  ): Promise<CommandResult<string> | CommandResult<Buffer>>;
   async run(
     command: string,
-    options: RunOptions = {},
+    options: RunOptions & ExecExtras = {},
   ): Promise<CommandResult<string> | CommandResult<Buffer>> {
     validateRunOptions(command, options);
+    validateShellKind(options.shellKind);
     if (this.isClosed) throw this.closedError();
     const deadline = new Deadline(
       options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS,
       options.signal,
       `command on ${this.host}:${this.port}`,
     );
-    const opts = { ...options, shellKind: this.shellKind };
+    const opts = { ...options, shellKind: options.shellKind ?? this.shellKind };
     try {
       for (let attempt = 0; ; attempt++) {
         const c = this.conn;

@@ -84,7 +84,16 @@ export interface ConnectOptions {
 }
 
 export interface ExecExtras {
+  /** How `shell: "login"` wraps this command (overrides the client's default). Default "sh". */
   shellKind?: ShellKind;
+}
+
+export const SHELL_KINDS: readonly ShellKind[] = ["sh", "powershell", "cmd"];
+
+export function validateShellKind(kind: unknown): void {
+  if (kind !== undefined && !SHELL_KINDS.includes(kind as ShellKind)) {
+    throw new ValidationError(`shellKind must be one of ${SHELL_KINDS.join(", ")}, got ${String(kind)}.`);
+  }
 }
 
 export interface StreamExecOptions
@@ -612,6 +621,7 @@ export class SSHConnection implements AsyncDisposable {
     options: RunOptions & ExecExtras = {},
   ): Promise<CommandResult<string> | CommandResult<Buffer>> {
     validateRunOptions(command, options);
+    validateShellKind(options.shellKind);
     const deadline = new Deadline(options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS, options.signal, "SSH command");
     try {
       return await this.execWithin(command, options, deadline);
@@ -721,6 +731,7 @@ export class SSHConnection implements AsyncDisposable {
   /** Runs a command and yields its output as it arrives, then one exit event. */
   streamExec(command: string, options: StreamExecOptions = {}): ExecStream {
     validateRunOptions(command, { ...options, stdin: undefined });
+    validateShellKind(options.shellKind);
     const stream = new ExecStream(this, command, options);
     if (options.progressTimeoutMs === undefined) return stream;
     validateTimeout("progressTimeoutMs", options.progressTimeoutMs);
