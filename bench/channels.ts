@@ -422,7 +422,7 @@ try {
   });
   console.log(`results: ${file}`);
 } catch (e) {
-  console.error(e);
+  if (!stop.signal.aborted) console.error(e);
   exitCode = 1;
 } finally {
   await cleanup();
