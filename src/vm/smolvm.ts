@@ -24,6 +24,7 @@ import { dataDir as defaultDataDir } from "../common/paths.js";
 import {
   CommandExecutionUnavailableError,
   ConnectionLostError,
+  OperationTimeoutError,
   SmolVMError,
   SSHConnectionError,
   ValidationError,
@@ -151,7 +152,14 @@ export class SmolVM implements AsyncDisposable {
           detectAccelerator({ force: opts.accel, dataDir: base }),
         ]),
       );
-      if (opts.commChannel === "agent" || opts.commChannel === "vsock") {
+      if (opts.commChannel === "vsock") {
+        // Checked before anything boots: there is no vsock transport to fall back from.
+        throw new CommandExecutionUnavailableError(
+          'commChannel "vsock" was asked for, but smolvm\'s images run the agent on a virtio-serial port, which needs no host module.',
+          'Use commChannel "agent" (the same agent, over virtio-serial) or "auto".',
+        );
+      }
+      if (opts.commChannel === "agent") {
         if (!image.capabilities.agent) {
           throw new CommandExecutionUnavailableError(
             `image ${image.name} has no guest agent, but commChannel "${opts.commChannel}" was asked for.`,
@@ -522,6 +530,8 @@ export class SmolVM implements AsyncDisposable {
           cause: e,
         });
       }
+      // The caller's own deadline or signal: keep its class so callers can tell it apart.
+      if (e instanceof OperationTimeoutError && deadline.expired) throw e;
       if (e instanceof SmolVMError) {
         throw new VMStateError(
           `VM ${this.id} did not answer on ${kind === "ssh" ? "SSH" : "its agent"} while booting (${e.message}). Serial console tail:\n${log}`,

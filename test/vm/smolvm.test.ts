@@ -239,5 +239,12 @@ describe("two VMs, crash detection and cleanup", () => {
     await expect(SmolVM.create({ dataDir, commChannel: "carrier-pigeon" as never })).rejects.toThrow(
       ValidationError,
     );
+    // vsock has no transport on smolvm's images: refused before anything boots
+    const t0 = performance.now();
+    await expect(SmolVM.create({ dataDir, commChannel: "vsock" })).rejects.toBeInstanceOf(
+      CommandExecutionUnavailableError,
+    );
+    expect(performance.now() - t0).toBeLessThan(1_500);
+    expect((await SmolVM.list({ dataDir })).filter((v) => v.name !== "nochannel")).toEqual([]);
   });
 });
