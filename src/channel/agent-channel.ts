@@ -52,7 +52,6 @@ import {
   encodeWaitPort,
   FrameDecoder,
   FrameType,
-  guestPathProblem,
   hostProof,
   INITIAL_WINDOW,
   MAX_PAYLOAD,
@@ -61,6 +60,7 @@ import {
   SECRET_SIZE,
   u16,
   u32,
+  validateGuestPath,
 } from "./agent-protocol.js";
 import type { CallOptions, CommandStream, CommChannel, PutFileOptions, StreamEvent } from "./types.js";
 
@@ -925,7 +925,7 @@ export class AgentChannel implements CommChannel {
   // ------------------------------------------------------------ files
 
   async putFile(localPath: string, guestPath: string, options: PutFileOptions = {}): Promise<void> {
-    checkGuestPath(guestPath);
+    validateGuestPath(guestPath);
     const mode = options.mode ?? 0o644;
     if (!Number.isInteger(mode) || mode < 0 || mode > 0o7777)
       throw new ValidationError("mode must be 0..0o7777.");
@@ -1026,7 +1026,7 @@ export class AgentChannel implements CommChannel {
   }
 
   async getFile(guestPath: string, localPath: string, options: CallOptions = {}): Promise<void> {
-    checkGuestPath(guestPath);
+    validateGuestPath(guestPath);
     validateTimeout("timeoutMs", options.timeoutMs);
     const deadline = new Deadline(
       options.timeoutMs ?? FILE_TIMEOUT_MS,
@@ -1322,14 +1322,5 @@ export class AgentChannel implements CommChannel {
 
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
-  }
-}
-
-function checkGuestPath(path: string): void {
-  const problem = guestPathProblem(path);
-  if (problem) {
-    throw new ValidationError(`guest path ${JSON.stringify(String(path).slice(0, 200))} ${problem}.`, {
-      details: { problem },
-    });
   }
 }

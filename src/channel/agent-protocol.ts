@@ -5,7 +5,7 @@
  * decoder never holds more than one frame.
  */
 import { createHmac, timingSafeEqual } from "node:crypto";
-import { ProtocolError } from "../errors.js";
+import { ProtocolError, ValidationError } from "../errors.js";
 
 export const PROTOCOL_VERSION = 1;
 export const MAGIC = 0x534d4147; // "SMAG"
@@ -323,6 +323,16 @@ export function guestPathProblem(path: string): string | undefined {
   if (path.split("/").some((c) => c === ".." || c === ".")) return 'has a "." or ".." component';
   if (path.endsWith("/")) return "ends with / (name the file)";
   return undefined;
+}
+
+/** Both channels accept the same guest paths: absolute, normalized, naming a file. */
+export function validateGuestPath(path: string): void {
+  const problem = guestPathProblem(path);
+  if (problem) {
+    throw new ValidationError(`guest path ${JSON.stringify(String(path).slice(0, 200))} ${problem}.`, {
+      details: { problem },
+    });
+  }
 }
 
 // ---------------------------------------------------------------- authentication

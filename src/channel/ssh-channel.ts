@@ -12,11 +12,12 @@ import {
   type RunOptionsUtf8,
 } from "../command.js";
 import { Deadline } from "../common/deadline.js";
-import { SmolVMError, ValidationError } from "../errors.js";
+import { SmolVMError } from "../errors.js";
 import type { SSHClient } from "../ssh/client.js";
 import type { StreamExecEvent } from "../ssh/connection.js";
 import { getFile, putFile } from "../ssh/sftp.js";
 import { ENV_FILE_PATH, mergeEnv, parseEnvFile, renderEnvFile } from "../vm/env-file.js";
+import { validateGuestPath } from "./agent-protocol.js";
 import type { CallOptions, CommandStream, CommChannel, PutFileOptions, StreamEvent } from "./types.js";
 
 const FILE_TIMEOUT_MS = 300_000;
@@ -147,17 +148,5 @@ export class SshChannel implements CommChannel {
         code: "GUEST_MKDIR",
       });
     }
-  }
-}
-
-export function validateGuestPath(path: string): void {
-  if (typeof path !== "string" || !path.startsWith("/")) {
-    throw new ValidationError(`guest path must be absolute, got ${JSON.stringify(path)}.`);
-  }
-  if (path.includes("\0")) throw new ValidationError("guest path contains a NUL byte.");
-  if (path.split("/").includes("..")) {
-    throw new ValidationError(
-      `guest path ${JSON.stringify(path)} contains "..": pass a normalized absolute path.`,
-    );
   }
 }
