@@ -5,22 +5,7 @@
  * the host's TSC, so we hand the guest the host's frequency (tsc_early_khz) and declare it
  * reliable (no clocksource watchdog demoting it to jiffies).
  */
-import { readFileSync } from "node:fs";
-
-/** The host CPU's clock in kHz from /proc/cpuinfo text ("cpu MHz : 2445.424"). */
-export function parseCpuMhzKhz(cpuinfo: string): number | undefined {
-  const m = /^cpu MHz\s*:\s*([0-9.]+)/m.exec(cpuinfo);
-  const khz = m ? Math.round(Number(m[1]) * 1000) : Number.NaN;
-  return Number.isFinite(khz) && khz > 0 ? khz : undefined;
-}
-
-export function hostTscKhz(): number | undefined {
-  try {
-    return parseCpuMhzKhz(readFileSync("/proc/cpuinfo", "utf8"));
-  } catch {
-    return undefined;
-  }
-}
+import { hostTscKhz } from "../common/host-clock.js";
 
 /** `base` (the manifest's kernelCmdline) plus the TCG timer fix when `tcg`. */
 export function kernelCmdline(

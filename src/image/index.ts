@@ -25,7 +25,8 @@ import {
 import { type ImageBuildProgress, ProgressReporter } from "./progress.js";
 import { buildTinyInto, planTiny } from "./tiny.js";
 
-export { hostTscKhz, kernelCmdline } from "./boot-args.js";
+export { hostTscKhz } from "../common/host-clock.js";
+export { kernelCmdline } from "./boot-args.js";
 export { buildVmConfigCpio, composeInitrd, type VmConfigFile } from "./cpio.js";
 export { CONFIG_DIR, MILESTONES } from "./init-script.js";
 export {

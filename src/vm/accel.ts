@@ -7,7 +7,7 @@
  */
 import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { constants, existsSync, readFileSync } from "node:fs";
+import { constants, existsSync } from "node:fs";
 import { access, mkdir, mkdtemp, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { release, tmpdir } from "node:os";
 import { delimiter, join } from "node:path";
@@ -220,26 +220,7 @@ async function autoDetect(options: DetectOptions, env: NodeJS.ProcessEnv): Promi
   return verdict;
 }
 
-/**
- * The host TSC frequency in kHz (a TCG guest's TSC ticks at the host's rate), for
- * VmLaunchSpec.tscKhz. Undefined when the host does not say.
- */
-export function hostTscKhz(): number | undefined {
-  for (const [path, scale] of [
-    ["/sys/devices/system/cpu/cpu0/tsc_freq_khz", 1],
-    ["/proc/cpuinfo", 1000],
-  ] as const) {
-    try {
-      const text = readFileSync(path, "utf8");
-      const m = scale === 1 ? /^(\d+)\s*$/.exec(text) : /^cpu MHz\s*:\s*([\d.]+)/m.exec(text);
-      const v = m ? Math.round(Number(m[1]) * scale) : Number.NaN;
-      if (Number.isFinite(v) && v > 0) return v;
-    } catch {
-      // try the next source
-    }
-  }
-  return undefined;
-}
+export { hostTscKhz } from "../common/host-clock.js";
 
 /** True when vhost-vsock can be used (the device node exists and is read/write for us). */
 export async function vhostVsockAvailable(): Promise<boolean> {

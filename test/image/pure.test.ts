@@ -1,5 +1,6 @@
 import { execFileSync } from "node:child_process";
 import { describe, expect, it } from "vitest";
+import { parseCpuMhzKhz } from "../../src/common/host-clock.js";
 import { ImageBuildError } from "../../src/errors.js";
 import {
   parseAptCacheShow,
@@ -7,7 +8,7 @@ import {
   parseExactDependency,
   parseKernelDependency,
 } from "../../src/image/apt.js";
-import { kernelCmdline, parseCpuMhzKhz } from "../../src/image/boot-args.js";
+import { kernelCmdline } from "../../src/image/boot-args.js";
 import { BUILDER_VERSION, canonicalJson, computeFingerprint } from "../../src/image/fingerprint.js";
 import { parseLdd } from "../../src/image/host-libs.js";
 import { renderDebianStage1, renderDebianStage2, renderTinyInit } from "../../src/image/init-script.js";
