@@ -1117,17 +1117,9 @@ export class AgentChannel implements CommChannel {
   // ------------------------------------------------------------ env
 
   async listEnv(options: CallOptions = {}): Promise<Record<string, string>> {
-    validateTimeout("timeoutMs", options.timeoutMs);
-    const deadline = new Deadline(
-      options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS,
-      options.signal,
-      "reading the guest env file",
-    );
-    try {
+    return this.bounded(options, "reading the guest env file", async (deadline) => {
       return parseEnvFile(await this.readEnvFile(deadline));
-    } finally {
-      deadline.dispose();
-    }
+    });
   }
 
   private async readEnvFile(deadline: Deadline): Promise<string> {
@@ -1220,36 +1212,35 @@ export class AgentChannel implements CommChannel {
     }
   }
 
-  /** Round trip to the agent; resolves with the elapsed milliseconds. */
-  async ping(options: CallOptions = {}): Promise<number> {
+  /** Runs one request under the caller's timeoutMs/signal (validated), disposing the deadline. */
+  private async bounded<T>(
+    options: CallOptions,
+    what: string,
+    fn: (deadline: Deadline) => Promise<T>,
+  ): Promise<T> {
     validateTimeout("timeoutMs", options.timeoutMs);
-    const deadline = new Deadline(
-      options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS,
-      options.signal,
-      `ping of ${this.name}`,
-    );
+    const deadline = new Deadline(options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS, options.signal, what);
     try {
-      const p = await this.simple(FrameType.PING, Buffer.alloc(0), deadline, "ping");
-      if (p.length) throw new ProtocolError("agent PING reply has a payload.");
-      return deadline.elapsedMs;
+      return await fn(deadline);
     } finally {
       deadline.dispose();
     }
   }
 
+  /** Round trip to the agent; resolves with the elapsed milliseconds. */
+  async ping(options: CallOptions = {}): Promise<number> {
+    return this.bounded(options, `ping of ${this.name}`, async (deadline) => {
+      const p = await this.simple(FrameType.PING, Buffer.alloc(0), deadline, "ping");
+      if (p.length) throw new ProtocolError("agent PING reply has a payload.");
+      return deadline.elapsedMs;
+    });
+  }
+
   /** Version, capabilities, start uptime and the boot milestones the init logged. */
   async info(options: CallOptions = {}): Promise<AgentInfo> {
-    validateTimeout("timeoutMs", options.timeoutMs);
-    const deadline = new Deadline(
-      options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS,
-      options.signal,
-      `info of ${this.name}`,
-    );
-    try {
+    return this.bounded(options, `info of ${this.name}`, async (deadline) => {
       return decodeInfoFields(await this.simple(FrameType.INFO, Buffer.alloc(0), deadline, "info"));
-    } finally {
-      deadline.dispose();
-    }
+    });
   }
 
   /** Waits until something accepts TCP connections on 127.0.0.1:`port` inside the guest. */
@@ -1257,13 +1248,7 @@ export class AgentChannel implements CommChannel {
     if (!Number.isInteger(port) || port < 1 || port > 65535) {
       throw new ValidationError(`port must be 1..65535, got ${String(port)}.`);
     }
-    validateTimeout("timeoutMs", options.timeoutMs);
-    const deadline = new Deadline(
-      options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS,
-      options.signal,
-      `waiting for guest port ${port}`,
-    );
-    try {
+    return this.bounded(options, `waiting for guest port ${port}`, async (deadline) => {
       const p = await this.simple(
         FrameType.WAIT_PORT,
         encodeWaitPort(port, deadline.remainingMs),
@@ -1271,9 +1256,7 @@ export class AgentChannel implements CommChannel {
         `waiting for guest port ${port}`,
       );
       if (p.length !== 4) throw new ProtocolError("agent WAIT_PORT reply is malformed.");
-    } finally {
-      deadline.dispose();
-    }
+    });
   }
 
   /**
