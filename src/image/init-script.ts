@@ -154,29 +154,27 @@ done
 `;
 }
 
-/** tiny's /init: everything in the initramfs, busybox userland. */
-export function renderTinyInit(modules: readonly string[]): string {
+/** What every initramfs /init starts with: mounts, milestones, the virtio modules. */
+function initramfsPrologue(title: string, modules: readonly string[]): string {
   return `#!/bin/sh
-# smolvm tiny image init (busybox sh). Generated: edit src/image/init-script.ts.
+# smolvm ${title} (busybox sh). Generated: edit src/image/init-script.ts.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 ${EARLY_MOUNTS}
 ${MILESTONE_FN}
 milestone init-start
 ${loadModules(modules)}
-milestone modules-loaded
+milestone modules-loaded`;
+}
+
+/** tiny's /init: everything in the initramfs, busybox userland. */
+export function renderTinyInit(modules: readonly string[]): string {
+  return `${initramfsPrologue("tiny image init", modules)}
 ${userspace(CONFIG_DIR)}`;
 }
 
 /** debian's initramfs /init: modules, mount /dev/vda, hand the config over on a tmpfs, switch_root. */
 export function renderDebianStage1(modules: readonly string[]): string {
-  return `#!/bin/sh
-# smolvm debian image initramfs (busybox sh). Generated: edit src/image/init-script.ts.
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-${EARLY_MOUNTS}
-${MILESTONE_FN}
-milestone init-start
-${loadModules(modules)}
-milestone modules-loaded
+  return `${initramfsPrologue("debian image initramfs", modules)}
 ${VIRTIO_PORT_LINKS}
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i + 1)); done
