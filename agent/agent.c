@@ -53,11 +53,14 @@ struct sockaddr_vm_compat {
 #define OUT_SOFT (1u << 20)
 #define OUT_CAP (OUT_SOFT + (256u << 10))
 #define IN_CAP (2 * (HDR + MAX_PAYLOAD))
+/* Consumed bytes are credited back once a quarter of the window piled up: a command with a
+ * small stdin costs no CREDIT frame (each one is an interrupt on the host side of emulation). */
+#define CREDIT_AT (WINDOW / 4)
 #define EXIT_GRACE_MS 200
 #define HUP_BACKOFF_MS 100
 #define WAIT_RETRY_MS 50
 #define MILESTONES_MAX 16384
-#define CAPS "exec,pty,put,get,env,wait_port,info"
+#define CAPS "exec,pty,put,get,env,wait_port,info,shell"
 
 enum {
   T_HELLO = 0x01, T_CHALLENGE = 0x02, T_AUTH = 0x03, T_AUTH_OK = 0x04,
@@ -66,7 +69,7 @@ enum {
   T_EXIT = 0x30, T_OK = 0x31, T_ERROR = 0x32,
 };
 enum {
-  F_ARG = 1, F_ENV = 2, F_CWD = 3, F_PTY = 4, F_TIMEOUT = 5, F_PATH = 10, F_MODE = 11, F_MKDIRS = 12,
+  F_ARG = 1, F_ENV = 2, F_CWD = 3, F_PTY = 4, F_TIMEOUT = 5, F_SHELL = 6, F_PATH = 10, F_MODE = 11, F_MKDIRS = 12,
   F_ENVFILE = 13, F_PORT = 20, F_VERSION = 30, F_CAPS = 31, F_UPTIME = 32, F_MILESTONES = 33, F_PID = 34,
 };
 enum {
@@ -125,6 +128,7 @@ static struct {
   size_t out_off, out_len;
   stream_t streams[MAX_STREAMS];
   int nstreams;
+  int hi; /* one past the highest stream slot in use: the loops scan only that far */
   int sigpipe[2];
   const char *env_file, *milestones_file;
   char start_uptime[32];
@@ -278,7 +282,7 @@ static void on_signal(int sig) {
 
 static stream_t *find_stream(uint32_t id) {
   if (!id) return NULL;
-  for (int i = 0; i < MAX_STREAMS; i++)
+  for (int i = 0; i < G.hi; i++)
     if (G.streams[i].kind != K_FREE && G.streams[i].id == id) return &G.streams[i];
   return NULL;
 }
@@ -294,6 +298,7 @@ static stream_t *new_stream(uint32_t id, int kind) {
       s->recv_window = WINDOW;
       s->fd_in = s->fd_out = s->fd_err = s->fd_file = s->sock = -1;
       G.nstreams++;
+      if (i >= G.hi) G.hi = i + 1;
       return s;
     }
   }
@@ -320,6 +325,7 @@ static void free_stream(stream_t *s) {
   memset(s, 0, sizeof *s);
   s->kind = K_FREE;
   G.nstreams--;
+  while (G.hi > 0 && G.streams[G.hi - 1].kind == K_FREE) G.hi--;
 }
 
 static void set_terminal(stream_t *s, uint8_t type, const void *payload, size_t len) {
@@ -345,7 +351,7 @@ static void set_error(stream_t *s, uint16_t code, int err, const char *fmt, ...)
 }
 
 static void drop_all_streams(void) {
-  for (int i = 0; i < MAX_STREAMS; i++)
+  for (int i = 0; i < G.hi; i++)
     if (G.streams[i].kind != K_FREE) free_stream(&G.streams[i]);
 }
 
@@ -553,47 +559,93 @@ static int valid_env_name(const uint8_t *s, size_t n) {
 
 /* ------------------------------------------------------------------ exec */
 
-static void child_exec(char **argv, int nenv, const field_t *envs, const char *cwd, const char *pts, int fds[3],
-                       int status_fd) {
-  sigset_t all;
-  sigemptyset(&all);
-  sigprocmask(SIG_SETMASK, &all, NULL);
-  for (int sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL);
-  setsid();
-  if (pts) {
-    int t = open(pts, O_RDWR);
-    if (t < 0) goto fail;
-    ioctl(t, TIOCSCTTY, 0);
-    fds[0] = fds[1] = fds[2] = t;
+/* Where the child of a vfork reports why exec failed (it shares our memory until it execs). */
+static volatile int spawn_errno;
+
+/*
+ * vfork, not fork: under software emulation (TCG) fork's page-table copy and the copy-on-write
+ * faults that follow cost several milliseconds per command; vfork shares our memory until the
+ * child execs. The child therefore only makes syscalls (no malloc, no stdio): argv, envp and
+ * cwd are built by the caller. Signals stay blocked across vfork so none of our handlers can
+ * run in the child; it resets the dispositions we changed (ignored ones survive exec) first.
+ */
+static pid_t spawn(char *const argv[], char *const envp[], const char *cwd, const char *cwd_fallback,
+                   const char *pts, const int fds[3]) {
+  sigset_t all, old;
+  sigfillset(&all);
+  sigprocmask(SIG_SETMASK, &all, &old);
+  spawn_errno = 0;
+  pid_t pid = vfork();
+  if (pid == 0) {
+    static const int changed[] = {SIGCHLD, SIGTERM, SIGINT, SIGPIPE};
+    for (size_t i = 0; i < sizeof changed / sizeof changed[0]; i++) signal(changed[i], SIG_DFL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    setsid();
+    int in = fds[0], out = fds[1], err = fds[2];
+    if (pts) {
+      int t = open(pts, O_RDWR);
+      if (t < 0) goto fail;
+      ioctl(t, TIOCSCTTY, 0);
+      in = out = err = t;
+    }
+    if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) goto fail;
+    if (cwd && chdir(cwd) < 0 && (!cwd_fallback || chdir(cwd_fallback) < 0)) goto fail;
+    execvpe(argv[0], argv, envp);
+  fail:
+    spawn_errno = errno ? errno : EINVAL;
+    _exit(127);
   }
-  for (int i = 0; i < 3; i++) {
-    if (dup2(fds[i], i) < 0) goto fail;
-  }
-  for (int i = 0; i < nenv; i++) {
-    const uint8_t *eq = memchr(envs[i].v, '=', envs[i].len);
-    char *kv = strndup((const char *)envs[i].v, envs[i].len);
-    if (!kv || !eq) goto fail;
-    kv[eq - envs[i].v] = 0;
-    setenv(kv, kv + (eq - envs[i].v) + 1, 1);
-  }
-  if (cwd && chdir(cwd) < 0) goto fail;
-  execvp(argv[0], argv);
-fail:;
   int e = errno;
-  ssize_t r = write(status_fd, &e, sizeof e);
-  (void)r;
-  _exit(127);
+  sigprocmask(SIG_SETMASK, &old, NULL);
+  if (pid < 0) { errno = e; return -1; }
+  if (spawn_errno) { errno = spawn_errno; return 0; } /* exited 127; SIGCHLD reaps it */
+  return pid;
 }
+
+/* The user we run as, from /etc/passwd (a static binary cannot use NSS). */
+typedef struct { char name[64], home[256], shell[256]; } user_t;
+
+static void lookup_user(user_t *u) {
+  uid_t uid = getuid();
+  snprintf(u->name, sizeof u->name, uid == 0 ? "root" : "%u", (unsigned)uid);
+  snprintf(u->home, sizeof u->home, "%s", uid == 0 ? "/root" : "/");
+  snprintf(u->shell, sizeof u->shell, "/bin/sh");
+  FILE *f = fopen("/etc/passwd", "re");
+  if (!f) return;
+  char line[1024];
+  while (fgets(line, sizeof line, f)) {
+    char *fld[7];
+    int n = 0;
+    for (char *p = line, *tok; n < 7 && (tok = strsep(&p, ":\n")); ) fld[n++] = tok;
+    if (n < 7 || strtoul(fld[2], NULL, 10) != uid || !*fld[2]) continue;
+    snprintf(u->name, sizeof u->name, "%s", fld[0]);
+    if (*fld[5]) snprintf(u->home, sizeof u->home, "%s", fld[5]);
+    if (*fld[6]) snprintf(u->shell, sizeof u->shell, "%s", fld[6]);
+    break;
+  }
+  fclose(f);
+}
+
+/* Adds or replaces NAME=value (kv is owned by the caller's list). */
+static void env_put(char **envp, int *n, char *kv) {
+  size_t name = strcspn(kv, "=");
+  for (int i = 0; i < *n; i++) {
+    if (strncmp(envp[i], kv, name + 1) == 0) { envp[i] = kv; return; }
+  }
+  envp[(*n)++] = kv;
+}
+
+extern char **environ;
 
 static void start_exec(uint32_t id, const uint8_t *p, uint32_t len) {
   int n;
   if (parse_fields(p, len, &n) < 0) { send_error(id, E_BAD_REQUEST, 0, "EXEC fields are malformed"); return; }
-  int nargs = 0, nenv = 0, have_pty = 0;
+  int nargs = 0, nenv = 0, have_pty = 0, shell = -1;
   const field_t *cwd = NULL;
   uint16_t rows = 24, cols = 80;
   uint32_t timeout = 0;
-  static field_t envs[MAX_FIELDS];
-  static char *argv[MAX_FIELDS + 1];
   for (int i = 0; i < n; i++) {
     field_t *f = &FIELDS[i];
     switch (f->tag) {
@@ -607,7 +659,7 @@ static void start_exec(uint32_t id, const uint8_t *p, uint32_t len) {
           send_error(id, E_BAD_REQUEST, 0, "ENV must be NAME=value with a valid name and no NUL");
           return;
         }
-        envs[nenv++] = *f;
+        nenv++;
         break;
       }
       case F_CWD:
@@ -624,27 +676,63 @@ static void start_exec(uint32_t id, const uint8_t *p, uint32_t len) {
         if (timeout || f->len != 4 || get32(f->v) == 0) { send_error(id, E_BAD_REQUEST, 0, "bad TIMEOUT_MS"); return; }
         timeout = get32(f->v);
         break;
+      case F_SHELL:
+        if (shell >= 0 || f->len != 1 || f->v[0] > 1) { send_error(id, E_BAD_REQUEST, 0, "bad SHELL"); return; }
+        shell = f->v[0];
+        break;
       default:
         if (!(f->tag & 0x80)) { send_error(id, E_BAD_REQUEST, 0, "unknown EXEC field %d", f->tag); return; }
     }
   }
   if (nargs == 0) { send_error(id, E_BAD_REQUEST, 0, "EXEC needs at least one ARG"); return; }
+  if (shell >= 0 && nargs != 1) { send_error(id, E_BAD_REQUEST, 0, "SHELL takes exactly one ARG, the script"); return; }
   stream_t *s = new_stream(id, K_EXEC);
   if (!s) { send_error(id, E_LIMIT, 0, "too many open streams (%d)", MAX_STREAMS); return; }
 
-  int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, st[2] = {-1, -1}, master = -1;
+  /* Everything the child needs is built here: after vfork it may not allocate. */
+  static char *argv[MAX_FIELDS + 3];
+  static char *envp[MAX_FIELDS + 512];
+  static char *owned[MAX_FIELDS + 8];
+  int k = 0, ne = 0, no = 0;
+  int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, master = -1;
   char *pts = NULL, *cwds = NULL;
-  int k = 0;
+  const char *cwd_fallback = NULL;
+  user_t u;
+  if (shell >= 0) {
+    /* The command the way sshd runs one: the user's shell, home directory and login variables. */
+    lookup_user(&u);
+    const char *base = strrchr(u.shell, '/');
+    argv[k++] = shell ? u.shell : (char *)(base ? base + 1 : u.shell);
+    argv[k++] = shell ? "-lc" : "-c";
+    const char *vars[][2] = {{"HOME", u.home}, {"USER", u.name}, {"LOGNAME", u.name}, {"SHELL", u.shell},
+                             {"PATH", getuid() == 0 ? "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+                                                    : "/usr/local/bin:/usr/bin:/bin"}};
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+      char *kv = malloc(strlen(vars[i][0]) + strlen(vars[i][1]) + 2);
+      if (!kv) goto oom;
+      sprintf(kv, "%s=%s", vars[i][0], vars[i][1]);
+      owned[no++] = kv;
+      env_put(envp, &ne, kv);
+    }
+    if (!cwd) { cwds = strdup(u.home); cwd_fallback = "/"; if (!cwds) goto oom; }
+  } else {
+    for (char **e = environ; *e && ne < 500; e++) envp[ne++] = *e;
+  }
   for (int i = 0; i < n; i++) {
-    if (FIELDS[i].tag == F_ARG) {
-      argv[k] = strndup((const char *)FIELDS[i].v, FIELDS[i].len);
-      if (!argv[k]) goto oom;
-      k++;
+    const field_t *f = &FIELDS[i];
+    if (f->tag == F_ARG) {
+      if (!(argv[k] = strndup((const char *)f->v, f->len))) goto oom;
+      owned[no++] = argv[k++];
+    } else if (f->tag == F_ENV) {
+      char *kv = strndup((const char *)f->v, f->len);
+      if (!kv) goto oom;
+      owned[no++] = kv;
+      env_put(envp, &ne, kv);
     }
   }
   argv[k] = NULL;
+  envp[ne] = NULL;
   if (cwd && !(cwds = field_str(cwd))) goto oom;
-  if (pipe2(st, O_CLOEXEC) < 0) goto sysfail;
   if (have_pty) {
     master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
     if (master < 0 || grantpt(master) < 0 || unlockpt(master) < 0) goto sysfail;
@@ -655,27 +743,17 @@ static void start_exec(uint32_t id, const uint8_t *p, uint32_t len) {
   } else {
     if (pipe2(in, O_CLOEXEC) < 0 || pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) goto sysfail;
   }
-  pid_t pid = fork();
+  int fds[3] = {in[0], out[1], err[1]};
+  pid_t pid = spawn(argv, envp, cwds, cwd_fallback, pts, fds);
   if (pid < 0) goto sysfail;
   if (pid == 0) {
-    int fds[3] = {in[0], out[1], err[1]};
-    child_exec(argv, nenv, envs, cwds, pts, fds, st[1]);
-  }
-  close_fd(&st[1]);
-  int child_errno = 0;
-  ssize_t r;
-  do r = read(st[0], &child_errno, sizeof child_errno);
-  while (r < 0 && errno == EINTR);
-  close_fd(&st[0]);
-  s->pid = pid;
-  if (r == sizeof child_errno) {
-    /* exec failed: the child exits 127; reap it via SIGCHLD without a stream. */
-    s->pid = 0;
-    set_error(s, E_SPAWN_FAILED, child_errno, "could not start %s: %s", argv[0], strerror(child_errno));
+    int e = errno;
+    set_error(s, E_SPAWN_FAILED, e, "could not start %s: %s", argv[0], strerror(e));
     close_fd(&in[0]); close_fd(&in[1]); close_fd(&out[0]); close_fd(&out[1]); close_fd(&err[0]); close_fd(&err[1]);
     close_fd(&master);
     goto cleanup;
   }
+  s->pid = pid;
   if (have_pty) {
     s->pty = 1;
     s->fd_out = master;
@@ -702,9 +780,9 @@ sysfail:;
   int e = errno;
   set_error(s, E_SPAWN_FAILED, e, "could not start the command: %s", strerror(e));
   close_fd(&in[0]); close_fd(&in[1]); close_fd(&out[0]); close_fd(&out[1]); close_fd(&err[0]); close_fd(&err[1]);
-  close_fd(&st[0]); close_fd(&st[1]); close_fd(&master);
+  close_fd(&master);
 cleanup:
-  for (int i = 0; i < k; i++) free(argv[i]);
+  for (int i = 0; i < no; i++) free(owned[i]);
   free(pts);
   free(cwds);
 }
@@ -807,7 +885,7 @@ static void reap_children(void) {
     int status;
     pid_t pid = waitpid(-1, &status, WNOHANG);
     if (pid <= 0) return;
-    for (int i = 0; i < MAX_STREAMS; i++) {
+    for (int i = 0; i < G.hi; i++) {
       stream_t *s = &G.streams[i];
       if (s->kind == K_EXEC && s->pid == pid && !s->reaped) {
         s->reaped = 1;
@@ -1251,7 +1329,7 @@ static void write_conn(void) {
 /* Generates frames from stream state: data within credit, credit grants, terminal frames. */
 static void pump(int64_t now) {
   if (G.state != S_READY) return;
-  for (int i = 0; i < MAX_STREAMS; i++) {
+  for (int i = 0; i < G.hi; i++) {
     stream_t *s = &G.streams[i];
     if (s->kind == K_FREE) continue;
     if (s->kind == K_EXEC) {
@@ -1273,7 +1351,7 @@ static void pump(int64_t now) {
         wait_try(s, now);
       }
     }
-    if (s->credit_pending && s->kind != K_FREE) {
+    if (s->credit_pending >= CREDIT_AT && s->kind != K_FREE) {
       uint8_t b[4];
       put32(b, s->credit_pending);
       if (send_frame(T_CREDIT, 0, s->id, b, 4) == 0) {
@@ -1483,7 +1561,7 @@ int main(int argc, char **argv) {
       }
     }
     int base = n;
-    for (int i = 0; i < MAX_STREAMS; i++) {
+    for (int i = 0; i < G.hi; i++) {
       stream_t *s = &G.streams[i];
       if (s->kind == K_FREE) continue;
       int64_t wake = 0;
@@ -1502,7 +1580,7 @@ int main(int argc, char **argv) {
         wake = now; /* regular files are always readable */
       }
       if (s->done && s->term_type) wake = now;
-      if (s->credit_pending) wake = now;
+      if (s->credit_pending >= CREDIT_AT) wake = now;
       if (wake) {
         int t = wake <= now ? 0 : (int)(wake - now);
         if (timeout < 0 || t < timeout) timeout = t;

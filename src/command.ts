@@ -161,6 +161,11 @@ export interface WrappedCommand {
    * server-side argv nor of any command string we log.
    */
   stdinPrefix?: Buffer;
+  /**
+   * sh only: the script the user's shell runs (`-lc` for login, `-c` for raw), for channels
+   * that start that shell themselves instead of handing `command` to one.
+   */
+  script?: string;
 }
 
 export interface WrapOptions {
@@ -216,10 +221,10 @@ export function wrapCommand(command: string, options: WrapOptions = {}): Wrapped
   }
   if (options.cwd !== undefined) preamble += `cd -- ${quoteSh(options.cwd)} || exit 1;`;
 
-  if (shell === "raw") return { command: preamble ? `${preamble}\n${command}` : command, stdinPrefix };
-  const inner = preamble ? `${preamble}\n${command}` : command;
+  const script = preamble ? `${preamble}\n${command}` : command;
+  if (shell === "raw") return { command: script, stdinPrefix, script };
   const tag = options.runId && /^[0-9a-f]+$/.test(options.runId) ? `SMOLVM_RUN_ID=${options.runId} ` : "";
-  return { command: `${tag}exec "\${SHELL:-/bin/sh}" -lc ${quoteSh(inner)}`, stdinPrefix };
+  return { command: `${tag}exec "\${SHELL:-/bin/sh}" -lc ${quoteSh(script)}`, stdinPrefix, script };
 }
 
 export function encodePowerShell(script: string): string {

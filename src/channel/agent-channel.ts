@@ -18,9 +18,11 @@ import {
   type RunOptions,
   type RunOptionsBuffer,
   type RunOptionsUtf8,
+  type ShellMode,
   validateEnv,
   validateRunOptions,
   validateTimeout,
+  type WrappedCommand,
   wrapCommand,
 } from "../command.js";
 import { Deadline, sleep } from "../common/deadline.js";
@@ -226,6 +228,7 @@ class Session {
   private failure: Error | undefined;
   private drainWaiters: Array<() => void> = [];
   private grantScheduled = false;
+  private corked = false;
   private challengeNonce: Buffer | undefined;
   info!: AgentInfo;
 
@@ -401,8 +404,20 @@ class Session {
     if (this.failure) throw this.failure;
   }
 
+  /**
+   * Frames written in one tick leave in one write: under emulation every host write is an
+   * interrupt and a wakeup in the guest, so EXEC and its EOF should arrive together.
+   */
   write(buf: Buffer): boolean {
     if (this.dead) return false;
+    if (!this.corked) {
+      this.corked = true;
+      this.sock.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.sock.uncork();
+      });
+    }
     return this.sock.write(buf);
   }
 
@@ -455,17 +470,20 @@ class Session {
     if (this.streams.has(id)) this.write(encodeFrame(type, id, payload));
   }
 
-  /** Returns consumed bytes to the agent's window (coalesced per tick). */
+  /**
+   * Returns consumed bytes to the agent's window, once a quarter of it is used (so a command
+   * with little output costs no CREDIT frames) and coalesced per tick.
+   */
   grant(id: number, n: number): void {
     const st = this.streams.get(id);
     if (!st || n <= 0) return;
     st.pendingGrant += n;
-    if (this.grantScheduled) return;
+    if (st.pendingGrant < GRANT_AT || this.grantScheduled) return;
     this.grantScheduled = true;
     setImmediate(() => {
       this.grantScheduled = false;
       for (const [sid, s] of this.streams) {
-        if (s.pendingGrant > 0) {
+        if (s.pendingGrant >= GRANT_AT) {
           s.recvWindow += s.pendingGrant;
           this.write(encodeFrame(FrameType.CREDIT, sid, u32(s.pendingGrant)));
           s.pendingGrant = 0;
@@ -570,6 +588,29 @@ class Notifier {
   }
 }
 
+/** Consumed bytes are granted back once this many have piled up (a quarter of the window). */
+const GRANT_AT = INITIAL_WINDOW / 4;
+
+// ---------------------------------------------------------------- shell commands
+
+/** An EXEC request, or one that depends on what the connected agent can do. */
+type AgentExec = ExecRequest | ((info: AgentInfo) => ExecRequest);
+
+function forAgent(req: AgentExec, info: AgentInfo): ExecRequest {
+  return typeof req === "function" ? req(info) : req;
+}
+
+/**
+ * A shell command. Agents with the `shell` capability start the user's shell themselves, the
+ * way sshd does (one exec instead of `/bin/sh -c 'exec "$SHELL" -lc …'`, two).
+ */
+function shellRequest(wrapped: WrappedCommand, shell: ShellMode | undefined): AgentExec {
+  return (info) =>
+    info.capabilities.includes("shell") && wrapped.script !== undefined
+      ? { argv: [wrapped.script], shell: shell ?? "login" }
+      : { argv: ["/bin/sh", "-c", wrapped.command] };
+}
+
 // ---------------------------------------------------------------- the channel
 
 export class AgentChannel implements CommChannel {
@@ -662,7 +703,7 @@ export class AgentChannel implements CommChannel {
     validateRunOptions(command, options);
     const wrapped = wrapCommand(command, { shell: options.shell, env: options.env, cwd: options.cwd });
     const stdin = Buffer.concat([wrapped.stdinPrefix ?? Buffer.alloc(0), toBuffer(options.stdin)]);
-    return this.execCollect({ argv: ["/bin/sh", "-c", wrapped.command] }, stdin, options, "command");
+    return this.execCollect(shellRequest(wrapped, options.shell), stdin, options, "command");
   }
 
   /** Runs argv directly (no shell). `env` and `cwd` are applied by the agent. */
@@ -689,7 +730,7 @@ export class AgentChannel implements CommChannel {
   }
 
   private async execCollect(
-    req: ExecRequest,
+    req: AgentExec,
     stdin: Buffer,
     options: RunOptions,
     what: string,
@@ -708,7 +749,10 @@ export class AgentChannel implements CommChannel {
       const result = new Promise<CommandResult<string> | CommandResult<Buffer>>((resolve, reject) => {
         id = session.open(
           FrameType.EXEC,
-          encodeExec({ ...req, timeoutMs: deadline.remainingMs + AGENT_TIMEOUT_SLACK_MS }),
+          encodeExec({
+            ...forAgent(req, session.info),
+            timeoutMs: deadline.remainingMs + AGENT_TIMEOUT_SLACK_MS,
+          }),
           {
             kind: "exec",
             onData: (fd, data) => {
@@ -765,7 +809,7 @@ export class AgentChannel implements CommChannel {
     const wrapped = wrapCommand(command, { shell: options.shell, env: options.env, cwd: options.cwd });
     // Like the SSH channel: stdin is what the caller gave (or nothing), then EOF.
     const stdin = Buffer.concat([wrapped.stdinPrefix ?? Buffer.alloc(0), toBuffer(options.stdin)]);
-    return this.openStream({ argv: ["/bin/sh", "-c", wrapped.command] }, stdin, true, options);
+    return this.openStream(shellRequest(wrapped, options.shell), stdin, true, options);
   }
 
   /** Streams argv directly, optionally on a PTY; stdin stays open until end(). */
@@ -795,7 +839,7 @@ export class AgentChannel implements CommChannel {
    * first; with `closeStdin` EOF follows, otherwise stdin stays open for write()/end().
    */
   private openStream(
-    req: ExecRequest,
+    req: AgentExec,
     initial: Buffer,
     closeStdin: boolean,
     options: { timeoutMs?: number; signal?: AbortSignal },
@@ -818,7 +862,10 @@ export class AgentChannel implements CommChannel {
     const started = this.getSession(deadline).then((session) => {
       id = session.open(
         FrameType.EXEC,
-        encodeExec({ ...req, timeoutMs: deadline.remainingMs + AGENT_TIMEOUT_SLACK_MS }),
+        encodeExec({
+          ...forAgent(req, session.info),
+          timeoutMs: deadline.remainingMs + AGENT_TIMEOUT_SLACK_MS,
+        }),
         {
           kind: "exec",
           onData: (fd, data) => push({ stream: fd === 1 ? "stdout" : "stderr", data }),

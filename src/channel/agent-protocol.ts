@@ -48,6 +48,7 @@ export const Field = {
   CWD: 3,
   PTY: 4,
   TIMEOUT_MS: 5,
+  SHELL: 6,
   PATH: 10,
   MODE: 11,
   MKDIRS: 12,
@@ -270,6 +271,12 @@ export function u32(n: number): Buffer {
 
 export interface ExecRequest {
   argv: string[];
+  /**
+   * Run argv[0] (the only element) as a shell script the way sshd runs a command: "raw" is
+   * `<user's shell> -c`, "login" is `<user's shell> -lc`; home directory and login variables
+   * as sshd sets them. Agents advertise it as the `shell` capability.
+   */
+  shell?: "raw" | "login";
   env?: Record<string, string>;
   cwd?: string;
   pty?: { rows: number; cols: number };
@@ -278,6 +285,7 @@ export interface ExecRequest {
 
 export function encodeExec(req: ExecRequest): Buffer {
   const fields: Array<[number, FieldValue]> = req.argv.map((a) => [Field.ARG, a]);
+  if (req.shell) fields.push([Field.SHELL, Buffer.from([req.shell === "login" ? 1 : 0])]);
   for (const [k, v] of Object.entries(req.env ?? {})) fields.push([Field.ENV, `${k}=${v}`]);
   if (req.cwd !== undefined) fields.push([Field.CWD, req.cwd]);
   if (req.pty) fields.push([Field.PTY, Buffer.concat([u16(req.pty.rows), u16(req.pty.cols)])]);

@@ -14,8 +14,8 @@ import {
   writeFileSync,
 } from "node:fs";
 import { createServer } from "node:net";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { homedir, tmpdir, userInfo } from "node:os";
+import { basename, join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { StreamEvent } from "../../src/channel/types.js";
 import { type CommandResult, quoteSh } from "../../src/command.js";
@@ -113,10 +113,16 @@ describe("exec semantics", () => {
       const r = await ch.run('printf "%s|%s|" "$SMOLVM_A" "$SMOLVM_B"; pwd', { shell, env, cwd: work });
       expect(r.stdout).toBe(`${env.SMOLVM_A}||${work}\n`);
     }
+    // Started the way sshd starts a command: the user's own shell, no `/bin/sh -c` in between.
+    const userShell = userInfo().shell ?? "/bin/sh";
     const login = await ch.run("tr '\\0' ' ' < /proc/$$/cmdline", { shell: "login" });
-    expect(login.stdout.startsWith("/bin/sh -lc ")).toBe(true);
+    expect(login.stdout.startsWith(`${userShell} -lc `)).toBe(true);
     const raw = await ch.run("tr '\\0' ' ' < /proc/$$/cmdline", { shell: "raw" });
-    expect(raw.stdout.startsWith("/bin/sh -c ")).toBe(true);
+    expect(raw.stdout.startsWith(`${basename(userShell)} -c `)).toBe(true);
+    const vars = await ch.run('echo "$HOME|$USER|$LOGNAME|$SHELL"; pwd', { shell: "raw" });
+    expect(vars.stdout).toBe(
+      `${homedir()}|${userInfo().username}|${userInfo().username}|${userShell}\n${homedir()}\n`,
+    );
     // The env values never reach argv.
     expect(login.stdout).not.toContain("SMOLVM_A");
   });
@@ -406,7 +412,7 @@ describe("ports, info, readiness", () => {
     await ch.waitReady({ timeoutMs: 5000 });
     const info = await ch.info();
     expect(info.version).toBe("0.1.0");
-    expect(info.capabilities).toEqual(["exec", "pty", "put", "get", "env", "wait_port", "info"]);
+    expect(info.capabilities).toEqual(["exec", "pty", "put", "get", "env", "wait_port", "info", "shell"]);
     expect(info.startUptimeS).toBeGreaterThan(0);
     expect(info.milestones).toBe("kernel 0.100\ninit 0.200\n");
     expect(info.pid).toBe(agent.proc.pid);

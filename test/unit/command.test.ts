@@ -27,11 +27,18 @@ describe("command wrapping", () => {
   });
 
   it("raw without env or cwd is verbatim", () => {
-    expect(wrapCommand("echo hi", { shell: "raw" })).toEqual({ command: "echo hi", stdinPrefix: undefined });
+    expect(wrapCommand("echo hi", { shell: "raw" })).toEqual({
+      command: "echo hi",
+      stdinPrefix: undefined,
+      script: "echo hi",
+    });
   });
 
   it("login wraps with the login shell", () => {
     expect(wrapCommand("echo 'x'").command).toBe(`exec "\${SHELL:-/bin/sh}" -lc 'echo '"'"'x'"'"''`);
+    // What a channel that starts the login shell itself (the agent) hands it.
+    expect(wrapCommand("echo 'x'").script).toBe("echo 'x'");
+    expect(wrapCommand("pwd", { cwd: "/tmp" }).script).toBe("cd -- '/tmp' || exit 1;\npwd");
     expect(viaSh("echo 'x' \"$0\"")).toBe("x /bin/sh\n");
   });
 

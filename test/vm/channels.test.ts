@@ -73,6 +73,15 @@ describe("agent and SSH channels on one microVM", () => {
       expect(k.signal).toBe("TERM");
     });
 
+    it("starts commands the way sshd does: the user's shell, home and login variables", async () => {
+      for (const shell of ["login", "raw"] as const) {
+        const r = await vm().run('echo "$HOME|$USER|$LOGNAME|$SHELL"; pwd', { shell });
+        expect(r.stdout).toBe("/root|root|root|/bin/sh\n/root\n");
+      }
+      const path = await vm().run('echo "$PATH"', { shell: "raw" });
+      expect(path.stdout).toBe("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
+    });
+
     it("is binary-exact and takes stdin", async () => {
       const all = Buffer.from(Array.from({ length: 256 }, (_, i) => i));
       const echoed = await vm().run("cat", { stdin: all, encoding: "buffer" });
