@@ -52,7 +52,7 @@ describe("buildQemuArgv", () => {
       "-initrd",
       "/d/vms/vm-1/initrd",
       "-append",
-      "console=ttyS0 quiet tsc=reliable",
+      "console=ttyS0 quiet tsc=reliable cryptomgr.notests",
       "-chardev",
       "file,id=serial0,path=/d/vms/vm-1/serial.log",
       "-serial",
@@ -92,19 +92,23 @@ describe("buildQemuArgv", () => {
       expect(argv.filter((a) => a === f)).toHaveLength(1);
   });
 
-  it("adds tsc_early_khz and tsc=reliable on TCG only, and never twice", () => {
+  it("adds tsc_early_khz and tsc=reliable on TCG only, skips crypto self-tests, never twice", () => {
     expect(values(buildQemuArgv({ ...base, tscKhz: 2445000 }), "-append")).toEqual([
-      "console=ttyS0 quiet tsc_early_khz=2445000 tsc=reliable",
+      "console=ttyS0 quiet tsc_early_khz=2445000 tsc=reliable cryptomgr.notests",
     ]);
     expect(values(buildQemuArgv({ ...base, accel: "kvm", tscKhz: 2445000 }), "-append")).toEqual([
-      "console=ttyS0 quiet",
+      "console=ttyS0 quiet cryptomgr.notests",
     ]);
     expect(
       values(
-        buildQemuArgv({ ...base, kernelAppend: "console=ttyS0 tsc_early_khz=1000 tsc=unstable", tscKhz: 2 }),
+        buildQemuArgv({
+          ...base,
+          kernelAppend: "console=ttyS0 tsc_early_khz=1000 tsc=unstable cryptomgr.notests",
+          tscKhz: 2,
+        }),
         "-append",
       ),
-    ).toEqual(["console=ttyS0 tsc_early_khz=1000 tsc=unstable"]);
+    ).toEqual(["console=ttyS0 tsc_early_khz=1000 tsc=unstable cryptomgr.notests"]);
   });
 
   it("sizes memory and vCPUs", () => {
