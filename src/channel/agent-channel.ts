@@ -681,7 +681,7 @@ export class AgentChannel implements CommChannel {
       sock?.destroy();
       if (err instanceof OperationTimeoutError && d.expired && !callDeadline.expired) {
         throw new ConnectionTimeoutError(
-          `${this.name} did not complete the handshake within ${Math.round(limit)} ms: the agent is not running or the image lacks it; check the VM's console log, or use commChannel "ssh".`,
+          `${this.name} did not complete the handshake within ${Math.round(limit)} ms: the agent is not running, the image lacks it, or another process holds the VM's agent socket (it takes one host connection at a time: close that handle); check the VM's console log, or use commChannel "ssh".`,
           { code: "AGENT_CONNECT_TIMEOUT", cause: err },
         );
       }

@@ -503,6 +503,8 @@ describe("authentication and failures", () => {
       const err = await ch.run("true").catch((e) => e);
       expect(err).toBeInstanceOf(SmolVMError);
       expect(err.code).toBe("AGENT_CONNECT_TIMEOUT");
+      // Names every cause, including the one-connection-at-a-time socket.
+      expect(err.message).toMatch(/not running.*lacks it.*another process holds the VM's agent socket/);
     } finally {
       silent.close();
       rmSync(dir, { recursive: true, force: true });
