@@ -327,8 +327,10 @@ describe("files", () => {
     expect(await sha256File(guest)).toBe(want);
     expect(await sha256File(back)).toBe(want);
     expect(statSync(guest).mode & 0o7777).toBe(0o640);
-    // 64 MiB moved; the host must not have held anything like it.
-    expect(peak - rss0).toBeLessThan(24 << 20);
+    // 64 MiB moved; the host must not have held anything like it. Alone this grows RSS by 6-9 MiB;
+    // late in the full suite, garbage not yet collected has reached 27 MiB, so the bound is set
+    // well under the file size rather than near the quiet case.
+    expect(peak - rss0).toBeLessThan(40 << 20);
     console.log(
       `64 MiB put ${(64 / (tPut / 1000)).toFixed(0)} MiB/s, get ${(64 / (tGet / 1000)).toFixed(0)} MiB/s, rss growth ${((peak - rss0) / 2 ** 20).toFixed(1)} MiB`,
     );
