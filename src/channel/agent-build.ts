@@ -1,12 +1,15 @@
 /**
  * Builds the guest agent (agent/*.c) with the host's C compiler into a cache directory keyed
  * by a fingerprint of the sources, compiler and flags, so it is rebuilt only when they change.
- * Used by the image builder and by tests that run the agent on the host.
+ * Used by the image builder and by tests that run the agent on the host. The published package
+ * carries a static x86_64 build (`npm pack` runs scripts/prebuild-agent.ts), used instead of
+ * compiling when it was built from exactly these sources: hosts without a C toolchain, or whose
+ * own architecture is not the guest's, still get the agent.
  */
 import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
-import { mkdir, readdir, readFile, rename, rm, stat } from "node:fs/promises";
+import { chmod, copyFile, mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { homedir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -21,11 +24,64 @@ export interface BuildAgentOptions {
   static?: boolean;
   /** Directory holding agent.c. Default: found next to this package. */
   sourceDir?: string;
+  /** Use the packaged prebuilt agent when its sources match (static builds only). Default true. */
+  prebuilt?: boolean;
   timeoutMs?: number;
   signal?: AbortSignal;
 }
 
 const CFLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"];
+
+/** Where the package keeps the prebuilt guest agent, relative to agent/. */
+export const PREBUILT_DIR = join("prebuilt", "x86_64");
+const PREBUILT_HASH = "sources.sha256";
+
+async function agentSources(sourceDir: string): Promise<string[]> {
+  return (await readdir(sourceDir)).filter((f) => /\.[ch]$/.test(f)).sort();
+}
+
+/** sha256 over the agent's source names and contents: what a prebuilt binary is checked against. */
+export async function agentSourcesHash(sourceDir: string): Promise<string> {
+  const h = createHash("sha256");
+  for (const f of await agentSources(sourceDir)) {
+    h.update(`${f}\0`);
+    h.update(await readFile(join(sourceDir, f)));
+  }
+  return h.digest("hex");
+}
+
+/** The packaged prebuilt agent, if it was built from exactly the sources in sourceDir. */
+async function prebuiltAgent(sourceDir: string): Promise<string | undefined> {
+  const bin = join(sourceDir, PREBUILT_DIR, "smolvm-agent");
+  try {
+    const recorded = (await readFile(join(sourceDir, PREBUILT_DIR, PREBUILT_HASH), "utf8")).trim();
+    if (recorded === (await agentSourcesHash(sourceDir)) && (await stat(bin)).isFile()) return bin;
+  } catch {
+    // none packaged
+  }
+  return undefined;
+}
+
+/**
+ * Compiles the static x86_64 agent into agent/prebuilt/x86_64/ with the hash of its sources
+ * (run when packing). Returns the binary's path.
+ */
+export async function writePrebuiltAgent(options: Omit<BuildAgentOptions, "static" | "prebuilt"> = {}) {
+  if (process.arch !== "x64") {
+    throw new HostDependencyError(
+      `the prebuilt guest agent is x86_64 and must be compiled on an x86_64 host; this one is ${process.arch}.`,
+    );
+  }
+  const sourceDir = resolve(options.sourceDir ?? agentSourceDir());
+  const built = await buildAgent({ ...options, sourceDir, static: true, prebuilt: false });
+  const dir = join(sourceDir, PREBUILT_DIR);
+  await mkdir(dir, { recursive: true });
+  const bin = join(dir, "smolvm-agent");
+  await copyFile(built, bin);
+  await chmod(bin, 0o755);
+  await writeFile(join(dir, PREBUILT_HASH), `${await agentSourcesHash(sourceDir)}\n`);
+  return bin;
+}
 
 /** The agent/ directory of this package (walks up from this module: works from src/ and dist/). */
 export function agentSourceDir(): string {
@@ -62,7 +118,16 @@ export async function buildAgent(options: BuildAgentOptions = {}): Promise<strin
         : join(homedir(), ".cache", "smolvm", "agent")),
   );
 
-  const sources = (await readdir(sourceDir)).filter((f) => /\.[ch]$/.test(f)).sort();
+  if (isStatic && options.prebuilt !== false) {
+    const prebuilt = await prebuiltAgent(sourceDir);
+    if (prebuilt) return prebuilt;
+  }
+  if (isStatic && process.arch !== "x64") {
+    throw new HostDependencyError(
+      `the guest agent is x86_64, but this host's compiler builds for ${process.arch} and the package carries no prebuilt agent for these sources: install the published smolvm package, or use commChannel "ssh".`,
+    );
+  }
+  const sources = await agentSources(sourceDir);
   let ccVersion: string;
   try {
     ccVersion = (await run(cc, ["--version"], sourceDir, 10_000, options.signal)).stdout.split("\n")[0] ?? "";

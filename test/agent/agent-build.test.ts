@@ -4,7 +4,12 @@ import { cpSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } fr
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { agentSourceDir, buildAgent } from "../../src/channel/agent-build.js";
+import {
+  agentSourceDir,
+  buildAgent,
+  PREBUILT_DIR,
+  writePrebuiltAgent,
+} from "../../src/channel/agent-build.js";
 import { HostDependencyError } from "../../src/errors.js";
 
 function hasInterpreter(elf: Buffer): boolean {
@@ -35,6 +40,30 @@ describe("buildAgent", () => {
     writeFileSync(join(src, "agent.c"), `${readFileSync(join(src, "agent.c"), "utf8")}\n/* changed */\n`);
     const second = await buildAgent({ sourceDir: src, cacheDir });
     expect(second).not.toBe(first);
+  });
+
+  it("uses the packaged prebuilt agent without a compiler, only while it matches the sources", async () => {
+    const src = join(dir, "packaged");
+    cpSync(agentSourceDir(), src, {
+      recursive: true,
+      filter: (p) => !p.endsWith("smolvm-agent") && !p.includes("prebuilt"),
+    });
+    // What `npm pack` runs (scripts/prebuild-agent.ts).
+    const bin = await writePrebuiltAgent({ sourceDir: src, cacheDir: join(dir, "pack-cache") });
+    expect(bin).toBe(join(src, PREBUILT_DIR, "smolvm-agent"));
+    expect(hasInterpreter(readFileSync(bin))).toBe(false);
+    expect(statSync(bin).mode & 0o777).toBe(0o755);
+    // A host with no compiler at all gets the prebuilt binary.
+    const noCc = { sourceDir: src, cacheDir: join(dir, "user-cache"), cc: "/nonexistent/cc" };
+    const got = await buildAgent(noCc);
+    expect(got).toBe(bin);
+    expect(execFileSync(got, ["--self-test"]).toString()).toBe("ok\n");
+    // Opting out, or a host-only build, compiles (and so needs the compiler).
+    await expect(buildAgent({ ...noCc, prebuilt: false })).rejects.toBeInstanceOf(HostDependencyError);
+    await expect(buildAgent({ ...noCc, static: false })).rejects.toBeInstanceOf(HostDependencyError);
+    // Sources changed since packing: the stale binary is never used.
+    writeFileSync(join(src, "agent.c"), `${readFileSync(join(src, "agent.c"), "utf8")}\n/* patched */\n`);
+    await expect(buildAgent(noCc)).rejects.toBeInstanceOf(HostDependencyError);
   });
 
   it("says what to install when the compiler is missing", async () => {
