@@ -152,20 +152,11 @@ export class SmolVM implements AsyncDisposable {
           detectAccelerator({ force: opts.accel, dataDir: base }),
         ]),
       );
-      if (opts.commChannel === "vsock") {
-        // Checked before anything boots: there is no vsock transport to fall back from.
+      if (isAgentChoice(opts.commChannel) && !image.capabilities.agent) {
         throw new CommandExecutionUnavailableError(
-          'commChannel "vsock" was asked for, but smolvm\'s images run the agent on a virtio-serial port, which needs no host module.',
-          'Use commChannel "agent" (the same agent, over virtio-serial) or "auto".',
+          `image ${image.name} has no guest agent, but commChannel "${opts.commChannel}" was asked for.`,
+          'Use commChannel "ssh" or "auto", or rebuild the image with the agent (smolvm image build --force).',
         );
-      }
-      if (opts.commChannel === "agent") {
-        if (!image.capabilities.agent) {
-          throw new CommandExecutionUnavailableError(
-            `image ${image.name} has no guest agent, but commChannel "${opts.commChannel}" was asked for.`,
-            'Use commChannel "ssh" or "auto", or rebuild the image with the agent (smolvm image build --force).',
-          );
-        }
       }
       const id = `vm-${randomBytes(6).toString("hex")}`;
       const name = opts.name ?? id;
@@ -177,7 +168,7 @@ export class SmolVM implements AsyncDisposable {
         status: "creating",
         image: image.name,
         vmDir,
-        channel: opts.commChannel === "auto" ? null : normalizeChannel(opts.commChannel),
+        channel: opts.commChannel === "auto" ? null : opts.commChannel,
         hostKeyFingerprint: hostKey.fingerprint,
         config: {
           memoryMib: opts.memoryMib,
@@ -639,16 +630,10 @@ export class SmolVM implements AsyncDisposable {
     const caps = this.record.config.capabilities as { ssh: boolean; agent: boolean } | undefined;
     const choice = this.commChannel;
     if (choice === "ssh") return "ssh";
-    if (choice === "vsock") {
-      throw new CommandExecutionUnavailableError(
-        `commChannel "vsock" was asked for VM ${this.id}, but smolvm's images run the agent on a virtio-serial port, which needs no host module.`,
-        'Use commChannel "agent" (the same agent, over virtio-serial) or "auto".',
-      );
-    }
-    if (choice === "agent") {
+    if (isAgentChoice(choice)) {
       if (!caps?.agent) {
         throw new CommandExecutionUnavailableError(
-          `VM ${this.id} (image ${this.record.image}) has no guest agent, but commChannel "agent" was asked for.`,
+          `VM ${this.id} (image ${this.record.image}) has no guest agent, but commChannel "${choice}" was asked for.`,
           'Use commChannel "ssh" or "auto", or rebuild the image with the agent (smolvm image build --force).',
         );
       }
@@ -766,8 +751,13 @@ function validateCreateOptions(o: SmolVMCreateOptions) {
   } as const;
 }
 
-function normalizeChannel(c: CommChannelChoice): string {
-  return c === "vsock" ? "vsock" : c;
+/**
+ * "vsock" is the seed's name for the network-free agent channel: it selects the agent, with the
+ * same strictness as "agent". smolvm's VMs carry it on virtio-serial, which every QEMU host has
+ * (vhost-vsock is often missing, and Node has no AF_VSOCK socket).
+ */
+function isAgentChoice(c: CommChannelChoice | undefined): boolean {
+  return c === "agent" || c === "vsock";
 }
 
 function safeHostname(name: string): string {
