@@ -69,6 +69,8 @@ import type { CallOptions, CommandStream, CommChannel, PutFileOptions, StreamEve
 const FILE_TIMEOUT_MS = 300_000;
 const CONNECT_TIMEOUT_MS = 10_000;
 const HELLO_RESEND_MS = 500;
+/** close() waits at most this long for the socket's close event. */
+const SOCKET_CLOSE_WAIT_MS = 1_000;
 const ENV_FILE_MAX = 1 << 20;
 /** The agent enforces a command's timeout this long after the host's, as a backstop. */
 const AGENT_TIMEOUT_SLACK_MS = 250;
@@ -232,11 +234,18 @@ class Session {
   private challengeNonce: Buffer | undefined;
   info!: AgentInfo;
 
+  /** Settles once the socket has closed (close() waits for it: nothing outlives the channel). */
+  readonly socketClosed: Promise<void>;
+
   constructor(
     private readonly sock: Duplex,
     private readonly name: string,
     private readonly onDead: (s: Session) => void,
-  ) {}
+  ) {
+    this.socketClosed = sock.destroyed
+      ? Promise.resolve()
+      : new Promise<void>((resolve) => sock.once("close", () => resolve()));
+  }
 
   get dead(): boolean {
     return this.failure !== undefined;
@@ -1324,7 +1333,13 @@ export class AgentChannel implements CommChannel {
           await this.simple(FrameType.PING, Buffer.alloc(0), deadline, "ping");
           return;
         } catch (err) {
-          if (err instanceof AuthenticationError || err instanceof ValidationError || this.closed) throw err;
+          if (
+            err instanceof AuthenticationError ||
+            err instanceof ValidationError ||
+            (err instanceof SmolVMError && err.code === "AGENT_BUSY") ||
+            this.closed
+          )
+            throw err;
           if (!deadline.expired) last = err;
         }
         if (!deadline.expired)
@@ -1346,8 +1361,16 @@ export class AgentChannel implements CommChannel {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    this.session?.close();
+    const session = this.session;
     this.session = undefined;
+    if (!session) return;
+    session.close();
+    let timer: NodeJS.Timeout | undefined;
+    const cap = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, SOCKET_CLOSE_WAIT_MS);
+    });
+    await Promise.race([session.socketClosed, cap]);
+    clearTimeout(timer);
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

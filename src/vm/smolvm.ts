@@ -44,6 +44,7 @@ import {
 } from "../image/index.js";
 import { SSHClient } from "../ssh/client.js";
 import { detectAccelerator, findQemu, hostTscKhz } from "./accel.js";
+import { acquireAgentLock } from "./agent-lock.js";
 import { renderEnvFile } from "./env-file.js";
 import { leasePort, releasePorts } from "./ports.js";
 import { isQemuAlive, launchQemu, stopQemu } from "./process.js";
@@ -645,9 +646,30 @@ export class SmolVM implements AsyncDisposable {
   private agent(): AgentChannel {
     if (!this.agentChan) {
       const socket = this.files.agentSocket;
+      const lock = this.files.agentLock;
       const secretPath = join(this.record.vmDir, "agent_secret");
+      // Held while this channel's socket is open. The channel connects only when its previous
+      // socket is dead, so a lock still held from that one is ours to drop.
+      let release: (() => void) | undefined;
+      const connect = async (signal: AbortSignal) => {
+        release?.();
+        const mine = acquireAgentLock(lock, this.name);
+        release = mine;
+        const drop = () => {
+          mine();
+          if (release === mine) release = undefined;
+        };
+        try {
+          const sock = await connectUnix(socket, signal);
+          sock.once("close", drop);
+          return sock;
+        } catch (err) {
+          drop();
+          throw err;
+        }
+      };
       this.agentChan = new AgentChannel({
-        connect: (signal) => connectUnix(socket, signal),
+        connect,
         secret: readFileSync(secretPath),
         name: `the agent of VM ${this.name}`,
       });

@@ -11,6 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AgentChannel, connectUnix } from "../../src/channel/agent-channel.js";
 import {
   AuthenticationError,
+  ConnectionRefusedError,
   OperationTimeoutError,
   SSHConnectionError,
 } from "../../src/errors.js";
@@ -166,6 +167,7 @@ describe("agent and SSH channels on one microVM", () => {
     const stream = agentVm.stream("sleep 4103");
     const it = stream[Symbol.asyncIterator]();
     const first = it.next();
+    first.catch(() => {}); // close() rejects it, and waits for the socket to close before returning
     await new Promise((r) => setTimeout(r, 500));
     await agentVm.close();
     await first.catch(() => {});
@@ -189,6 +191,29 @@ describe("agent and SSH channels on one microVM", () => {
     } finally {
       await vsock.close();
     }
+  });
+
+  it("tells a second handle at once that the agent socket is held", async () => {
+    expect((await agentVm.run("echo first")).stdout).toBe("first\n"); // agentVm holds the socket
+    const strict = await SmolVM.fromId(agentVm.id, { dataDir, commChannel: "agent" });
+    const t0 = performance.now();
+    const e = await strict.run("true", { timeoutMs: 20_000 }).catch((x) => x);
+    expect(performance.now() - t0).toBeLessThan(1_000);
+    expect(e).toBeInstanceOf(ConnectionRefusedError);
+    expect(e.code).toBe("AGENT_BUSY");
+    expect(e.message).toContain("held by another handle in this process");
+    await strict.close();
+    // auto goes to SSH without its 2 s agent probe
+    const auto = await SmolVM.fromId(agentVm.id, { dataDir });
+    const t1 = performance.now();
+    expect((await auto.run("cat /proc/$PPID/comm", { shell: "raw" })).stdout).toMatch(/^sshd/);
+    expect(performance.now() - t1).toBeLessThan(1_900);
+    await auto.close();
+    // Released on close: the next handle gets the agent.
+    await agentVm.close();
+    const next = await SmolVM.fromId(agentVm.id, { dataDir, commChannel: "agent" });
+    expect((await next.run("cat /proc/$PPID/comm", { shell: "raw" })).stdout).toBe("smolvm-agent\n");
+    await next.close();
   });
 
   it("reports a killed agent clearly when asked for by name; auto and SSH keep working", async () => {
