@@ -11,12 +11,14 @@
  */
 import { execFileSync } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { createReadStream, createWriteStream, mkdtempSync, rmSync } from "node:fs";
+import { createReadStream, createWriteStream, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import * as os from "node:os";
 import { join } from "node:path";
+import { AgentChannel, connectUnix } from "../src/channel/agent-channel.js";
 import { ensureImage } from "../src/image/index.js";
 import { serialMilestones } from "../src/vm/serial-log.js";
 import { SmolVM } from "../src/vm/smolvm.js";
+import { vmFiles } from "../src/vm/store.js";
 import { printTable, type Stats, stats, writeResults } from "./lib/stats.js";
 
 const BOOTS = Number(process.env.BENCH_BOOTS ?? 3);
@@ -175,6 +177,49 @@ async function guestSha(vm: SmolVM, path: string): Promise<string> {
   return r.stdout.split(" ")[0]!;
 }
 
+// ------------------------------------------------------------ process costs inside the guest
+
+const GUEST_SPAWNS = 100;
+
+/**
+ * Compiles bench/lib/spawn-cost.c statically, runs it in the guest and returns ms per child
+ * (null where it could not run, e.g. no C compiler).
+ */
+async function guestProcessCosts(
+  vm: SmolVM,
+): Promise<Array<{ key: string; label: string; ms: number | null }>> {
+  const modes = [
+    { key: "forkExit", label: "fork + _exit + wait", args: "fork" },
+    { key: "vforkExit", label: "vfork + _exit + wait", args: "vfork" },
+    { key: "vforkTrue", label: "vfork + exec /bin/true", args: "vfork /bin/true" },
+    { key: "shTrue", label: "vfork + exec sh -c true", args: "vfork /bin/sh -c true" },
+  ];
+  const bin = join(tmp!, "spawn-cost");
+  try {
+    execFileSync(process.env.CC ?? "cc", [
+      "-O2",
+      "-static",
+      "-o",
+      bin,
+      join(import.meta.dirname, "lib", "spawn-cost.c"),
+    ]);
+  } catch (e) {
+    console.error(
+      `spawn-cost not built (${(e as Error).message.split("\n")[0]}): guest process costs skipped`,
+    );
+    return modes.map((m) => ({ key: m.key, label: m.label, ms: null }));
+  }
+  await vm.uploadFile(bin, "/tmp/spawn-cost", { mode: 0o755 });
+  await vm.run("/tmp/spawn-cost 10 vfork /bin/sh -c true", { shell: "raw" }); // warm the page cache
+  const out = [];
+  for (const m of modes) {
+    const r = await vm.run(`/tmp/spawn-cost ${GUEST_SPAWNS} ${m.args}`, { shell: "raw", timeoutMs: 120_000 });
+    const ms = Number(r.stdout.trim());
+    out.push({ key: m.key, label: m.label, ms: r.exitCode === 0 && Number.isFinite(ms) ? ms : null });
+  }
+  return out;
+}
+
 // ------------------------------------------------------------ main
 
 await ensureImage("tiny"); // built once and cached; never timed
@@ -232,15 +277,27 @@ try {
     WARM_N,
   );
   const login = await interleaved({ agent: () => vm.run("true"), ssh: () => sshVm.run("true") }, WARM_N);
-  // The floor neither channel can beat: what one `sh -c true` costs inside the guest (fork and
-  // exec under the accelerator), timed by the guest's own clock (/proc/uptime, 10 ms) over 200 spawns.
-  const SPAWNS = 200;
-  const spawnProbe = await vm.run(
-    `up() { read u _ < /proc/uptime; echo "\${u%.*}\${u#*.}"; }; a=$(up); i=0; while [ $i -lt ${SPAWNS} ]; do sh -c true; i=$((i+1)); done; b=$(up); echo $((b - a))`,
-    { shell: "raw", timeoutMs: 60_000 },
-  );
-  const centis = spawnProbe.stdout.trim();
-  const guestSpawnMs = /^\d+$/.test(centis) ? (Number(centis) * 10) / SPAWNS : null;
+  // The floors under those numbers. Inside the guest: what starting a process costs there (a
+  // static C harness, so no shell loop is timed). On the channel: a PING round trip, which
+  // starts no process at all (the VM handle lends its socket: it takes one connection).
+  const guestCost = await guestProcessCosts(vm);
+  const guestSpawnMs = guestCost.find((c) => c.key === "shTrue")?.ms ?? null;
+  await vm.close();
+  const ping = new AgentChannel({
+    connect: (s) => connectUnix(vmFiles(rec!.vmDir).agentSocket, s),
+    secret: readFileSync(join(rec!.vmDir, "agent_secret")),
+  });
+  const pingMs: number[] = [];
+  try {
+    for (let i = 0; i < WARM_N; i++) {
+      const t = performance.now();
+      await ping.waitReady({ timeoutMs: 10_000 });
+      pingMs.push(performance.now() - t);
+    }
+  } finally {
+    await ping.close();
+  }
+  const pingStats = stats(pingMs);
 
   // 3. transfers: rep 1 verifies sha256 on both ends, later reps are timed only.
   const up = join(tmp, "up.bin");
@@ -340,9 +397,14 @@ try {
     })),
   );
 
+  console.log(
+    `   agent PING round trip (no guest process): p50 ${pingStats.p50.toFixed(2)}, p99 ${pingStats.p99.toFixed(2)} ms`,
+  );
+  console.log(`   inside the guest (${accel}), ms per child, mean of ${GUEST_SPAWNS}:`);
+  printTable(guestCost.map((c) => ({ child: c.label, ms: c.ms === null ? "n/a" : c.ms.toFixed(2) })));
   if (guestSpawnMs !== null) {
     console.log(
-      `   inside the guest one \`sh -c true\` costs ${guestSpawnMs.toFixed(2)} ms (fork+exec, ${accel}); channel overhead at p50 (raw): agent ${(raw.agent.p50 - guestSpawnMs).toFixed(2)} ms, ssh ${(raw.ssh.p50 - guestSpawnMs).toFixed(2)} ms`,
+      `   channel overhead at p50 (raw), over one guest \`sh -c true\`: agent ${(raw.agent.p50 - guestSpawnMs).toFixed(2)} ms, ssh ${(raw.ssh.p50 - guestSpawnMs).toFixed(2)} ms`,
     );
   }
 
@@ -415,7 +477,7 @@ try {
     params: { boots: BOOTS, warmN: WARM_N, block: BLOCK, fileMiB: FILE_MIB, transferReps: XFER_REPS },
     boots,
     bootMedians,
-    warm: { raw, login, guestSpawnMs },
+    warm: { raw, login, guestSpawnMs, ping: pingStats, guestProcessCosts: guestCost },
     transferMiBps: { samples: xfer, median: xferMedian },
     ratios,
     targets,
