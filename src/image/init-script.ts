@@ -129,6 +129,14 @@ if [ -x ${AGENT_PATH} ] && [ -e /dev/virtio-ports/${AGENT_PORT_NAME} ] && [ -s $
 fi
 # ---- end of agent hook
 ${lateModules.length ? `${loadModules(lateModules)}\nmilestone modules-loaded\n` : ""}
+# Map up to 2 MiB of an already-cached file per page fault (default 64 KiB): under emulation a
+# fault costs tens of microseconds and every command's exec faults its binary in (busybox:
+# about 1.5 ms less per exec under TCG). Only page-cache pages are mapped; nothing is read.
+if mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null; then
+  echo 2097152 > /sys/kernel/debug/fault_around_bytes 2>/dev/null
+  umount /sys/kernel/debug
+fi
+
 ip link set lo up
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0

@@ -92,6 +92,14 @@ describe("SmolVM on a real microVM", () => {
     expect(qemuPids(`${join(dataDir, "vms", v.id)}/`)).toEqual([]);
   }, 120_000);
 
+  it("maps 2 MiB of a cached file per page fault (cheaper execs under emulation)", async () => {
+    const r = await vm.run(
+      "mount -t debugfs debugfs /sys/kernel/debug && cat /sys/kernel/debug/fault_around_bytes; umount /sys/kernel/debug",
+      { shell: "raw" },
+    );
+    expect(r.stdout).toBe("2097152\n");
+  });
+
   it("applies env vars in login mode but not in raw mode, and keeps values out of argv", async () => {
     expect((await vm.run("echo $BOOT_VAR")).output).toBe("from-create");
     await vm.setEnvVars({ API_KEY: "secret-123" });
