@@ -569,7 +569,8 @@ static volatile int spawn_errno;
  * cwd are built by the caller. Signals stay blocked across vfork so none of our handlers can
  * run in the child; it resets the dispositions we changed (ignored ones survive exec) first.
  */
-static pid_t spawn(char *const argv[], char *const envp[], const char *cwd, const char *cwd_fallback,
+/* `file` is run as given when it holds a '/', else looked up in the child's PATH. */
+static pid_t spawn(const char *file, char *const argv[], char *const envp[], const char *cwd, const char *cwd_fallback,
                    const char *pts, const int fds[3]) {
   sigset_t all, old;
   sigfillset(&all);
@@ -592,7 +593,7 @@ static pid_t spawn(char *const argv[], char *const envp[], const char *cwd, cons
     }
     if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) goto fail;
     if (cwd && chdir(cwd) < 0 && (!cwd_fallback || chdir(cwd_fallback) < 0)) goto fail;
-    execvpe(argv[0], argv, envp);
+    execvpe(file, argv, envp);
   fail:
     spawn_errno = errno ? errno : EINVAL;
     _exit(127);
@@ -744,7 +745,8 @@ static void start_exec(uint32_t id, const uint8_t *p, uint32_t len) {
     if (pipe2(in, O_CLOEXEC) < 0 || pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) goto sysfail;
   }
   int fds[3] = {in[0], out[1], err[1]};
-  pid_t pid = spawn(argv, envp, cwds, cwd_fallback, pts, fds);
+  /* A shell runs from its passwd path (argv[0] may be just its basename, as sshd passes it). */
+  pid_t pid = spawn(shell >= 0 ? u.shell : argv[0], argv, envp, cwds, cwd_fallback, pts, fds);
   if (pid < 0) goto sysfail;
   if (pid == 0) {
     int e = errno;

@@ -127,6 +127,22 @@ describe("exec semantics", () => {
     expect(login.stdout).not.toContain("SMOLVM_A");
   });
 
+  it("starts the user's shell from its passwd path, never a same-named program on PATH", async () => {
+    const fake = mkdtempSync(join(tmpdir(), "smolvm-fake-shell-"));
+    const shellName = basename(userInfo().shell ?? "/bin/sh");
+    writeFileSync(join(fake, shellName), "#!/bin/sh\necho impostor\n", { mode: 0o755 });
+    const other = await startAgent([], { PATH: `${fake}:${process.env.PATH}` });
+    try {
+      await using ch = other.channel();
+      for (const shell of ["raw", "login"] as const) {
+        expect((await ch.run("echo real", { shell })).stdout).toBe("real\n");
+      }
+    } finally {
+      await other.stop();
+      rmSync(fake, { recursive: true, force: true });
+    }
+  });
+
   it("runs argv directly with env and cwd, and reports a missing program", async () => {
     await using ch = agent.channel();
     const r = await ch.exec(["/bin/sh", "-c", 'echo "$X" && pwd'], { env: { X: "y z" }, cwd: work });

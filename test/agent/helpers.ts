@@ -27,7 +27,10 @@ export async function agentBinary(): Promise<string> {
   return buildAgent({ cacheDir: join(tmpdir(), "smolvm-test-agent-cache") });
 }
 
-export async function startAgent(extraArgs: string[] = []): Promise<TestAgent> {
+export async function startAgent(
+  extraArgs: string[] = [],
+  env: Record<string, string> = {},
+): Promise<TestAgent> {
   const bin = await agentBinary();
   const dir = mkdtempSync(join(tmpdir(), "smolvm-agent-"));
   const socket = join(dir, "agent.sock");
@@ -51,7 +54,7 @@ export async function startAgent(extraArgs: string[] = []): Promise<TestAgent> {
       ...extraArgs,
     ],
     // SHELL=/bin/sh: login-mode commands exec "${SHELL:-/bin/sh}" -lc, as in the guest.
-    { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, SHELL: "/bin/sh" } },
+    { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, SHELL: "/bin/sh", ...env } },
   );
   const exited = new Promise<void>((r) => proc.once("exit", () => r()));
   for (let i = 0; i < 200 && !existsSync(socket); i++) await new Promise((r) => setTimeout(r, 10));
