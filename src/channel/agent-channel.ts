@@ -512,6 +512,18 @@ class Session {
 
 // ---------------------------------------------------------------- helpers
 
+/** exec/streamExec input: a non-empty argv without NUL bytes, and valid run options. */
+function validateArgv(argv: string[], options: Omit<RunOptions, "shell">): void {
+  if (
+    !Array.isArray(argv) ||
+    argv.length === 0 ||
+    argv.some((a) => typeof a !== "string" || a.includes("\0"))
+  ) {
+    throw new ValidationError("argv must be a non-empty array of strings without NUL bytes.");
+  }
+  validateRunOptions(argv[0] || "-", { ...options, shell: undefined });
+}
+
 function toBuffer(v: string | Buffer | Uint8Array | undefined): Buffer {
   if (v === undefined) return Buffer.alloc(0);
   return typeof v === "string" ? Buffer.from(v, "utf8") : Buffer.from(v.buffer, v.byteOffset, v.byteLength);
@@ -722,14 +734,7 @@ export class AgentChannel implements CommChannel {
     argv: string[],
     options: ExecArgvOptions = {},
   ): Promise<CommandResult<string> | CommandResult<Buffer>> {
-    if (
-      !Array.isArray(argv) ||
-      argv.length === 0 ||
-      argv.some((a) => typeof a !== "string" || a.includes("\0"))
-    ) {
-      throw new ValidationError("argv must be a non-empty array of strings without NUL bytes.");
-    }
-    validateRunOptions(argv[0] || "-", { ...options, shell: undefined });
+    validateArgv(argv, options);
     return this.execCollect(
       { argv, env: options.env, cwd: options.cwd, pty: options.pty },
       toBuffer(options.stdin),
@@ -826,14 +831,7 @@ export class AgentChannel implements CommChannel {
     argv: string[],
     options: Omit<ExecArgvOptions, "encoding" | "onStdout" | "onStderr" | "maxOutputBytes"> = {},
   ): AgentCommandStream {
-    if (
-      !Array.isArray(argv) ||
-      argv.length === 0 ||
-      argv.some((a) => typeof a !== "string" || a.includes("\0"))
-    ) {
-      throw new ValidationError("argv must be a non-empty array of strings without NUL bytes.");
-    }
-    validateRunOptions(argv[0] || "-", { ...options, shell: undefined });
+    validateArgv(argv, options);
     return this.openStream(
       { argv, env: options.env, cwd: options.cwd, pty: options.pty },
       toBuffer(options.stdin),
