@@ -56,6 +56,7 @@ struct sockaddr_vm_compat {
 /* Consumed bytes are credited back once a quarter of the window piled up: a command with a
  * small stdin costs no CREDIT frame (each one is an interrupt on the host side of emulation). */
 #define CREDIT_AT (WINDOW / 4)
+#define CREDIT_DUE(s) ((s)->credit_pending >= CREDIT_AT)
 #define EXIT_GRACE_MS 200
 #define HUP_BACKOFF_MS 100
 #define WAIT_RETRY_MS 50
@@ -568,8 +569,8 @@ static volatile int spawn_errno;
  * child execs. The child therefore only makes syscalls (no malloc, no stdio): argv, envp and
  * cwd are built by the caller. Signals stay blocked across vfork so none of our handlers can
  * run in the child; it resets the dispositions we changed (ignored ones survive exec) first.
+ * `file` is run as given when it holds a '/', else looked up on PATH.
  */
-/* `file` is run as given when it holds a '/', else looked up in the child's PATH. */
 static pid_t spawn(const char *file, char *const argv[], char *const envp[], const char *cwd, const char *cwd_fallback,
                    const char *pts, const int fds[3]) {
   sigset_t all, old;
@@ -643,7 +644,7 @@ extern char **environ;
 static void start_exec(uint32_t id, const uint8_t *p, uint32_t len) {
   int n;
   if (parse_fields(p, len, &n) < 0) { send_error(id, E_BAD_REQUEST, 0, "EXEC fields are malformed"); return; }
-  int nargs = 0, nenv = 0, have_pty = 0, shell = -1;
+  int nargs = 0, have_pty = 0, shell = -1;
   const field_t *cwd = NULL;
   uint16_t rows = 24, cols = 80;
   uint32_t timeout = 0;
@@ -660,7 +661,6 @@ static void start_exec(uint32_t id, const uint8_t *p, uint32_t len) {
           send_error(id, E_BAD_REQUEST, 0, "ENV must be NAME=value with a valid name and no NUL");
           return;
         }
-        nenv++;
         break;
       }
       case F_CWD:
@@ -1353,7 +1353,7 @@ static void pump(int64_t now) {
         wait_try(s, now);
       }
     }
-    if (s->credit_pending >= CREDIT_AT && s->kind != K_FREE) {
+    if (CREDIT_DUE(s) && s->kind != K_FREE) {
       uint8_t b[4];
       put32(b, s->credit_pending);
       if (send_frame(T_CREDIT, 0, s->id, b, 4) == 0) {
@@ -1582,7 +1582,7 @@ int main(int argc, char **argv) {
         wake = now; /* regular files are always readable */
       }
       if (s->done && s->term_type) wake = now;
-      if (s->credit_pending >= CREDIT_AT) wake = now;
+      if (CREDIT_DUE(s)) wake = now;
       if (wake) {
         int t = wake <= now ? 0 : (int)(wake - now);
         if (timeout < 0 || t < timeout) timeout = t;

@@ -283,9 +283,10 @@ try {
   const guestCost = await guestProcessCosts(vm);
   const guestSpawnMs = guestCost.find((c) => c.key === "shTrue")?.ms ?? null;
   await vm.close();
+  const files = vmFiles(rec!.vmDir);
   const ping = new AgentChannel({
-    connect: (s) => connectUnix(vmFiles(rec!.vmDir).agentSocket, s),
-    secret: readFileSync(join(rec!.vmDir, "agent_secret")),
+    connect: (s) => connectUnix(files.agentSocket, s),
+    secret: readFileSync(files.agentSecret),
   });
   const pingMs: number[] = [];
   try {

@@ -154,10 +154,7 @@ export class SmolVM implements AsyncDisposable {
         ]),
       );
       if (isAgentChoice(opts.commChannel) && !image.capabilities.agent) {
-        throw new CommandExecutionUnavailableError(
-          `image ${image.name} has no guest agent, but commChannel "${opts.commChannel}" was asked for.`,
-          'Use commChannel "ssh" or "auto", or rebuild the image with the agent (smolvm image build --force).',
-        );
+        throw noAgentError(`image ${image.name}`, opts.commChannel);
       }
       const id = `vm-${randomBytes(6).toString("hex")}`;
       const name = opts.name ?? id;
@@ -193,7 +190,7 @@ export class SmolVM implements AsyncDisposable {
           { path: "smolvm/config/hostname", mode: 0o644, data: `${safeHostname(name)}\n` },
         ]);
         await composeInitrd(image.initrdPath, cpio, join(vmDir, "initrd.img"));
-        await writeFile(join(vmDir, "agent_secret"), agentSecret, { mode: 0o600 });
+        await writeFile(vmFiles(vmDir).agentSecret, agentSecret, { mode: 0o600 });
         await vm.boot(image, deadline);
         vm.bootTimings = { ...vm.bootTimings!, totalMs: Math.round(performance.now() - t0) };
         return vm;
@@ -632,12 +629,7 @@ export class SmolVM implements AsyncDisposable {
     const choice = this.commChannel;
     if (choice === "ssh") return "ssh";
     if (isAgentChoice(choice)) {
-      if (!caps?.agent) {
-        throw new CommandExecutionUnavailableError(
-          `VM ${this.id} (image ${this.record.image}) has no guest agent, but commChannel "${choice}" was asked for.`,
-          'Use commChannel "ssh" or "auto", or rebuild the image with the agent (smolvm image build --force).',
-        );
-      }
+      if (!caps?.agent) throw noAgentError(`VM ${this.id} (image ${this.record.image})`, choice);
       return "agent";
     }
     return caps?.agent ? "auto" : "ssh";
@@ -647,7 +639,6 @@ export class SmolVM implements AsyncDisposable {
     if (!this.agentChan) {
       const socket = this.files.agentSocket;
       const lock = this.files.agentLock;
-      const secretPath = join(this.record.vmDir, "agent_secret");
       // Held while this channel's socket is open. The channel connects only when its previous
       // socket is dead, so a lock still held from that one is ours to drop.
       let release: (() => void) | undefined;
@@ -670,7 +661,7 @@ export class SmolVM implements AsyncDisposable {
       };
       this.agentChan = new AgentChannel({
         connect,
-        secret: readFileSync(secretPath),
+        secret: readFileSync(this.files.agentSecret),
         name: `the agent of VM ${this.name}`,
       });
     }
@@ -780,6 +771,13 @@ function validateCreateOptions(o: SmolVMCreateOptions) {
  */
 function isAgentChoice(c: CommChannelChoice | undefined): boolean {
   return c === "agent" || c === "vsock";
+}
+
+function noAgentError(subject: string, choice: CommChannelChoice): CommandExecutionUnavailableError {
+  return new CommandExecutionUnavailableError(
+    `${subject} has no guest agent, but commChannel "${choice}" was asked for.`,
+    'Use commChannel "ssh" or "auto", or rebuild the image with the agent (smolvm image build --force).',
+  );
 }
 
 function safeHostname(name: string): string {

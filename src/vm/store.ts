@@ -65,6 +65,8 @@ export function vmFiles(vmDir: string) {
     serialLog: join(vmDir, "serial.log"),
     qemuLog: join(vmDir, "qemu.log"),
     agentSocket: join(vmDir, "agent.sock"),
+    /** The host's copy of the agent secret (0600). */
+    agentSecret: join(vmDir, "agent_secret"),
     /** Who holds the agent socket (agent-lock.ts). */
     agentLock: join(vmDir, "agent.lock"),
     /** Substring of QEMU's command line proving a pid is this VM's QEMU. */
