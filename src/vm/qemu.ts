@@ -58,6 +58,13 @@ export const NETDEV_ID = "n0";
  * (TLS certificate checks in the guest need it). isa-serial is the console (ttyS0).
  */
 export const MICROVM_MACHINE = "microvm,acpi=on,x-option-roms=off,pit=off,pic=off,rtc=on,isa-serial=on";
+/**
+ * TCG's CPU: everything it emulates except ERMS/FSRM. With them the guest kernel copies and
+ * clears memory with `rep movsb`/`rep stosb`, which TCG runs one byte per iteration; without
+ * them it uses `rep movsq` or unrolled 8-byte loops. Measured under TCG: the kernel unpacks the
+ * initramfs about 40 % faster and boot to /init is about 0.5 s shorter.
+ */
+export const TCG_CPU = "max,-erms,-fsrm";
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
@@ -170,7 +177,7 @@ export function buildQemuArgv(spec: VmLaunchSpec): string[] {
     "-accel",
     spec.accel,
     "-cpu",
-    spec.accel === "kvm" ? "host" : "max",
+    spec.accel === "kvm" ? "host" : TCG_CPU,
     "-m",
     `${spec.memoryMib}M`,
     "-smp",

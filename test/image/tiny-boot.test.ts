@@ -34,6 +34,7 @@ import {
   listImages,
   removeImage,
 } from "../../src/image/index.js";
+import { TCG_CPU } from "../../src/vm/qemu.js";
 
 const work = mkdtempSync(join(tmpdir(), "smolvm-tiny-"));
 const dataDir = join(work, "data");
@@ -181,7 +182,7 @@ describe("tiny image boot (QEMU TCG)", () => {
     writeFileSync(knownHosts, knownHostsLine("127.0.0.1", port, host.publicKey));
     const serial = join(vmDir, "serial.log");
     const args = [
-      ...["-M", "microvm,acpi=on", "-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "1"],
+      ...["-M", "microvm,acpi=on", "-accel", "tcg", "-cpu", TCG_CPU, "-m", "512", "-smp", "1"],
       ...["-no-user-config", "-nographic", "-no-reboot", "-monitor", "none"],
       ...["-kernel", manifest.kernelPath, "-initrd", initrd],
       ...["-append", kernelCmdline(manifest.kernelCmdline, { tcg: true })],
