@@ -6,7 +6,7 @@
 import { createHash } from "node:crypto";
 
 /** Bump when the builder changes how it assembles images in a way the inputs do not capture. */
-export const BUILDER_VERSION = 2;
+export const BUILDER_VERSION = 3;
 
 export type FingerprintInput =
   | string

@@ -109,6 +109,15 @@ export async function guestAgent(cacheDir: string, signal?: AbortSignal): Promis
   }
 }
 
+/**
+ * The kernel runs /sbin/modprobe (its CONFIG_MODPROBE_PATH) for every module it lacks, from its
+ * own initcalls on. Busybox's modprobe cannot find our modules (they live in
+ * /lib/modules/smolvm) and each run costs a cold busybox exec: under TCG about 100 ms of every
+ * boot. Without the file the kernel's request fails at once; users still find the applet on PATH.
+ */
+const KERNEL_MODPROBE = "sbin/modprobe";
+const USER_MODPROBE = "usr/sbin/modprobe";
+
 /** Busybox binary + applet symlinks, from the unpacked busybox-static package. */
 export async function busyboxEntries(
   pkg: AptPackage,
@@ -125,8 +134,9 @@ export async function busyboxEntries(
     const list = (await exec(bin, ["--list-full"], { signal })).stdout.toString("utf8");
     const entries: CpioEntry[] = [{ type: "file", path: "bin/busybox", mode: 0o755, data }];
     for (const line of list.split("\n")) {
-      const p = line.trim();
+      let p = line.trim();
       if (!p || p === "bin/busybox" || p === "linuxrc") continue;
+      if (p === KERNEL_MODPROBE) p = USER_MODPROBE;
       const depth = p.split("/").length - 1;
       entries.push({ type: "symlink", path: p, target: `${"../".repeat(depth)}bin/busybox` });
     }
