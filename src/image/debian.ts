@@ -8,13 +8,13 @@
  * is therefore on demand only (`smolvm image build debian`). The VM must boot a per-VM
  * copy-on-write view of rootfs.ext4 (e.g. a qcow2 overlay), never the image file itself.
  */
-import { createHash } from "node:crypto";
 import { chmod, copyFile, mkdir, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { HostDependencyError } from "../errors.js";
 import { type AptPackage, parseAptSources, resolveImagePackages } from "./apt.js";
 import { writeCpio } from "./cpio.js";
 import { exec } from "./exec.js";
+import { FileMemo } from "./file-memo.js";
 import { computeFingerprint } from "./fingerprint.js";
 import { renderDebianStage1, renderDebianStage2, SSHD_CONFIG } from "./init-script.js";
 import { pickKernel } from "./kernel.js";
@@ -88,13 +88,12 @@ export async function planDebian(cacheDir: string, signal?: AbortSignal): Promis
   }
   const busybox = pkgs.get("busybox-static")!;
   const agentPath = await guestAgent(cacheDir, signal);
+  const memo = await FileMemo.open(cacheDir);
+  const agentSha = agentPath ? await memo.sha256(agentPath) : null;
+  await memo.save();
   const fingerprint = computeFingerprint({
     image: "debian",
-    agent: agentPath
-      ? createHash("sha256")
-          .update(await readFile(agentPath))
-          .digest("hex")
-      : null,
+    agent: agentSha,
     kernel: `${kernel.name}=${kernel.version}`,
     busybox: `${busybox.name}=${busybox.version}`,
     debootstrap,

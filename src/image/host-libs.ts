@@ -33,6 +33,9 @@ export function parseLdd(text: string): string[] {
   return out;
 }
 
+/** What `ldd` resolves names through: rewritten whenever libraries are installed or removed. */
+export const LD_SO_CACHE = "/etc/ld.so.cache";
+
 export async function sharedLibraries(binaries: readonly string[], signal?: AbortSignal): Promise<string[]> {
   const libs = new Set<string>();
   for (const b of binaries) {

@@ -4,7 +4,6 @@
  * init-script.ts. Built rootless in seconds: packages are unpacked, never installed, and the
  * cpio is written by our own writer (root-owned entries without fakeroot).
  */
-import { createHash } from "node:crypto";
 import { copyFile, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { buildAgent } from "../channel/agent-build.js";
@@ -12,8 +11,9 @@ import { HostDependencyError } from "../errors.js";
 import { type AptPackage, extractDeb, fetchDeb, resolveImagePackages } from "./apt.js";
 import { type CpioEntry, withParentDirs, writeCpio } from "./cpio.js";
 import { exec } from "./exec.js";
+import { FileMemo } from "./file-memo.js";
 import { computeFingerprint } from "./fingerprint.js";
-import { sharedLibraries } from "./host-libs.js";
+import { LD_SO_CACHE, sharedLibraries } from "./host-libs.js";
 import { PROFILE, renderTinyInit, SSHD_CONFIG } from "./init-script.js";
 import { pickKernel } from "./kernel.js";
 
@@ -59,19 +59,20 @@ export interface TinyPlan {
   packages: Record<string, string>;
 }
 
-async function sha256(path: string): Promise<string> {
-  return createHash("sha256")
-    .update(await readFile(path))
-    .digest("hex");
-}
-
 /** Resolves versions and hashes inputs: cheap (no download), decides the fingerprint. */
 export async function planTiny(cacheDir: string, signal?: AbortSignal): Promise<TinyPlan> {
   const { kernel, pkgs } = await resolveImagePackages(["busybox-static"], cacheDir, signal);
-  const libs = await sharedLibraries(SSH_BINARIES, signal);
+  const memo = await FileMemo.open(cacheDir);
+  const libs = await memo.remember(
+    `ldd:${JSON.stringify(SSH_BINARIES)}`,
+    [...SSH_BINARIES, LD_SO_CACHE],
+    () => sharedLibraries(SSH_BINARIES, signal),
+  );
   const agentPath = await guestAgent(cacheDir, signal);
   const hostFiles: Record<string, string> = {};
-  for (const f of [...SSH_BINARIES, ...libs]) hostFiles[f] = await sha256(f);
+  for (const f of [...SSH_BINARIES, ...libs]) hostFiles[f] = await memo.sha256(f);
+  const agentSha = agentPath ? await memo.sha256(agentPath) : null;
+  await memo.save();
   const busybox = pkgs.get("busybox-static")!;
   const fingerprint = computeFingerprint({
     image: "tiny",
@@ -80,7 +81,7 @@ export async function planTiny(cacheDir: string, signal?: AbortSignal): Promise<
     modules: [...NET_MODULES],
     optionalModules: [...VSOCK_MODULES],
     hostFiles,
-    agent: agentPath ? await sha256(agentPath) : null,
+    agent: agentSha,
     init: renderTinyInit([...NET_MODULES]),
     sshdConfig: SSHD_CONFIG,
     profile: PROFILE,
