@@ -7,9 +7,8 @@
  * padding between them is skipped), which is how a per-VM config reaches the guest through
  * QEMU's single `-initrd` file: base initramfs + config cpio.
  */
-import { createReadStream, createWriteStream } from "node:fs";
-import { chmod, rename, rm, stat } from "node:fs/promises";
-import { pipeline } from "node:stream/promises";
+import { constants } from "node:fs";
+import { appendFile, chmod, copyFile, rename, rm, stat } from "node:fs/promises";
 import { ValidationError } from "../errors.js";
 
 export type CpioEntry =
@@ -143,9 +142,11 @@ export function buildVmConfigCpio(files: readonly VmConfigFile[]): Buffer {
 }
 
 /**
- * Writes base initramfs + config archive to outPath (mode 0600, atomically). The base is
- * streamed, never loaded whole; the config archive starts on a 4-byte boundary as the kernel's
- * unpacker expects.
+ * Writes base initramfs + config archive to outPath (mode 0600, atomically). The base is copied
+ * in the kernel (copy_file_range, or a reflink where the filesystem has them): streaming its
+ * 19 MiB through Node took about 60 ms of every create. The copy is made 0600 before the
+ * secrets are appended; the config archive starts on a 4-byte boundary as the kernel's unpacker
+ * expects.
  */
 export async function composeInitrd(
   baseInitrdPath: string,
@@ -155,17 +156,9 @@ export async function composeInitrd(
   const { size } = await stat(baseInitrdPath);
   const tmp = `${outPath}.tmp-${process.pid}-${Math.random().toString(36).slice(2)}`;
   try {
-    const out = createWriteStream(tmp, { mode: 0o600 });
-    await pipeline(
-      createReadStream(baseInitrdPath),
-      async function* (source: AsyncIterable<Buffer>) {
-        yield* source;
-        yield Buffer.alloc(pad4(size));
-        yield configCpio;
-      },
-      out,
-    );
+    await copyFile(baseInitrdPath, tmp, constants.COPYFILE_FICLONE);
     await chmod(tmp, 0o600);
+    await appendFile(tmp, Buffer.concat([Buffer.alloc(pad4(size)), configCpio]));
     await rename(tmp, outPath);
   } catch (err) {
     await rm(tmp, { force: true });
