@@ -5,8 +5,8 @@
  * about 70 ms per create, spent before QEMU starts. With the memo it is a stat per file.
  * An upgraded package replaces its files (new inode and mtime), so a stale entry never matches.
  */
-import { createHash } from "node:crypto";
-import { readFile, rename, stat, writeFile } from "node:fs/promises";
+import { createHash, randomBytes } from "node:crypto";
+import { readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 
 interface Entry {
@@ -74,12 +74,20 @@ export class FileMemo {
     return value;
   }
 
-  /** Writes the memo when it changed (atomically; a lost race only costs a recompute). */
+  /**
+   * Writes the memo when it changed, atomically. Concurrent plans (in this process or others)
+   * each write their own temp file; the last rename wins, and a lost or failed write (a
+   * read-only cache, say) only costs a recompute next time, so it never fails the caller.
+   */
   async save(): Promise<void> {
     if (!this.dirty) return;
-    const tmp = `${this.path}.${process.pid}.tmp`;
-    await writeFile(tmp, JSON.stringify(this.entries), { mode: 0o644 });
-    await rename(tmp, this.path);
-    this.dirty = false;
+    const tmp = `${this.path}.${process.pid}-${randomBytes(4).toString("hex")}.tmp`;
+    try {
+      await writeFile(tmp, JSON.stringify(this.entries), { mode: 0o644 });
+      await rename(tmp, this.path);
+      this.dirty = false;
+    } catch {
+      await rm(tmp, { force: true }).catch(() => {});
+    }
   }
 }

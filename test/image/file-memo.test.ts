@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -63,5 +63,19 @@ describe("FileMemo", () => {
     expect(Object.keys(JSON.parse(readFileSync(join(d, "host-files.json"), "utf8")))).toEqual([
       `sha256:${f}`,
     ]);
+  });
+
+  it("saves from concurrent memos without failing, and never fails on an unwritable cache", async () => {
+    const d = mkdtempSync(join(dir, "race-"));
+    const f = join(d, "x");
+    writeFileSync(f, "x");
+    const memos = await Promise.all(Array.from({ length: 8 }, () => FileMemo.open(d)));
+    await Promise.all(memos.map((m) => m.sha256(f)));
+    await Promise.all(memos.map((m) => m.save()));
+    expect(readdirSync(d).sort()).toEqual(["host-files.json", "x"]);
+
+    const gone = await FileMemo.open(join(d, "missing-dir"));
+    expect(await gone.sha256(f)).toBe(sha("x"));
+    await expect(gone.save()).resolves.toBeUndefined();
   });
 });
