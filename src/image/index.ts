@@ -9,6 +9,7 @@ import { mkdir, mkdtemp, readdir, rename, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { Deadline } from "../common/deadline.js";
 import { cacheDir as defaultCacheDir, dataDir as defaultDataDir, imagesDir } from "../common/paths.js";
+import { pidAlive } from "../common/pid.js";
 import { HostDependencyError, ImageBuildError, SmolVMError, ValidationError } from "../errors.js";
 import { buildDebianInto, planDebian } from "./debian.js";
 import { shortFingerprint } from "./fingerprint.js";
@@ -80,14 +81,7 @@ async function sweepDeadBuilds(images: string): Promise<void> {
   for (const n of await readdir(images).catch(() => [] as string[])) {
     const m = /^\.build-[a-z]+-(\d+)-/.exec(n);
     if (!m) continue;
-    const pid = Number(m[1]);
-    let alive = true;
-    try {
-      process.kill(pid, 0);
-    } catch (e) {
-      alive = (e as NodeJS.ErrnoException).code === "EPERM";
-    }
-    if (!alive) await rm(join(images, n), { recursive: true, force: true });
+    if (!pidAlive(Number(m[1]))) await rm(join(images, n), { recursive: true, force: true });
   }
 }
 

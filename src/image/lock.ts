@@ -6,15 +6,7 @@
 import { open, readFile, rm } from "node:fs/promises";
 import { hostname } from "node:os";
 import { sleep } from "../common/deadline.js";
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === "EPERM";
-  }
-}
+import { pidAlive } from "../common/pid.js";
 
 export interface FileLock {
   release(): Promise<void>;
@@ -52,7 +44,7 @@ export async function acquireLock(
     } catch {
       continue; // released between our open and read
     }
-    if (!Number.isInteger(owner) || (host === hostname() && !alive(owner))) {
+    if (!Number.isInteger(owner) || (host === hostname() && !pidAlive(owner))) {
       // Stale: its builder died. Removing and retrying with O_EXCL keeps one winner.
       await rm(path, { force: true });
       continue;

@@ -7,6 +7,7 @@
  */
 import { randomBytes } from "node:crypto";
 import { readFileSync, rmSync, writeFileSync } from "node:fs";
+import { pidAlive } from "../common/pid.js";
 import { ConnectionRefusedError } from "../errors.js";
 
 /** Takes the lock or throws ConnectionRefusedError (code AGENT_BUSY); returns its release. */
@@ -44,14 +45,5 @@ function lockHolder(path: string): number | undefined {
     return Number.isInteger(pid) && pid > 0 ? pid : undefined;
   } catch {
     return undefined;
-  }
-}
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
   }
 }
