@@ -1,4 +1,5 @@
 import { defineConfig } from "vitest/config";
+import LeakCheckLastSequencer from "./test/sequencer.js";
 
 export default defineConfig({
   test: {
@@ -9,5 +10,8 @@ export default defineConfig({
     fileParallelism: false,
     pool: "forks",
     reporters: ["default"],
+    // Temp root for the suite, and the teardown that kills what a failed test left running.
+    globalSetup: ["test/global-setup.ts"],
+    sequence: { sequencer: LeakCheckLastSequencer },
   },
 });

@@ -11,6 +11,7 @@ declare -A NEED=(
   [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [mkfs.ext4]=e2fsprogs
   [debootstrap]=debootstrap [gcc]=build-essential [make]=build-essential
   [zstd]=zstd [xz]=xz-utils [curl]=curl [ip]=iproute2 [socat]=socat
+  [qemu-img]=qemu-utils
 )
 missing=()
 for cmd in "${!NEED[@]}"; do

@@ -27,12 +27,16 @@ export {
   removeImage,
 } from "./image/index.js";
 export { SSHClient, type SSHClientOptions, type WaitForSshOptions } from "./ssh/client.js";
+export { type AccelVerdict, type DetectOptions, detectAccelerator } from "./vm/accel.js";
+export type { DoctorCheck, DoctorOptions, DoctorReport } from "./vm/doctor.js";
 export {
+  type AccelProgress,
   type BootTimings,
   type CommChannelChoice,
   type FromIdOptions,
   SmolVM,
   type SmolVMCreateOptions,
+  type SmolVMProgress,
   type SshCommands,
   type VmRecord,
   type VmStatus,

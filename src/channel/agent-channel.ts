@@ -675,7 +675,7 @@ export class AgentChannel implements CommChannel {
   }
 
   private async connectOnce(callDeadline: Deadline): Promise<Session> {
-    const limit = Math.min(this.options.connectTimeoutMs ?? CONNECT_TIMEOUT_MS, callDeadline.remainingMs);
+    const limit = callDeadline.remaining(this.options.connectTimeoutMs ?? CONNECT_TIMEOUT_MS);
     // The connect is shared by concurrent callers: bound it by its own deadline, not one caller's signal.
     const d = new Deadline(limit, undefined, `connecting to ${this.name}`);
     let sock: Duplex | undefined;

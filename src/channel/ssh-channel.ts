@@ -73,7 +73,7 @@ export class SshChannel implements CommChannel {
       await putFile(conn, localPath, guestPath, {
         mode: options.mode,
         signal: deadline.signal,
-        timeoutMs: deadline.remainingMs,
+        timeoutMs: deadline.remaining(),
       });
     } finally {
       deadline.dispose();
@@ -85,7 +85,7 @@ export class SshChannel implements CommChannel {
     const deadline = new Deadline(options.timeoutMs ?? FILE_TIMEOUT_MS, options.signal, "file download");
     try {
       const conn = await this.client.connection({ signal: deadline.signal });
-      await getFile(conn, guestPath, localPath, { signal: deadline.signal, timeoutMs: deadline.remainingMs });
+      await getFile(conn, guestPath, localPath, { signal: deadline.signal, timeoutMs: deadline.remaining() });
     } finally {
       deadline.dispose();
     }

@@ -2,6 +2,7 @@
 /** The `smolvm` command: sandboxes and images. Errors print their message and exit non-zero. */
 import { Command } from "commander";
 import { SmolVMError } from "../errors.js";
+import { registerDoctorCommand } from "./doctor.js";
 import { registerImageCommands } from "./image.js";
 import { registerVmCommands } from "./vm-commands.js";
 
@@ -10,6 +11,7 @@ const program = new Command("smolvm")
   .showHelpAfterError();
 registerVmCommands(program);
 registerImageCommands(program);
+registerDoctorCommand(program);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof SmolVMError) {

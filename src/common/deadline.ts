@@ -10,6 +10,11 @@ export class Deadline {
   private readonly controller = new AbortController();
   private readonly timer: NodeJS.Timeout | undefined;
   private readonly onAbort: () => void;
+  /**
+   * What is running now ("waiting for the agent", "building the image", ...): a timeout or abort
+   * names it, so the error says where the time went.
+   */
+  phase: string | undefined;
 
   constructor(
     readonly timeoutMs: number | undefined,
@@ -36,6 +41,32 @@ export class Deadline {
     return Math.max(0, this.timeoutMs - this.elapsedMs);
   }
 
+  /**
+   * The budget for the next bounded step: min(capMs, what is left). Throws this deadline's
+   * timeout (or abort) when nothing is left, so an expired deadline never reaches a callee as a
+   * `timeoutMs` of 0 (which callees reject as invalid).
+   */
+  remaining(capMs = Number.POSITIVE_INFINITY): number {
+    this.throwIfExpired();
+    const left = this.remainingMs;
+    if (left < 1) {
+      this.controller.abort(this.timeoutError());
+      this.throwIfExpired();
+    }
+    return Math.min(capMs, left);
+  }
+
+  /** Runs `fn` with `phase` set, restoring the previous phase afterwards. */
+  async during<T>(phase: string, fn: () => Promise<T>): Promise<T> {
+    const previous = this.phase;
+    this.phase = phase;
+    try {
+      return await fn();
+    } finally {
+      this.phase = previous;
+    }
+  }
+
   get expired(): boolean {
     return this.signal.aborted;
   }
@@ -51,13 +82,20 @@ export class Deadline {
 
   timeoutError(partial?: unknown): OperationTimeoutError {
     return new OperationTimeoutError(
-      `${this.what} did not finish within ${this.timeoutMs} ms: raise timeoutMs if it needs longer.`,
-      { details: { timeoutMs: this.timeoutMs }, partial },
+      `${this.what} did not finish within ${this.timeoutMs} ms${this.while()}: raise timeoutMs if it needs longer.`,
+      { details: { timeoutMs: this.timeoutMs, phase: this.phase }, partial },
     );
   }
 
   abortError(partial?: unknown): OperationAbortedError {
-    return new OperationAbortedError(`${this.what} was aborted by the caller's signal.`, { partial });
+    return new OperationAbortedError(`${this.what} was aborted by the caller's signal${this.while()}.`, {
+      details: { phase: this.phase },
+      partial,
+    });
+  }
+
+  private while(): string {
+    return this.phase ? ` (while ${this.phase})` : "";
   }
 
   /** Races a promise against the deadline. */

@@ -4,6 +4,8 @@
  */
 
 export interface ImageBuildProgress {
+  /** Tells these apart from other progress events (SmolVM.create's onProgress also reports the accelerator). */
+  kind: "image";
   image: string;
   step: string;
   /** 1-based index of the step, and how many steps the build has. */
@@ -61,6 +63,7 @@ export class ProgressReporter {
 
   private emit(done: boolean): void {
     this.onProgress?.({
+      kind: "image",
       image: this.image,
       step: this.step,
       index: this.index,

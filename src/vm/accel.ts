@@ -1,52 +1,63 @@
 /**
- * Which accelerator QEMU should use. KVM only when /dev/kvm exists AND really runs a guest: some
- * hosts (nested PVM sandboxes) expose a /dev/kvm that opens but cannot run one. We find out by
- * running a 16-byte firmware under KVM with the same machine and `-cpu host` a VM would use; it
- * writes one byte to an isa-debug-exit port, which makes QEMU exit with a known code. The verdict is
- * cached per host (kernel release + QEMU version) in the data dir.
+ * Which accelerator QEMU should use, decided by booting the real thing (accel-probe.ts): KVM only
+ * after the image's own kernel reached /init under it. A /dev/kvm that opens, or that runs a tiny
+ * firmware, can still stop the real kernel (PVM hosts, nested virtualization), and where KVM
+ * boots but slower than TCG would, TCG wins. The verdict is cached host-wide (cacheDir) per host,
+ * QEMU version and kernel, since every data dir on the host gets the same answer.
  */
+
 import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { constants, existsSync } from "node:fs";
-import { access, mkdir, mkdtemp, readFile, rename, rm, writeFile } from "node:fs/promises";
-import { release, tmpdir } from "node:os";
+import { access, mkdir, readFile, rename, writeFile } from "node:fs/promises";
+import { cpus, hostname, release } from "node:os";
 import { delimiter, join } from "node:path";
-import { dataDir as defaultDataDir } from "../common/paths.js";
+import { hostTscKhz } from "../common/host-clock.js";
+import { cacheDir as defaultCacheDir } from "../common/paths.js";
 import { HostDependencyError, ValidationError } from "../errors.js";
+import { ensureImage, type ImageManifest } from "../image/index.js";
+import { probeKernelBoot, probeKvmFirmware } from "./accel-probe.js";
 import type { Accel } from "./qemu.js";
 
 export type AccelChoice = Accel | "auto";
 
 export interface AccelVerdict {
   accel: Accel;
-  /** Why: "forced by SMOLVM_ACCEL", "/dev/kvm is missing", "KVM runs guests", ... */
+  /** Why: "forced by SMOLVM_ACCEL", "/dev/kvm is missing", "the kernel reached /init under KVM in 310 ms", ... */
   reason: string;
+  /** How long the probes took when this verdict was reached (0 when forced or trivially known). */
+  probeMs: number;
+  /** True when the verdict came from the cache rather than a probe in this call. */
+  cached?: boolean;
 }
+
+/** The kernel a verdict is about: an image's kernel and initramfs. */
+export type ProbeImage = Pick<ImageManifest, "kernelPath" | "initrdPath" | "kernelCmdline" | "artifacts">;
 
 export interface DetectOptions {
   /** Overrides SMOLVM_ACCEL. */
   force?: AccelChoice;
   env?: NodeJS.ProcessEnv;
+  /** Where images are found (the default image is built there when `image` is not given). */
   dataDir?: string;
+  /** Where the verdict is cached. Default: the host-wide cache dir (see cacheDir()). */
+  cacheDir?: string;
   qemuPath?: string;
-  /** Bound for the KVM probe. Default 5 s. */
+  /** The kernel to probe with. Default: the "tiny" image's (built when missing). */
+  image?: ProbeImage;
+  /** Bound for each boot probe. Default 10 s. */
   timeoutMs?: number;
+  signal?: AbortSignal;
   /** Ignore (and overwrite) the cached verdict. */
   refresh?: boolean;
-  /** Do not print the fallback notice. */
+  /** Kept for compatibility: the library never prints; callers show `reason` themselves. */
   quiet?: boolean;
 }
 
-const PROBE_EXIT_CODE = (0x2a << 1) | 1;
 const CACHE_FILE = "accel.json";
-let fallbackNoticeShown = false;
-
-/** Real-mode firmware at the reset vector: `mov al,0x2a; out 0xf4,al; hlt; jmp $-1`. */
-function probeFirmware(): Buffer {
-  const fw = Buffer.alloc(65536, 0xf4);
-  Buffer.from([0xb0, 0x2a, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd]).copy(fw, fw.length - 16);
-  return fw;
-}
+const DEFAULT_PROBE_MS = 10_000;
+/** KVM slower than this to /init is worth comparing with TCG (real KVM takes a few hundred ms). */
+const KVM_SLOW_MS = 1_200;
 
 function parseChoice(value: string | undefined, where: string): AccelChoice | undefined {
   if (value === undefined || value === "") return undefined;
@@ -77,79 +88,25 @@ export function findQemu(env: NodeJS.ProcessEnv = process.env): string {
   );
 }
 
-function run(
-  file: string,
-  args: string[],
-  timeoutMs: number,
-): Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(
-      file,
-      args,
-      { timeout: timeoutMs, killSignal: "SIGKILL", maxBuffer: 1 << 20 },
-      (err, stdout, stderr) => {
-        const e = err as (NodeJS.ErrnoException & { code?: unknown; signal?: string }) | null;
-        resolve({
-          code: e ? (typeof e.code === "number" ? e.code : null) : 0,
-          signal: e?.signal ?? null,
-          stdout: String(stdout),
-          stderr: String(stderr),
-        });
-      },
-    );
+/** `qemu-system-x86_64 --version`'s first line. */
+export function qemuVersion(qemuPath: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile(qemuPath, ["--version"], { timeout: 5_000, killSignal: "SIGKILL" }, (err, stdout) => {
+      const first = String(stdout).split("\n")[0]?.trim();
+      if (err || !first) {
+        reject(
+          new HostDependencyError(`${qemuPath} --version failed; reinstall QEMU.`, { code: "QEMU_MISSING" }),
+        );
+      } else resolve(first);
+    });
   });
-}
-
-async function qemuVersion(qemuPath: string): Promise<string> {
-  const r = await run(qemuPath, ["--version"], 5_000);
-  const first = r.stdout.split("\n")[0]?.trim();
-  if (r.code !== 0 || !first) {
-    throw new HostDependencyError(`${qemuPath} --version failed; reinstall QEMU.`, { code: "QEMU_MISSING" });
-  }
-  return first;
-}
-
-/** Runs the probe firmware under KVM. Resolves with a failure reason, or undefined when KVM works. */
-async function probeKvm(qemuPath: string, timeoutMs: number): Promise<string | undefined> {
-  const dir = await mkdtemp(join(tmpdir(), "smolvm-kvmprobe-"));
-  try {
-    const fw = join(dir, "probe.bin");
-    await writeFile(fw, probeFirmware());
-    const r = await run(
-      qemuPath,
-      [
-        "-M",
-        "microvm,x-option-roms=off,isa-serial=off,rtc=off",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-m",
-        "16M",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-bios",
-        fw,
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=1",
-      ],
-      timeoutMs,
-    );
-    if (r.code === PROBE_EXIT_CODE) return undefined;
-    const said = r.stderr.trim().split("\n").filter(Boolean).pop()?.slice(0, 160);
-    if (r.signal === "SIGKILL") return `the KVM probe guest did not finish within ${timeoutMs} ms`;
-    return `the KVM probe guest failed (${r.signal ?? `exit ${r.code}`}${said ? `: ${said}` : ""})`;
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
 }
 
 interface CacheEntry {
   key: string;
   accel: Accel;
   reason: string;
+  probeMs: number;
   checkedAt: string;
 }
 
@@ -157,7 +114,7 @@ async function readCache(path: string, key: string): Promise<CacheEntry | undefi
   try {
     const entries = JSON.parse(await readFile(path, "utf8")) as CacheEntry[];
     return Array.isArray(entries)
-      ? entries.find((e) => e.key === key && (e.accel === "kvm" || e.accel === "tcg"))
+      ? entries.find((e) => e && e.key === key && (e.accel === "kvm" || e.accel === "tcg"))
       : undefined;
   } catch {
     return undefined;
@@ -173,51 +130,110 @@ async function writeCache(path: string, entry: CacheEntry): Promise<void> {
     // first verdict, or a corrupt file we overwrite
   }
   entries.push(entry);
+  await mkdir(join(path, ".."), { recursive: true, mode: 0o700 });
   const tmp = `${path}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
   await writeFile(tmp, `${JSON.stringify(entries, null, 2)}\n`, { mode: 0o600 });
   await rename(tmp, path);
 }
 
+/** What the verdict depends on: this host, this QEMU, this kernel. */
+async function verdictKey(qemuPath: string, image: ProbeImage): Promise<string> {
+  const cpu = cpus()[0]?.model ?? "unknown-cpu";
+  return [hostname(), release(), cpu, await qemuVersion(qemuPath), image.artifacts.kernel.sha256].join("|");
+}
+
+interface Resolved {
+  qemuPath: string;
+  image: ProbeImage;
+  cachePath: string;
+}
+
+async function resolveInputs(options: DetectOptions, env: NodeJS.ProcessEnv): Promise<Resolved> {
+  const qemuPath = options.qemuPath ?? findQemu(env);
+  const image =
+    options.image ?? (await ensureImage("tiny", { dataDir: options.dataDir, signal: options.signal }));
+  const cachePath = join(options.cacheDir ?? defaultCacheDir(env), CACHE_FILE);
+  return { qemuPath, image, cachePath };
+}
+
+/**
+ * The accelerator to use: forced (option, then SMOLVM_ACCEL), else auto: KVM only when the image's
+ * kernel boots under it to /init, and is not slower there than under TCG. Cached; `refresh`
+ * re-probes.
+ */
 export async function detectAccelerator(options: DetectOptions = {}): Promise<AccelVerdict> {
   const env = options.env ?? process.env;
   const forced =
     parseChoice(options.force, "force") ?? parseChoice(env.SMOLVM_ACCEL, "SMOLVM_ACCEL") ?? "auto";
   if (forced !== "auto") {
     const by = options.force && options.force !== "auto" ? "the caller" : "SMOLVM_ACCEL";
-    return { accel: forced, reason: `forced by ${by}` };
+    return { accel: forced, reason: `forced by ${by}`, probeMs: 0 };
   }
-  const verdict = await autoDetect(options, env);
-  if (verdict.accel === "tcg" && existsSync("/dev/kvm") && !options.quiet && !fallbackNoticeShown) {
-    fallbackNoticeShown = true;
-    process.stderr.write(
-      `smolvm: /dev/kvm is present but cannot run guests (${verdict.reason}); using TCG software emulation (slower)\n`,
-    );
-  }
-  return verdict;
-}
-
-async function autoDetect(options: DetectOptions, env: NodeJS.ProcessEnv): Promise<AccelVerdict> {
-  if (!existsSync("/dev/kvm")) return { accel: "tcg", reason: "/dev/kvm is missing" };
+  if (!existsSync("/dev/kvm")) return { accel: "tcg", reason: "/dev/kvm is missing", probeMs: 0 };
   try {
     await access("/dev/kvm", constants.R_OK | constants.W_OK);
   } catch {
-    return { accel: "tcg", reason: "no read/write permission on /dev/kvm (join the kvm group)" };
+    return { accel: "tcg", reason: "no read/write permission on /dev/kvm (join the kvm group)", probeMs: 0 };
   }
-  const qemuPath = options.qemuPath ?? findQemu(env);
-  const key = `${release()}|${await qemuVersion(qemuPath)}`;
-  const dir = options.dataDir ?? defaultDataDir(env);
-  const cachePath = join(dir, CACHE_FILE);
+  const inputs = await resolveInputs(options, env);
+  const key = await verdictKey(inputs.qemuPath, inputs.image);
   if (!options.refresh) {
-    const cached = await readCache(cachePath, key);
-    if (cached) return { accel: cached.accel, reason: cached.reason };
+    const hit = await readCache(inputs.cachePath, key);
+    if (hit) return { accel: hit.accel, reason: hit.reason, probeMs: hit.probeMs ?? 0, cached: true };
   }
-  const failure = await probeKvm(qemuPath, options.timeoutMs ?? 5_000);
-  const verdict: AccelVerdict = failure
-    ? { accel: "tcg", reason: failure }
-    : { accel: "kvm", reason: "KVM runs guests" };
-  await mkdir(dir, { recursive: true, mode: 0o700 });
-  await writeCache(cachePath, { key, ...verdict, checkedAt: new Date().toISOString() });
+  const verdict = await probe(inputs, options);
+  await writeCache(inputs.cachePath, { key, ...verdict, checkedAt: new Date().toISOString() });
   return verdict;
+}
+
+async function probe(inputs: Resolved, options: DetectOptions): Promise<AccelVerdict> {
+  const t0 = performance.now();
+  const took = () => Math.round(performance.now() - t0);
+  const timeoutMs = options.timeoutMs ?? DEFAULT_PROBE_MS;
+  const fw = await probeKvmFirmware(inputs.qemuPath, Math.min(5_000, timeoutMs));
+  if (!fw.ok) return { accel: "tcg", reason: fw.reason!, probeMs: took() };
+  const boot = (accel: Accel) =>
+    probeKernelBoot({
+      qemuPath: inputs.qemuPath,
+      accel,
+      kernelPath: inputs.image.kernelPath,
+      initrdPath: inputs.image.initrdPath,
+      kernelAppend: inputs.image.kernelCmdline,
+      tscKhz: accel === "tcg" ? hostTscKhz() : undefined,
+      timeoutMs,
+      signal: options.signal,
+    });
+  const kvm = await boot("kvm");
+  if (!kvm.ok)
+    return { accel: "tcg", reason: `KVM cannot run the guest kernel (${kvm.reason})`, probeMs: took() };
+  if (kvm.ms > KVM_SLOW_MS) {
+    const tcg = await boot("tcg");
+    if (tcg.ok && tcg.ms < kvm.ms) {
+      return {
+        accel: "tcg",
+        reason: `the kernel reached /init in ${kvm.ms} ms under KVM but ${tcg.ms} ms under TCG (nested virtualization?): TCG is faster here`,
+        probeMs: took(),
+      };
+    }
+  }
+  return {
+    accel: "kvm",
+    reason: `the guest kernel reached /init under KVM in ${kvm.ms} ms`,
+    probeMs: took(),
+  };
+}
+
+/**
+ * Records a verdict learnt the hard way (a guest crashed under KVM after the probe passed), so
+ * the next create on this host goes straight to it.
+ */
+export async function recordAccelVerdict(
+  verdict: Pick<AccelVerdict, "accel" | "reason">,
+  options: Pick<DetectOptions, "env" | "cacheDir" | "qemuPath" | "image" | "dataDir">,
+): Promise<void> {
+  const inputs = await resolveInputs(options, options.env ?? process.env);
+  const key = await verdictKey(inputs.qemuPath, inputs.image);
+  await writeCache(inputs.cachePath, { key, ...verdict, probeMs: 0, checkedAt: new Date().toISOString() });
 }
 
 export { hostTscKhz } from "../common/host-clock.js";

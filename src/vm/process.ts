@@ -57,7 +57,7 @@ function socketAccepts(path: string): Promise<boolean> {
 
 /**
  * Starts QEMU for `spec` and resolves once its QMP socket answers. On early exit the error carries
- * the tail of QEMU's log and serial console; with accel "kvm" that is a HostDependencyError.
+ * the tail of QEMU's log and serial console; with accel "kvm" that is VMStateError VM_CRASHED (KVM cannot run the guest).
  */
 export async function launchQemu(spec: VmLaunchSpec, options: LaunchOptions = {}): Promise<LaunchedQemu> {
   const argv = buildQemuArgv(spec);
@@ -104,9 +104,12 @@ export async function launchQemu(spec: VmLaunchSpec, options: LaunchOptions = {}
     };
     const hint = log.trim() ? ` QEMU said: ${log.trim().split("\n").slice(-3).join(" | ")}` : "";
     if (spec.accel === "kvm") {
-      throw new HostDependencyError(
-        `QEMU with KVM ${why} for VM ${spec.name}: this host's /dev/kvm cannot run the guest.${hint} Use accel "tcg" (SMOLVM_ACCEL=tcg).`,
-        { code: "KVM_UNUSABLE", details },
+      // The guest died of KVM itself: the same VM_CRASHED a later crash gives, marked as KVM's
+      // so that auto mode retries under TCG.
+      const crash = { cause: `QEMU with KVM ${why}`, kvm: true, qemuLogTail: log, serialTail: serial };
+      throw new VMStateError(
+        `VM ${spec.name} crashed: QEMU with KVM ${why}: this host's KVM cannot run the guest.${hint} Use accel "auto" (it falls back to TCG) or "tcg" (SMOLVM_ACCEL=tcg).`,
+        { code: "VM_CRASHED", details: { ...details, crash } },
       );
     }
     throw new SmolVMError(
@@ -238,7 +241,7 @@ export async function stopQemu(
     let qmp: QmpClient | undefined;
     try {
       qmp = await QmpClient.connect(target.qmpSocketPath, {
-        timeoutMs: Math.min(2_000, deadline.remainingMs),
+        timeoutMs: deadline.remaining(2_000),
         signal: deadline.signal,
       });
     } catch {

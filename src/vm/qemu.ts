@@ -143,6 +143,25 @@ export function validateLaunchSpec(spec: VmLaunchSpec): void {
   }
 }
 
+/** `-accel` and `-cpu` for an accelerator: the host's CPU under KVM, TCG_CPU under TCG. */
+export function accelArgs(accel: Accel): string[] {
+  return ["-accel", accel, "-cpu", accel === "kvm" ? "host" : TCG_CPU];
+}
+
+/** The kernel command line QEMU passes: the image's, plus what the accelerator needs. */
+export function guestKernelAppend(kernelAppend: string, accel: Accel, tscKhz?: number): string {
+  let append = kernelAppend.trim();
+  if (accel === "tcg" && tscKhz !== undefined && !/(^|\s)tsc_early_khz=/.test(append)) {
+    append = `${append} tsc_early_khz=${tscKhz}`.trim();
+  }
+  // TCG: without this the clocksource watchdog can demote the TSC on a busy host and the boot stalls.
+  if (accel === "tcg" && !/(^|\s)tsc=/.test(append)) append = `${append} tsc=reliable`.trim();
+  // The crypto self-tests the kernel runs at every boot take about 0.7 s of a 2 s boot under TCG
+  // (measured with initcall_debug); they check the host's own kernel build, not the sandbox.
+  if (!/(^|\s)cryptomgr\.notests/.test(append)) append = `${append} cryptomgr.notests`.trim();
+  return append;
+}
+
 export function buildQemuArgv(spec: VmLaunchSpec): string[] {
   validateLaunchSpec(spec);
   const qmp = checkPath("qmpSocketPath", spec.qmpSocketPath);
@@ -151,15 +170,7 @@ export function buildQemuArgv(spec: VmLaunchSpec): string[] {
   const kernel = checkPath("kernelPath", spec.kernelPath);
   const initrd = checkPath("initrdPath", spec.initrdPath);
 
-  let append = spec.kernelAppend.trim();
-  if (spec.accel === "tcg" && spec.tscKhz !== undefined && !/(^|\s)tsc_early_khz=/.test(append)) {
-    append = `${append} tsc_early_khz=${spec.tscKhz}`.trim();
-  }
-  // TCG: without this the clocksource watchdog can demote the TSC on a busy host and the boot stalls.
-  if (spec.accel === "tcg" && !/(^|\s)tsc=/.test(append)) append = `${append} tsc=reliable`.trim();
-  // The crypto self-tests the kernel runs at every boot take about 0.7 s of a 2 s boot under TCG
-  // (measured with initcall_debug); they check the host's own kernel build, not the sandbox.
-  if (!/(^|\s)cryptomgr\.notests/.test(append)) append = `${append} cryptomgr.notests`.trim();
+  const append = guestKernelAppend(spec.kernelAppend, spec.accel, spec.tscKhz);
 
   const fwds = [{ hostPort: spec.sshHostPort, guestPort: 22 }, ...(spec.extraHostForwards ?? [])];
   const netdev = [
@@ -174,10 +185,7 @@ export function buildQemuArgv(spec: VmLaunchSpec): string[] {
     `${spec.name.replaceAll(",", ",,")},process=smolvm-${spec.name}`.slice(0, 200),
     "-M",
     MICROVM_MACHINE,
-    "-accel",
-    spec.accel,
-    "-cpu",
-    spec.accel === "kvm" ? "host" : TCG_CPU,
+    ...accelArgs(spec.accel),
     "-m",
     `${spec.memoryMib}M`,
     "-smp",

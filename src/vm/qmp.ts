@@ -204,7 +204,7 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
       const client = new QmpClient(socket, socketPath, greeting);
       client.attach(splitter);
       await client.execute("qmp_capabilities", undefined, {
-        timeoutMs: deadline.remainingMs,
+        timeoutMs: deadline.remaining(),
         signal: deadline.signal,
       });
       return client;

@@ -5,7 +5,7 @@
  * State lives in the store, so `fromId` works from any process.
  */
 import { randomBytes } from "node:crypto";
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { AgentChannel, connectUnix } from "../channel/agent-channel.js";
@@ -19,7 +19,7 @@ import {
   type RunOptionsUtf8,
   validateEnv,
 } from "../command.js";
-import { Deadline } from "../common/deadline.js";
+import { Deadline, sleep } from "../common/deadline.js";
 import { dataDir as defaultDataDir } from "../common/paths.js";
 import {
   CommandExecutionUnavailableError,
@@ -43,8 +43,10 @@ import {
   knownHostsLine,
 } from "../image/index.js";
 import { SSHClient } from "../ssh/client.js";
-import { detectAccelerator, findQemu, hostTscKhz } from "./accel.js";
+import { type AccelVerdict, detectAccelerator, findQemu, hostTscKhz, recordAccelVerdict } from "./accel.js";
 import { acquireAgentLock } from "./agent-lock.js";
+import { type CrashReport, CrashWatch } from "./crash-watch.js";
+import { type DoctorOptions, type DoctorReport, doctor } from "./doctor.js";
 import { renderEnvFile } from "./env-file.js";
 import { leasePort, releasePorts } from "./ports.js";
 import { isQemuAlive, launchQemu, stopQemu } from "./process.js";
@@ -75,8 +77,23 @@ export interface SmolVMCreateOptions {
   /** Bound on the whole create (image build excluded when cached). Default 180 000. */
   timeoutMs?: number;
   signal?: AbortSignal;
-  onProgress?: (p: ImageBuildProgress) => void;
+  /** Image build steps, and the accelerator verdict when it was probed or changed. */
+  onProgress?: (p: SmolVMProgress) => void;
 }
+
+/** The accelerator chosen for a create: reported when it was probed, or changed after a crash. */
+export interface AccelProgress {
+  kind: "accel";
+  accel: "kvm" | "tcg";
+  reason: string;
+  /** One line for a progress display. */
+  step: string;
+  elapsedMs: number;
+  done: boolean;
+}
+
+/** What `onProgress` receives: image build steps (`kind` "image") and accelerator notices. */
+export type SmolVMProgress = ImageBuildProgress | AccelProgress;
 
 export interface FromIdOptions {
   dataDir?: string;
@@ -90,6 +107,15 @@ export interface BootTimings {
   qemuStartMs: number;
   /** Guest kernel start until /init ran (from the serial milestones). */
   kernelMs?: number;
+  /** Guest kernel start until the agent was started (guest clock). */
+  agentMs?: number;
+  /** Guest kernel start until lo and eth0 were up with address, route and resolver (guest clock). */
+  networkMs?: number;
+  /** Every milestone the guest's init logged: name -> ms since the guest kernel started. */
+  milestones?: Record<string, number>;
+  /** The accelerator the VM runs under, and why it was chosen. */
+  accel?: "kvm" | "tcg";
+  accelReason?: string;
   /** /init start until sshd listened. */
   initToSshdMs?: number;
   /** Host side: QEMU spawn until the channel answered (the agent's handshake or SSH's). */
@@ -111,6 +137,8 @@ const DEFAULT_CREATE_TIMEOUT_MS = 180_000;
 const AUTO_AGENT_WAIT_MS = 60_000;
 /** auto on re-attach: how long the agent gets to answer before SSH is used. */
 const AUTO_AGENT_PROBE_MS = 2_000;
+/** How often a call in flight checks that the guest is still alive. */
+const CALL_WATCH_INTERVAL_MS = 500;
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 
 export class SmolVM implements AsyncDisposable {
@@ -123,6 +151,8 @@ export class SmolVM implements AsyncDisposable {
   /** Set for VMs this object created: disposing them deletes the VM. */
   private readonly owned: boolean;
   private readonly commChannel: CommChannelChoice;
+  /** Bytes of QEMU's log already judged harmless (see CrashWatch). */
+  private qemuLogSeen = 0;
   bootTimings: BootTimings | undefined;
 
   private constructor(
@@ -145,14 +175,19 @@ export class SmolVM implements AsyncDisposable {
     const base = opts.dataDir ?? defaultDataDir();
     const store = VmStore.open(base);
     try {
-      const [image, clientKey, hostKey, accel] = await deadline.race(
+      deadline.phase = "building the image and keys";
+      const [image, clientKey, hostKey] = await deadline.race(
         Promise.all([
           ensureImage(opts.image, { dataDir: base, signal: deadline.signal, onProgress: opts.onProgress }),
           ensureClientKey(base, { signal: deadline.signal }),
           generateHostKey({ signal: deadline.signal }),
-          detectAccelerator({ force: opts.accel, dataDir: base }),
         ]),
       );
+      deadline.phase = "choosing the accelerator";
+      const accel = await deadline.race(
+        detectAccelerator({ force: opts.accel, dataDir: base, image, signal: deadline.signal }),
+      );
+      if (accel.probeMs > 0 && !accel.cached) reportAccel(opts.onProgress, accel, t0);
       if (isAgentChoice(opts.commChannel) && !image.capabilities.agent) {
         throw noAgentError(`image ${image.name}`, opts.commChannel);
       }
@@ -191,7 +226,7 @@ export class SmolVM implements AsyncDisposable {
         ]);
         await composeInitrd(image.initrdPath, cpio, join(vmDir, "initrd.img"));
         await writeFile(vmFiles(vmDir).agentSecret, agentSecret, { mode: 0o600 });
-        await vm.boot(image, deadline);
+        await vm.bootOrFallBack(image, deadline, accel, opts, t0);
         vm.bootTimings = { ...vm.bootTimings!, totalMs: Math.round(performance.now() - t0) };
         return vm;
       } catch (e) {
@@ -222,6 +257,14 @@ export class SmolVM implements AsyncDisposable {
       );
     }
     return new SmolVM(store, record, { owned: false, commChannel: options.commChannel, dataDir: base });
+  }
+
+  /**
+   * Checks this host: QEMU, the accelerator verdict and why, devices, build tools, the data dir,
+   * images and running VMs (the same report as `smolvm doctor --json`).
+   */
+  static doctor(options: DoctorOptions = {}): Promise<DoctorReport> {
+    return doctor(options);
   }
 
   static async list(options: { dataDir?: string } = {}): Promise<VmRecord[]> {
@@ -260,6 +303,7 @@ export class SmolVM implements AsyncDisposable {
       `starting VM ${this.id}`,
     );
     try {
+      deadline.phase = "building the image";
       const image = await ensureImage(this.record.image as ImageName, {
         dataDir: this.dataDir,
         signal: deadline.signal,
@@ -473,22 +517,52 @@ export class SmolVM implements AsyncDisposable {
     return join(this.record.vmDir, "known_hosts");
   }
 
+  /**
+   * Boots; when the accelerator was auto-chosen as KVM and the guest dies of KVM itself, records
+   * TCG as this host's verdict, says so through onProgress, and boots once more under TCG.
+   */
+  private async bootOrFallBack(
+    image: ImageManifest,
+    deadline: Deadline,
+    accel: AccelVerdict,
+    opts: { accel?: string; onProgress?: (p: SmolVMProgress) => void },
+    t0: number,
+  ): Promise<void> {
+    try {
+      await this.boot(image, deadline);
+    } catch (e) {
+      const auto = (opts.accel ?? "auto") === "auto" && !process.env.SMOLVM_ACCEL;
+      const crash = e instanceof VMStateError ? (e.details?.crash as CrashReport | undefined) : undefined;
+      if (!auto || accel.accel !== "kvm" || !crash?.kvm) throw e;
+      const verdict = {
+        accel: "tcg" as const,
+        reason: `a guest crashed under KVM (${crash.cause}): using TCG`,
+      };
+      await recordAccelVerdict(verdict, { dataDir: this.dataDir, image }).catch(() => {});
+      reportAccel(opts.onProgress, verdict, t0);
+      this.update({ config: { ...this.record.config, accel: "tcg", accelReason: verdict.reason } });
+      await this.boot(image, deadline);
+    }
+  }
+
   private async boot(image: ImageManifest, deadline: Deadline): Promise<void> {
     const cfg = this.record.config;
+    deadline.phase = "starting QEMU";
     const sshPort = await leasePort(this.store, this.id, "ssh");
     await writeFile(this.knownHostsPath, knownHostsLine("127.0.0.1", sshPort, cfg.hostPublicKey as string), {
       mode: 0o600,
     });
+    const accel = cfg.accel as "kvm" | "tcg";
     const spec: VmLaunchSpec = {
       name: this.id,
       qemuPath: findQemu(),
-      accel: cfg.accel as "kvm" | "tcg",
+      accel,
       memoryMib: cfg.memoryMib as number,
       vcpus: cfg.vcpus as number,
       kernelPath: image.kernelPath,
       initrdPath: join(this.record.vmDir, "initrd.img"),
       kernelAppend: image.kernelCmdline,
-      tscKhz: cfg.accel === "tcg" ? hostTscKhz() : undefined,
+      tscKhz: accel === "tcg" ? hostTscKhz() : undefined,
       qmpSocketPath: this.files.qmpSocket,
       serialLogPath: this.files.serialLog,
       pidfilePath: this.files.pidfile,
@@ -500,22 +574,32 @@ export class SmolVM implements AsyncDisposable {
     await rm(spec.serialLogPath, { force: true });
     const t0 = performance.now();
     const launched = await launchQemu(spec, {
-      timeoutMs: Math.min(30_000, deadline.remainingMs),
+      timeoutMs: deadline.remaining(30_000),
       signal: deadline.signal,
     });
     const qemuStartMs = performance.now() - t0;
     this.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
     await this.closeChannel();
     const kind = this.plannedChannel();
+    const watch = new CrashWatch({ pid: launched.pid, files: this.files, accel }, true);
+    this.qemuLogSeen = 0;
     try {
-      if (kind === "ssh")
-        await this.ssh().waitForSsh({ timeoutMs: deadline.remainingMs, signal: deadline.signal });
-      else await this.waitForAgent(kind === "auto", deadline);
+      await this.untilCrash(watch, 250, async () => {
+        if (kind === "ssh") {
+          deadline.phase = "waiting for SSH";
+          await this.ssh().waitForSsh({ timeoutMs: deadline.remaining(), signal: deadline.signal });
+        } else await this.waitForAgent(kind === "auto", deadline);
+        deadline.phase = "waiting for the guest network";
+        await this.waitForMilestone("network-up", deadline);
+      });
+      this.qemuLogSeen = watch.logSize;
     } catch (e) {
+      if (e instanceof VMStateError && e.code === "VM_CRASHED") throw e;
       const log = await tailFile(spec.serialLogPath, 1500);
       if (!isQemuAlive(launched.pid, this.files.marker)) {
         this.update({ status: "crashed", pid: null });
         throw new VMStateError(`VM ${this.id} stopped during boot. Serial console tail:\n${log}`, {
+          code: "VM_CRASHED",
           cause: e,
         });
       }
@@ -529,13 +613,16 @@ export class SmolVM implements AsyncDisposable {
       }
       throw e;
     }
+    deadline.phase = undefined;
     const bootToChannelMs = Math.round(performance.now() - t0);
-    const ms = serialMilestones(await this.serialLog());
+    const ms = serialMilestones(await tailFile(this.files.serialLog, 65536));
     const ready = this.chan === this.agentChan && this.chan ? "agent" : "ssh";
     this.bootTimings = {
       channel: ready,
       qemuStartMs: Math.round(qemuStartMs),
       kernelMs: ms["init-start"],
+      agentMs: ms["agent-started"],
+      networkMs: ms["network-up"],
       initToSshdMs:
         ms["sshd-started"] !== undefined && ms["init-start"] !== undefined
           ? ms["sshd-started"] - ms["init-start"]
@@ -543,7 +630,60 @@ export class SmolVM implements AsyncDisposable {
       bootToChannelMs,
       bootToSshMs: ready === "ssh" ? bootToChannelMs : undefined,
       totalMs: bootToChannelMs,
+      milestones: ms,
+      accel,
+      accelReason: cfg.accelReason as string | undefined,
     };
+  }
+
+  /**
+   * Waits until the guest's init logged `name` on the serial console (create() returns a VM
+   * whose network is configured, not just one whose agent answers).
+   */
+  private async waitForMilestone(name: string, deadline: Deadline): Promise<void> {
+    for (;;) {
+      const log = await tailFile(this.files.serialLog, 65536);
+      if (serialMilestones(log)[name] !== undefined) return;
+      await sleep(10, deadline.signal);
+    }
+  }
+
+  /**
+   * Runs `fn` while watching the guest: if it dies (QEMU gone, or alive but in a dead run state
+   * such as KVM's internal-error), QEMU is killed, the VM marked crashed, and `fn`'s wait ends
+   * with VM_CRASHED at once instead of at its deadline.
+   */
+  private async untilCrash<T>(watch: CrashWatch, intervalMs: number, fn: () => Promise<T>): Promise<T> {
+    const done = new AbortController();
+    const work = fn();
+    const crashed = watch.until(done.signal, intervalMs).then(
+      (report) => report,
+      () => undefined,
+    );
+    try {
+      const first = await Promise.race([work.then(() => undefined), crashed]);
+      if (first) {
+        work.catch(() => {});
+        await this.onCrash(first);
+      }
+      return await work;
+    } finally {
+      done.abort();
+    }
+  }
+
+  private async onCrash(report: CrashReport): Promise<never> {
+    const pid = this.record.pid;
+    if (pid) {
+      await stopQemu(
+        { pid, qmpSocketPath: this.files.qmpSocket, marker: this.files.marker },
+        { timeoutMs: 5_000, force: true },
+      ).catch(() => {});
+    }
+    await this.closeChannel();
+    releasePorts(this.store, this.id);
+    this.update({ status: "crashed", pid: null, sshPort: null, ports: [] });
+    throw this.crashedError(undefined, report);
   }
 
   /**
@@ -553,12 +693,14 @@ export class SmolVM implements AsyncDisposable {
   private async waitForAgent(fallback: boolean, deadline: Deadline): Promise<void> {
     const agent = this.agent();
     try {
-      const budget = fallback ? Math.min(AUTO_AGENT_WAIT_MS, deadline.remainingMs) : deadline.remainingMs;
-      await agent.waitReady({ timeoutMs: Math.max(1, budget), signal: deadline.signal });
+      deadline.phase = "waiting for the agent";
+      const budget = deadline.remaining(fallback ? AUTO_AGENT_WAIT_MS : undefined);
+      await agent.waitReady({ timeoutMs: budget, signal: deadline.signal });
       this.chan = agent;
     } catch (e) {
       if (!fallback || deadline.expired) throw e;
-      await this.ssh().waitForSsh({ timeoutMs: deadline.remainingMs, signal: deadline.signal });
+      deadline.phase = "waiting for SSH";
+      await this.ssh().waitForSsh({ timeoutMs: deadline.remaining(), signal: deadline.signal });
       this.chan = new SshChannel(this.ssh());
     }
   }
@@ -566,6 +708,8 @@ export class SmolVM implements AsyncDisposable {
   /** Copy-on-write disk over the image's rootfs, so the image itself is never written. */
   private async overlayFor(image: ImageManifest): Promise<string> {
     const overlay = join(this.record.vmDir, "rootfs.qcow2");
+    // The VM's disk: made once, kept across stop()/start(), removed with the VM.
+    if (existsSync(overlay)) return overlay;
     const { exec } = await import("../image/exec.js");
     await exec("qemu-img", ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfsPath!, overlay]);
     return overlay;
@@ -668,10 +812,21 @@ export class SmolVM implements AsyncDisposable {
     return this.agentChan;
   }
 
-  /** Turns a transport failure on a dead VM into a VM error that says what happened. */
+  /**
+   * Runs a call on the guest while watching it: a guest that dies meanwhile ends the call with
+   * VM_CRASHED within about a second, and a transport failure on a dead VM says so.
+   */
   private async explain<T>(fn: () => Promise<T>): Promise<T> {
     try {
-      return await fn();
+      const pid = this.record.pid;
+      if (!pid) return await fn();
+      const accel = this.record.config.accel === "kvm" ? "kvm" : "tcg";
+      const watch = new CrashWatch({ pid, files: this.files, accel }, false, this.qemuLogSeen);
+      try {
+        return await this.untilCrash(watch, CALL_WATCH_INTERVAL_MS, fn);
+      } finally {
+        this.qemuLogSeen = watch.logSize;
+      }
     } catch (e) {
       if ((e instanceof SSHConnectionError || e instanceof ConnectionLostError) && !this.pidAlive()) {
         this.update({ status: "crashed" });
@@ -707,10 +862,20 @@ export class SmolVM implements AsyncDisposable {
     );
   }
 
-  private crashedError(cause?: unknown): VMStateError {
+  private crashedError(cause?: unknown, report?: CrashReport): VMStateError {
+    const what = report
+      ? `${report.cause}${report.qmpStatus ? ` (QMP status ${report.qmpStatus})` : ""}`
+      : "its QEMU process exited without being asked to";
+    const said = report?.qemuLogTail.trim() ? `\nQEMU said:\n${lastLines(report.qemuLogTail, 12)}` : "";
+    const serial = report?.serialTail.trim()
+      ? `\nSerial console tail:\n${lastLines(report.serialTail, 12)}`
+      : "";
+    const kvmHint = report?.kvm
+      ? ' This host\'s KVM cannot run the guest: use accel "auto" (it falls back to TCG) or "tcg".'
+      : "";
     return new VMStateError(
-      `VM ${this.id} crashed: its QEMU process exited without being asked to. See vm.serialLog() or ${this.files.serialLog}; vm.start() boots it again, vm.delete() removes it.`,
-      { code: "VM_CRASHED", cause, details: { id: this.id } },
+      `VM ${this.id} crashed: ${what}.${kvmHint} See vm.serialLog() or ${this.files.serialLog} and ${this.files.qemuLog}; vm.start() boots it again, vm.delete() removes it.${said}${serial}`,
+      { code: "VM_CRASHED", cause, details: { id: this.id, crash: report } },
     );
   }
 
@@ -778,6 +943,25 @@ function noAgentError(subject: string, choice: CommChannelChoice): CommandExecut
     `${subject} has no guest agent, but commChannel "${choice}" was asked for.`,
     'Use commChannel "ssh" or "auto", or rebuild the image with the agent (smolvm image build --force).',
   );
+}
+
+function lastLines(text: string, n: number): string {
+  return text.trim().split("\n").slice(-n).join("\n");
+}
+
+function reportAccel(
+  onProgress: ((p: SmolVMProgress) => void) | undefined,
+  v: Pick<AccelVerdict, "accel" | "reason">,
+  t0: number,
+): void {
+  onProgress?.({
+    kind: "accel",
+    accel: v.accel,
+    reason: v.reason,
+    step: `accelerator ${v.accel.toUpperCase()}: ${v.reason}`,
+    elapsedMs: Math.round(performance.now() - t0),
+    done: true,
+  });
 }
 
 function safeHostname(name: string): string {
