@@ -49,22 +49,14 @@ export class Deadline {
   remaining(capMs = Number.POSITIVE_INFINITY): number {
     this.throwIfExpired();
     const left = this.remainingMs;
-    if (left < 1) {
-      this.controller.abort(this.timeoutError());
-      this.throwIfExpired();
-    }
+    if (left < 1) this.expire();
     return Math.min(capMs, left);
   }
 
-  /** Runs `fn` with `phase` set, restoring the previous phase afterwards. */
-  async during<T>(phase: string, fn: () => Promise<T>): Promise<T> {
-    const previous = this.phase;
-    this.phase = phase;
-    try {
-      return await fn();
-    } finally {
-      this.phase = previous;
-    }
+  /** Ends the deadline now, as its timer would, and throws its timeout error. */
+  expire(): never {
+    if (!this.signal.aborted) this.controller.abort(this.timeoutError());
+    throw this.signal.reason;
   }
 
   get expired(): boolean {

@@ -698,6 +698,8 @@ export class SmolVM implements AsyncDisposable {
       await agent.waitReady({ timeoutMs: budget, signal: deadline.signal });
       this.chan = agent;
     } catch (e) {
+      // The agent's wait ran to the end of the caller's deadline: that is the caller's timeout.
+      if (deadline.remainingMs < 50) deadline.expire();
       if (!fallback || deadline.expired) throw e;
       deadline.phase = "waiting for SSH";
       await this.ssh().waitForSsh({ timeoutMs: deadline.remaining(), signal: deadline.signal });

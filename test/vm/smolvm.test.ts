@@ -2,7 +2,7 @@
  * The SmolVM facade against real microVMs (TCG here): lifecycle, commands, env, files,
  * forwards, cross-process re-attach, crash detection, and that nothing is left behind.
  */
-import { execFile, execFileSync } from "node:child_process";
+import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { get } from "node:http";
@@ -19,17 +19,10 @@ import {
 } from "../../src/errors.js";
 import { SmolVM } from "../../src/vm/smolvm.js";
 import { VmStore } from "../../src/vm/store.js";
+import { pgrepF } from "../fixtures/pgrep.js";
 
 const pexec = promisify(execFile);
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
-
-function qemuPids(marker: string): number[] {
-  try {
-    return execFileSync("pgrep", ["-f", marker]).toString().trim().split("\n").filter(Boolean).map(Number);
-  } catch {
-    return [];
-  }
-}
 
 function httpGet(port: number): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -89,7 +82,7 @@ describe("SmolVM on a real microVM", () => {
     } finally {
       await v.delete();
     }
-    expect(qemuPids(`${join(dataDir, "vms", v.id)}/`)).toEqual([]);
+    expect(pgrepF(`${join(dataDir, "vms", v.id)}/`)).toEqual([]);
   }, 120_000);
 
   it("maps 2 MiB of a cached file per page fault (cheaper execs under emulation)", async () => {
@@ -184,10 +177,10 @@ describe("SmolVM on a real microVM", () => {
 
   it("stops without leaving QEMU behind, refuses commands while stopped, and starts again", async () => {
     const marker = `${join(dataDir, "vms", vm.id)}/`;
-    expect(qemuPids(marker)).toHaveLength(1);
+    expect(pgrepF(marker)).toHaveLength(1);
     await vm.stop();
     expect(vm.status).toBe("stopped");
-    expect(qemuPids(marker)).toEqual([]);
+    expect(pgrepF(marker)).toEqual([]);
     expect(existsSync(join(marker, "qmp.sock"))).toBe(false);
     const store = VmStore.open(dataDir);
     expect(store.leases(vm.id)).toEqual([]);
@@ -237,7 +230,7 @@ describe("two VMs, crash detection and cleanup", () => {
     expect(store.list()).toEqual([]);
     expect(store.leases()).toEqual([]);
     store.close();
-    expect(qemuPids(`${join(dataDir, "vms")}/`)).toEqual([]);
+    expect(pgrepF(`${join(dataDir, "vms")}/`)).toEqual([]);
     expect(existsSync(join(dataDir, "vms", a.id))).toBe(false);
   }, 240_000);
 
