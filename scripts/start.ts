@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { ensureImage } from "../src/image/index.js";
+import { detectAccelerator } from "../src/vm/accel.js";
 import { SmolVM } from "../src/vm/smolvm.js";
 
 export interface StartOptions {
@@ -57,6 +58,10 @@ export async function main(opts: StartOptions = {}): Promise<StartSummary> {
     },
   });
   log(`image tiny: ${imageState} (${ms(performance.now() - t0)})`);
+  const verdict = await detectAccelerator({ dataDir: opts.dataDir, signal });
+  log(
+    `accelerator: ${verdict.accel} (${verdict.reason}; ${verdict.cached ? "cached verdict" : `probed in ${ms(verdict.probeMs)}`})`,
+  );
 
   let vm: SmolVM | undefined;
   const tmp = await mkdtemp(join(tmpdir(), "smolvm-start-"));
@@ -117,6 +122,7 @@ export async function main(opts: StartOptions = {}): Promise<StartSummary> {
       [`boot to ${bt.channel}`, ms(bt.bootToChannelMs)],
       ["  QEMU start", ms(bt.qemuStartMs)],
       ["  kernel (to /init)", ms(bt.kernelMs)],
+      ["  guest network up (guest clock)", ms(bt.networkMs)],
       [`  rest (init, ${bt.channel} handshake)`, ms(rest)],
       ["first command", ms(firstCommandMs)],
       [`warm command p50 (${warmRuns}x true)`, `${warmP50.toFixed(1)} ms`],

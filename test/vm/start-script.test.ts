@@ -41,6 +41,8 @@ describe("npm start (scripts/start.ts)", () => {
     expect(text).not.toContain("secret-123");
 
     expect(lines[0]).toMatch(/^image tiny: (cached|built in \d+\.\ds) \(\d+ ms\)$/);
+    expect(lines[1]).toMatch(/^accelerator: (kvm|tcg) \(.+; (cached verdict|probed in \d+ ms)\)$/);
+    lines.splice(1, 1);
     expect(lines[1]).toBe(
       `booted ${summary.vmId} in ${lines[1]!.match(/in (\d+) ms/)![1]} ms (accelerator ${summary.accel}, channel agent)`,
     );
@@ -56,7 +58,12 @@ describe("npm start (scripts/start.ts)", () => {
     const row = (label: string) => lines.find((l) => l.startsWith(label));
     expect(summary.channel).toBe("agent");
     expect(row("boot to agent")).toMatch(new RegExp(`^boot to agent +${summary.bootToChannelMs} ms$`));
-    for (const label of ["  QEMU start", "  kernel (to /init)", "  rest (init, agent handshake)"]) {
+    for (const label of [
+      "  QEMU start",
+      "  kernel (to /init)",
+      "  guest network up (guest clock)",
+      "  rest (init, agent handshake)",
+    ]) {
       expect(row(label)).toMatch(/ \d+ ms$/);
     }
     expect(row("first command")).toMatch(/ \d+ ms$/);
