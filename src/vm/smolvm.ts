@@ -87,7 +87,7 @@ export interface SmolVMCreateOptions {
   ttlMs?: number;
   /** Labels kept with the VM; SmolVM.list({ labels }) filters by them. */
   labels?: Record<string, string>;
-  /** Size of the debian image's writable disk (the copy-on-write overlay), MiB. */
+  /** Writable space, MiB: the debian image's copy-on-write disk; tiny's RAM filesystems (/ and /tmp) are capped at it. */
   diskMib?: number;
 }
 
@@ -243,6 +243,9 @@ export class SmolVM implements AsyncDisposable {
           { path: "smolvm/config/agent_secret", mode: 0o600, data: agentSecret },
           { path: "smolvm/config/env", mode: 0o600, data: renderEnvFile(opts.env) },
           { path: "smolvm/config/hostname", mode: 0o644, data: `${safeHostname(name)}\n` },
+          ...(opts.diskMib !== undefined
+            ? [{ path: "smolvm/config/disk_mib", mode: 0o644, data: `${opts.diskMib}\n` }]
+            : []),
         ]);
         await composeInitrd(image.initrdPath, cpio, join(vmDir, "initrd.img"));
         await writeFile(vmFiles(vmDir).agentSecret, agentSecret, { mode: 0o600 });

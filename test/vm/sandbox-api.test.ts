@@ -297,6 +297,22 @@ describe("sandbox API on one microVM", () => {
     }
   }, 120_000);
 
+  it("diskMib caps tiny's writable RAM filesystems", async () => {
+    await using small = await SmolVM.create({ dataDir, diskMib: 96, labels: { role: "disk" } });
+    const mounts = await small.run(`awk '$2=="/" || $2=="/tmp" {print $2, $4}' /proc/mounts`);
+    expect(
+      mounts.stdout
+        .trim()
+        .split("\n")
+        .map((l) => [l.split(" ")[0], /size=(\d+)k/.exec(l)?.[1]]),
+    ).toEqual([
+      ["/", "98304"],
+      ["/tmp", "98304"],
+    ]);
+    const fill = await small.run("dd if=/dev/zero of=/root/fill bs=1M count=200 2>&1; echo rc=$?");
+    expect(fill.stdout).toContain("No space left");
+  }, 120_000);
+
   it("ttlMs: the VM is deleted within 3 s of expiry although its creator exited", async () => {
     const { id, expiresAt } = (await worker("create-ttl", dataDir, "4000")) as {
       id: string;
