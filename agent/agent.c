@@ -43,73 +43,7 @@ struct sockaddr_vm_compat {
                          2 * sizeof(unsigned int)];
 };
 
-#define AGENT_VERSION "0.1.0"
-#define PROTO_VERSION 1
-#define MAGIC 0x534d4147u
-#define HDR 16
-#define MAX_PAYLOAD 65536
-#define WINDOW 262144u
-#define MAX_STREAMS 512
-#define OUT_SOFT (1u << 20)
-#define OUT_CAP (OUT_SOFT + (256u << 10))
-#define IN_CAP (2 * (HDR + MAX_PAYLOAD))
-/* Consumed bytes are credited back once a quarter of the window piled up: a command with a
- * small stdin costs no CREDIT frame (each one is an interrupt on the host side of emulation). */
-#define CREDIT_AT (WINDOW / 4)
-#define CREDIT_DUE(s) ((s)->credit_pending >= CREDIT_AT)
-#define EXIT_GRACE_MS 200
-#define HUP_BACKOFF_MS 100
-#define WAIT_RETRY_MS 50
-#define MILESTONES_MAX 16384
-#define CAPS "exec,pty,put,get,env,wait_port,info,shell"
-
-enum {
-  T_HELLO = 0x01, T_CHALLENGE = 0x02, T_AUTH = 0x03, T_AUTH_OK = 0x04,
-  T_EXEC = 0x10, T_PUT = 0x11, T_GET = 0x12, T_WAIT_PORT = 0x13, T_PING = 0x14, T_INFO = 0x15,
-  T_DATA = 0x20, T_EOF = 0x21, T_CREDIT = 0x22, T_SIGNAL = 0x23, T_RESIZE = 0x24, T_CANCEL = 0x25,
-  T_EXIT = 0x30, T_OK = 0x31, T_ERROR = 0x32,
-};
-enum {
-  F_ARG = 1, F_ENV = 2, F_CWD = 3, F_PTY = 4, F_TIMEOUT = 5, F_SHELL = 6, F_PATH = 10, F_MODE = 11, F_MKDIRS = 12,
-  F_ENVFILE = 13, F_PORT = 20, F_VERSION = 30, F_CAPS = 31, F_UPTIME = 32, F_MILESTONES = 33, F_PID = 34,
-};
-enum {
-  E_PROTOCOL = 1, E_AUTH_FAILED, E_BAD_REQUEST, E_INVALID_PATH, E_NOT_FOUND, E_IO, E_SPAWN_FAILED,
-  E_TIMEOUT, E_LIMIT, E_CANCELLED, E_UNSUPPORTED, E_NOT_READY,
-};
-enum { K_FREE = 0, K_EXEC, K_PUT, K_GET, K_WAIT };
-enum { S_OFF, S_WAIT_HELLO, S_WAIT_AUTH, S_READY, S_CLOSING };
-#define CLOSE_LINGER_MS 1000
-enum { TR_FD, TR_UNIX, TR_VSOCK, TR_SERIAL };
-
-typedef struct {
-  int kind;
-  uint32_t id;
-  uint32_t send_credit; /* bytes we may still send to the host */
-  uint32_t recv_window; /* bytes the host may still send us */
-  uint32_t credit_pending;
-  int done; /* terminal frame queued in term[] or sent */
-  uint8_t term_type;
-  uint16_t term_len;
-  uint8_t term[8 + 1030];
-  /* exec */
-  pid_t pid;
-  int reaped, status, pty, timed_out, cancelled;
-  int fd_in, fd_out, fd_err;
-  int in_eof, in_dead;
-  uint8_t *inbuf;
-  size_t in_len;
-  int64_t deadline, reaped_at;
-  /* put/get */
-  int fd_file;
-  char *tmp_path, *final_path;
-  uint32_t mode;
-  uint64_t bytes;
-  /* wait_port */
-  int sock;
-  uint16_t port;
-  int64_t next_try, started;
-} stream_t;
+#include "agent.h"
 
 static struct {
   int transport;
@@ -137,7 +71,7 @@ static struct {
   volatile sig_atomic_t stop;
 } G;
 
-static void logf_(const char *fmt, ...) {
+void logf_(const char *fmt, ...) {
   if (!G.verbose) return;
   va_list ap;
   va_start(ap, fmt);
@@ -157,18 +91,19 @@ static void die(const char *fmt, ...) {
   exit(2);
 }
 
-static int64_t now_ms(void) {
+int64_t now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void put16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = (uint8_t)v; }
-static void put32(uint8_t *p, uint32_t v) { p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = (uint8_t)v; }
-static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static uint32_t get32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+void put16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = (uint8_t)v; }
+void put32(uint8_t *p, uint32_t v) { p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = (uint8_t)v; }
+uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+uint32_t get32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+void put64(uint8_t *p, uint64_t v) { put32(p, (uint32_t)(v >> 32)); put32(p + 4, (uint32_t)v); }
 
-static int set_nonblock(int fd) {
+int set_nonblock(int fd) {
   int fl = fcntl(fd, F_GETFL);
   return fl < 0 ? -1 : fcntl(fd, F_SETFL, fl | O_NONBLOCK);
 }
@@ -196,6 +131,7 @@ static void fill_random(uint8_t *buf, size_t n) {
 /* ------------------------------------------------------------------ output buffer */
 
 static size_t out_room(void) { return OUT_CAP - G.out_off - G.out_len; }
+size_t out_used(void) { return G.out_len; }
 
 static void out_compact(void) {
   if (G.out_off && (G.out_len == 0 || G.out_off > OUT_CAP / 2)) {
@@ -205,13 +141,13 @@ static void out_compact(void) {
 }
 
 /* Space for HDR+len at the end of the output buffer, or NULL (caller waits). */
-static uint8_t *out_reserve(size_t len) {
+uint8_t *out_reserve(size_t len) {
   if (out_room() < HDR + len) out_compact();
   if (out_room() < HDR + len) return NULL;
   return G.out + G.out_off + G.out_len;
 }
 
-static void out_commit(uint8_t *p, uint8_t type, uint16_t flags, uint32_t stream, size_t len) {
+void out_commit(uint8_t *p, uint8_t type, uint16_t flags, uint32_t stream, size_t len) {
   put32(p, MAGIC);
   p[4] = PROTO_VERSION;
   p[5] = type;
@@ -221,7 +157,7 @@ static void out_commit(uint8_t *p, uint8_t type, uint16_t flags, uint32_t stream
   G.out_len += HDR + len;
 }
 
-static int send_frame(uint8_t type, uint16_t flags, uint32_t stream, const void *payload, size_t len) {
+int send_frame(uint8_t type, uint16_t flags, uint32_t stream, const void *payload, size_t len) {
   uint8_t *p = out_reserve(len);
   if (!p) return -1;
   if (len) memcpy(p + HDR, payload, len);
@@ -229,7 +165,7 @@ static int send_frame(uint8_t type, uint16_t flags, uint32_t stream, const void 
   return 0;
 }
 
-static void send_error(uint32_t stream, uint16_t code, int err, const char *fmt, ...) {
+void send_error(uint32_t stream, uint16_t code, int err, const char *fmt, ...) {
   uint8_t buf[6 + 1024];
   put16(buf, code);
   put32(buf + 2, (uint32_t)err);
@@ -253,14 +189,14 @@ static const struct { int num; const char *name; } SIGNALS[] = {
     {SIGPROF, "PROF"}, {SIGWINCH, "WINCH"}, {SIGIO, "IO"},       {SIGPWR, "PWR"},   {SIGSYS, "SYS"},
 };
 
-static void signal_name(int sig, char *out, size_t n) {
+void signal_name(int sig, char *out, size_t n) {
   for (size_t i = 0; i < sizeof SIGNALS / sizeof *SIGNALS; i++)
     if (SIGNALS[i].num == sig) { snprintf(out, n, "%s", SIGNALS[i].name); return; }
   if (sig >= SIGRTMIN && sig <= SIGRTMAX) snprintf(out, n, "RTMIN+%d", sig - SIGRTMIN);
   else snprintf(out, n, "SIG%d", sig);
 }
 
-static int signal_number(const uint8_t *name, size_t len) {
+int signal_number(const uint8_t *name, size_t len) {
   static const char *allowed[] = {"TERM", "INT", "KILL", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT", "WINCH"};
   for (size_t i = 0; i < sizeof allowed / sizeof *allowed; i++) {
     if (strlen(allowed[i]) == len && memcmp(allowed[i], name, len) == 0) {
@@ -281,14 +217,14 @@ static void on_signal(int sig) {
 
 /* ------------------------------------------------------------------ streams */
 
-static stream_t *find_stream(uint32_t id) {
+stream_t *find_stream(uint32_t id) {
   if (!id) return NULL;
   for (int i = 0; i < G.hi; i++)
     if (G.streams[i].kind != K_FREE && G.streams[i].id == id) return &G.streams[i];
   return NULL;
 }
 
-static stream_t *new_stream(uint32_t id, int kind) {
+stream_t *new_stream(uint32_t id, int kind) {
   for (int i = 0; i < MAX_STREAMS; i++) {
     stream_t *s = &G.streams[i];
     if (s->kind == K_FREE) {
@@ -306,7 +242,7 @@ static stream_t *new_stream(uint32_t id, int kind) {
   return NULL;
 }
 
-static void close_fd(int *fd) {
+void close_fd(int *fd) {
   if (*fd >= 0) close(*fd);
   *fd = -1;
 }
@@ -320,6 +256,8 @@ static void free_stream(stream_t *s) {
   close_fd(&s->fd_file);
   close_fd(&s->sock);
   if (s->tmp_path) unlink(s->tmp_path);
+  if (s->kind == K_WATCH) watch_free(s);
+  free(s->mem);
   free(s->tmp_path);
   free(s->final_path);
   free(s->inbuf);
@@ -329,7 +267,7 @@ static void free_stream(stream_t *s) {
   while (G.hi > 0 && G.streams[G.hi - 1].kind == K_FREE) G.hi--;
 }
 
-static void set_terminal(stream_t *s, uint8_t type, const void *payload, size_t len) {
+void set_terminal(stream_t *s, uint8_t type, const void *payload, size_t len) {
   if (s->done) return;
   s->done = 1;
   s->term_type = type;
@@ -338,7 +276,7 @@ static void set_terminal(stream_t *s, uint8_t type, const void *payload, size_t 
   s->term_len = (uint16_t)len;
 }
 
-static void set_error(stream_t *s, uint16_t code, int err, const char *fmt, ...) {
+void set_error(stream_t *s, uint16_t code, int err, const char *fmt, ...) {
   uint8_t buf[6 + 1024];
   put16(buf, code);
   put32(buf + 2, (uint32_t)err);
@@ -419,7 +357,7 @@ static int ct_equal(const uint8_t *a, const uint8_t *b, size_t n) {
   return d == 0;
 }
 
-static size_t put_field(uint8_t *p, uint8_t tag, const void *v, size_t len) {
+size_t put_field(uint8_t *p, uint8_t tag, const void *v, size_t len) {
   p[0] = tag;
   put32(p + 1, (uint32_t)len);
   if (len) memcpy(p + 5, v, len);
@@ -496,16 +434,9 @@ static void on_auth(const uint8_t *p, uint32_t len) {
 
 /* ------------------------------------------------------------------ request fields */
 
-typedef struct {
-  uint8_t tag;
-  const uint8_t *v;
-  uint32_t len;
-} field_t;
+field_t FIELDS[MAX_FIELDS];
 
-#define MAX_FIELDS 4200
-static field_t FIELDS[MAX_FIELDS];
-
-static int parse_fields(const uint8_t *p, uint32_t len, int *count) {
+int parse_fields(const uint8_t *p, uint32_t len, int *count) {
   uint32_t off = 0;
   int n = 0;
   while (off < len) {
@@ -523,7 +454,7 @@ static int parse_fields(const uint8_t *p, uint32_t len, int *count) {
 }
 
 /* Copies a field into a NUL-terminated string; fails on embedded NUL. */
-static char *field_str(const field_t *f) {
+char *field_str(const field_t *f) {
   if (memchr(f->v, 0, f->len)) return NULL;
   char *s = malloc(f->len + 1);
   if (!s) return NULL;
@@ -532,7 +463,7 @@ static char *field_str(const field_t *f) {
   return s;
 }
 
-static const char *path_problem(const field_t *f) {
+const char *path_problem(const field_t *f) {
   if (f->len == 0 || f->v[0] != '/') return "must be absolute";
   if (f->len > 4096) return "is longer than 4096 bytes";
   if (memchr(f->v, 0, f->len)) return "contains a NUL byte";
@@ -641,7 +572,7 @@ static void env_put(char **envp, int *n, char *kv) {
 
 extern char **environ;
 
-static void start_exec(uint32_t id, const uint8_t *p, uint32_t len) {
+void start_exec(uint32_t id, const uint8_t *p, uint32_t len) {
   int n;
   if (parse_fields(p, len, &n) < 0) { send_error(id, E_BAD_REQUEST, 0, "EXEC fields are malformed"); return; }
   int nargs = 0, have_pty = 0, shell = -1;
@@ -676,6 +607,8 @@ static void start_exec(uint32_t id, const uint8_t *p, uint32_t len) {
       case F_TIMEOUT:
         if (timeout || f->len != 4 || get32(f->v) == 0) { send_error(id, E_BAD_REQUEST, 0, "bad TIMEOUT_MS"); return; }
         timeout = get32(f->v);
+        break;
+      case F_STDIN: /* SPAWN only (procs.c checks it) */
         break;
       case F_SHELL:
         if (shell >= 0 || f->len != 1 || f->v[0] > 1) { send_error(id, E_BAD_REQUEST, 0, "bad SHELL"); return; }
@@ -866,20 +799,25 @@ static void exec_maybe_finish(stream_t *s, int64_t now) {
   close_fd(&s->fd_err);
   close_fd(&s->fd_in);
   uint8_t buf[5 + 16];
+  set_terminal(s, T_EXIT, buf, encode_exit(s->status, s->timed_out, s->cancelled, buf));
+}
+
+/* An EXIT payload for a wait status: i32 code (-1 if signalled), u8 flags, signal name. */
+size_t encode_exit(int status, int timed_out, int cancelled, uint8_t *buf) {
   size_t n = 5;
   char name[20] = "";
-  if (WIFSIGNALED(s->status)) {
+  if (WIFSIGNALED(status)) {
     put32(buf, (uint32_t)-1);
-    signal_name(WTERMSIG(s->status), name, sizeof name);
+    signal_name(WTERMSIG(status), name, sizeof name);
     size_t l = strlen(name);
     if (l > 16) l = 16;
     memcpy(buf + 5, name, l);
     n += l;
   } else {
-    put32(buf, (uint32_t)WEXITSTATUS(s->status));
+    put32(buf, (uint32_t)WEXITSTATUS(status));
   }
-  buf[4] = (uint8_t)((s->timed_out ? 1 : 0) | (s->cancelled ? 2 : 0));
-  set_terminal(s, T_EXIT, buf, n);
+  buf[4] = (uint8_t)((timed_out ? 1 : 0) | (cancelled ? 2 : 0));
+  return n;
 }
 
 static void reap_children(void) {
@@ -887,6 +825,7 @@ static void reap_children(void) {
     int status;
     pid_t pid = waitpid(-1, &status, WNOHANG);
     if (pid <= 0) return;
+    if (procs_reaped(pid, status)) continue;
     for (int i = 0; i < G.hi; i++) {
       stream_t *s = &G.streams[i];
       if (s->kind == K_EXEC && s->pid == pid && !s->reaped) {
@@ -902,7 +841,7 @@ static void reap_children(void) {
 
 /* ------------------------------------------------------------------ files */
 
-static int mkdirs_for(char *path) {
+int mkdirs_for(char *path) {
   for (char *p = path + 1; *p; p++) {
     if (*p != '/') continue;
     *p = 0;
@@ -914,7 +853,7 @@ static int mkdirs_for(char *path) {
   return 0;
 }
 
-static uint16_t errno_code(int e) { return e == ENOENT || e == ENOTDIR ? E_NOT_FOUND : E_IO; }
+uint16_t errno_code(int e) { return e == ENOENT || e == ENOTDIR ? E_NOT_FOUND : E_IO; }
 
 static int target_path(uint32_t id, int n, char **out, int *is_env) {
   const field_t *path = NULL;
@@ -1167,8 +1106,19 @@ static int dispatch(uint8_t type, uint16_t flags, uint32_t id, const uint8_t *p,
   if (flags && type != T_DATA) { session_fail(E_PROTOCOL, "flags on a non-DATA frame"); return -1; }
   switch (type) {
     case T_EXEC: case T_PUT: case T_GET: case T_WAIT_PORT: case T_PING: case T_INFO:
+    case T_STAT: case T_LIST: case T_FSOP: case T_WATCH: case T_SPAWN: case T_ATTACH: case T_PROCS:
+    case T_PINPUT: case T_PSIGNAL:
       if (find_stream(id)) { session_fail(E_PROTOCOL, "stream id reused"); return -1; }
       if (type == T_EXEC) start_exec(id, p, len);
+      else if (type == T_STAT) start_stat(id, p, len);
+      else if (type == T_LIST) start_list(id, p, len);
+      else if (type == T_FSOP) start_fsop(id, p, len);
+      else if (type == T_WATCH) start_watch(id, p, len);
+      else if (type == T_SPAWN) start_spawn(id, p, len);
+      else if (type == T_ATTACH) start_attach(id, p, len);
+      else if (type == T_PROCS) procs_list(id);
+      else if (type == T_PINPUT) procs_input(id, p, len);
+      else if (type == T_PSIGNAL) procs_signal(id, p, len);
       else if (type == T_PUT) start_put(id, p, len);
       else if (type == T_GET) start_get(id, p, len);
       else if (type == T_WAIT_PORT) start_wait(id, p, len);
@@ -1330,6 +1280,7 @@ static void write_conn(void) {
 
 /* Generates frames from stream state: data within credit, credit grants, terminal frames. */
 static void pump(int64_t now) {
+  procs_tick(now);
   if (G.state != S_READY) return;
   for (int i = 0; i < G.hi; i++) {
     stream_t *s = &G.streams[i];
@@ -1345,6 +1296,12 @@ static void pump(int64_t now) {
       exec_maybe_finish(s, now);
     } else if (s->kind == K_GET) {
       get_pump(s);
+    } else if (s->kind == K_MEM) {
+      mem_pump(s);
+    } else if (s->kind == K_WATCH) {
+      watch_pump(s);
+    } else if (s->kind == K_ATTACH) {
+      attach_pump(s);
     } else if (s->kind == K_WAIT && !s->done) {
       if (now >= s->deadline) {
         close_fd(&s->sock);
@@ -1534,8 +1491,8 @@ int main(int argc, char **argv) {
   }
   logf_("ready");
 
-  static struct pollfd pfd[4 + 3 * MAX_STREAMS];
-  static stream_t *owner[4 + 3 * MAX_STREAMS];
+  static struct pollfd pfd[4 + 3 * MAX_STREAMS + 3 * MAX_PROCS];
+  static stream_t *owner[4 + 3 * MAX_STREAMS + 3 * MAX_PROCS];
   while (!G.stop) {
     int64_t now = now_ms();
     if (G.state == S_CLOSING) {
@@ -1580,6 +1537,14 @@ int main(int argc, char **argv) {
         if (!wake || s->deadline < wake) wake = s->deadline;
       } else if (s->kind == K_GET && s->fd_file >= 0 && s->send_credit > 0 && G.out_len + HDR + MAX_PAYLOAD <= OUT_SOFT) {
         wake = now; /* regular files are always readable */
+      } else if (s->kind == K_MEM && !s->done && s->send_credit > 0 && G.out_len + HDR + MAX_PAYLOAD <= OUT_SOFT) {
+        wake = now;
+      } else if (s->kind == K_WATCH && !s->done && s->send_credit > 0 && G.out_len + HDR + 4096 <= OUT_SOFT) {
+        int wfd = watch_fd(s);
+        if (wfd >= 0) { owner[n] = s; pfd[n++] = (struct pollfd){.fd = wfd, .events = POLLIN}; }
+        wake = watch_wake(s);
+      } else if (s->kind == K_ATTACH && attach_ready(s)) {
+        wake = now;
       }
       if (s->done && s->term_type) wake = now;
       if (CREDIT_DUE(s)) wake = now;
@@ -1588,6 +1553,8 @@ int main(int argc, char **argv) {
         if (timeout < 0 || t < timeout) timeout = t;
       }
     }
+    int pbase = n;
+    procs_poll_fds(pfd, &n, now, &timeout);
     if (G.state != S_READY && timeout == 0) timeout = 50;
     int r = poll(pfd, (nfds_t)n, timeout);
     if (r < 0 && errno != EINTR) die("poll: %s", strerror(errno));
@@ -1608,6 +1575,7 @@ int main(int argc, char **argv) {
     for (int i = base; i < n; i++) {
       if (!pfd[i].revents) continue;
       stream_t *s = owner[i];
+      if (i >= pbase) { procs_on_ready(pfd[i].fd, pfd[i].revents); continue; }
       if (s->kind == K_FREE) continue;
       if (s->kind == K_EXEC) {
         if (pfd[i].fd == s->fd_in) exec_stdin_flush(s);
@@ -1618,6 +1586,7 @@ int main(int argc, char **argv) {
     /* exec output is read in pump() on the next iteration */
   }
   drop_all_streams();
+  procs_kill_all();
   if (G.transport == TR_UNIX) unlink(G.path);
   return 0;
 }

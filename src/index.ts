@@ -30,10 +30,29 @@ export { SSHClient, type SSHClientOptions, type WaitForSshOptions } from "./ssh/
 export { type AccelVerdict, type DetectOptions, detectAccelerator } from "./vm/accel.js";
 export type { DoctorCheck, DoctorOptions, DoctorReport } from "./vm/doctor.js";
 export {
+  type FileEntry,
+  type FileType,
+  type ReadOptions,
+  VmFiles,
+  type WatchEvent,
+  type Watcher,
+  type WriteOptions,
+} from "./vm/files.js";
+export {
+  type ProcessConnectOptions,
+  ProcessHandle,
+  type ProcessInfo,
+  type ProcessStartOptions,
+  type SignalName,
+  VmProcesses,
+} from "./vm/processes.js";
+export { type PtyCreateOptions, Terminal, VmPty } from "./vm/pty.js";
+export {
   type AccelProgress,
   type BootTimings,
   type CommChannelChoice,
   type FromIdOptions,
+  type ListOptions,
   SmolVM,
   type SmolVMCreateOptions,
   type SmolVMProgress,

@@ -204,9 +204,9 @@ export async function connectVsockUds(path: string, port: number, signal?: Abort
 
 // ---------------------------------------------------------------- one connection
 
-type StreamKind = "exec" | "put" | "get" | "simple";
+export type StreamKind = "exec" | "put" | "get" | "simple";
 
-interface StreamHandler {
+export interface StreamHandler {
   kind: StreamKind;
   onData?(fd: number, data: Buffer): void;
   onCredit?(): void;
@@ -535,7 +535,11 @@ function deadlineError(deadline: Deadline, partial?: unknown): OperationTimeoutE
     : deadline.timeoutError(partial);
 }
 
-function agentError(m: Extract<AgentMessage, { type: "error" }>, what: string, path?: string): SmolVMError {
+export function agentError(
+  m: Extract<AgentMessage, { type: "error" }>,
+  what: string,
+  path?: string,
+): SmolVMError {
   const details = { agentCode: m.code, errno: m.errno, ...(path ? { path } : {}) };
   const text = m.message.slice(0, 300);
   switch (m.code) {
@@ -566,7 +570,7 @@ function agentError(m: Extract<AgentMessage, { type: "error" }>, what: string, p
 }
 
 /** Sends `data` as DATA frames within the stream's credit and the socket's backpressure. */
-async function sendWithCredit(
+export async function sendWithCredit(
   session: Session,
   id: number,
   data: Buffer,
@@ -589,7 +593,7 @@ async function sendWithCredit(
 }
 
 /** A one-shot signal the credit handler fires; waiters re-check their condition. */
-class Notifier {
+export class Notifier {
   private waiters: Array<() => void> = [];
   wait(signal: AbortSignal): Promise<void> {
     return new Promise((resolve, reject) => {
@@ -1374,4 +1378,98 @@ export class AgentChannel implements CommChannel {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }
+
+  // ------------------------------------------------------------ requests beyond CommChannel
+
+  /**
+   * Opens one protocol stream for the requests agent-ops.ts implements (file operations,
+   * watches, background processes, terminals). `payload` may depend on the connected agent
+   * (its capabilities) and may throw to refuse before anything is sent.
+   */
+  async openRaw(
+    type: number,
+    payload: Buffer | ((info: AgentInfo) => Buffer),
+    handler: StreamHandler,
+    deadline: Deadline,
+  ): Promise<RawStream> {
+    const session = await this.getSession(deadline);
+    const id = session.open(type, typeof payload === "function" ? payload(session.info) : payload, handler);
+    return {
+      id,
+      info: session.info,
+      grant: (n) => session.grant(id, n),
+      control: (t, p) => session.control(t, id, p),
+      send: (data, waitCredit) => sendWithCredit(session, id, data, waitCredit),
+    };
+  }
+
+  /** PUT from any chunk source (streamed within the agent's credit, atomic in the guest). */
+  async putFrom(
+    guestPath: string,
+    source: () => AsyncIterable<Buffer>,
+    options: PutFileOptions = {},
+  ): Promise<void> {
+    validateGuestPath(guestPath);
+    validateTimeout("timeoutMs", options.timeoutMs);
+    const deadline = new Deadline(
+      options.timeoutMs ?? FILE_TIMEOUT_MS,
+      options.signal,
+      `write of ${guestPath}`,
+    );
+    try {
+      await this.putStream(
+        { path: guestPath },
+        options.mode,
+        options.mkdirs !== false,
+        source,
+        deadline,
+        `write of ${guestPath}`,
+      );
+    } catch (err) {
+      throw this.mapDeadline(err, deadline);
+    } finally {
+      deadline.dispose();
+    }
+  }
+
+  /** GET into a sink; credit goes back only as the sink finishes each chunk (bounded memory). */
+  async getTo(
+    guestPath: string,
+    sink: (data: Buffer) => Promise<void> | void,
+    options: CallOptions = {},
+  ): Promise<number> {
+    validateGuestPath(guestPath);
+    validateTimeout("timeoutMs", options.timeoutMs);
+    const deadline = new Deadline(
+      options.timeoutMs ?? FILE_TIMEOUT_MS,
+      options.signal,
+      `read of ${guestPath}`,
+    );
+    let total = 0;
+    try {
+      await this.getStream(
+        { path: guestPath },
+        sink,
+        (t) => {
+          total = t;
+        },
+        deadline,
+        `read of ${guestPath}`,
+      );
+      return total;
+    } catch (err) {
+      throw this.mapDeadline(err, deadline);
+    } finally {
+      deadline.dispose();
+    }
+  }
+}
+
+/** One open protocol stream handed to agent-ops.ts. */
+export interface RawStream {
+  readonly id: number;
+  readonly info: AgentInfo;
+  grant(n: number): void;
+  control(type: number, payload?: Buffer): void;
+  send(data: Buffer, waitCredit: () => Promise<void>): Promise<boolean>;
 }

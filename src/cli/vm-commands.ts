@@ -1,12 +1,15 @@
 /**
- * `smolvm create|list|run|ssh|stop|start|rm|env|file|expose|unexpose|logs`: thin wrappers over
- * the SmolVM facade. Parsing and printing only; every behaviour lives in the SDK.
+ * `smolvm create|list|run|ssh|stop|start|rm|env|file|expose|unexpose|logs` and the sandbox verbs
+ * `shell|ps|attach|kill|fs`: thin wrappers over the SmolVM facade. Parsing and printing only;
+ * every behaviour lives in the SDK.
  */
 import { spawnSync } from "node:child_process";
 import type { Command } from "commander";
 import { quoteSh } from "../command.js";
 import { ValidationError } from "../errors.js";
-import { type CommChannelChoice, SmolVM } from "../vm/smolvm.js";
+import type { SignalName } from "../vm/processes.js";
+import { type CommChannelChoice, SmolVM, type VmStatus } from "../vm/smolvm.js";
+import { parseDuration } from "../vm/ttl.js";
 
 function parseEnvPairs(pairs: string[]): Record<string, string> {
   const env: Record<string, string> = {};
@@ -19,6 +22,17 @@ function parseEnvPairs(pairs: string[]): Record<string, string> {
 }
 
 const collect = (v: string, acc: string[]) => [...acc, v];
+
+function parseLabels(pairs: string[]): Record<string, string> | undefined {
+  if (!pairs.length) return undefined;
+  const labels: Record<string, string> = {};
+  for (const p of pairs) {
+    const i = p.indexOf("=");
+    if (i <= 0) throw new ValidationError(`expected --label key=value, got ${JSON.stringify(p)}`);
+    labels[p.slice(0, i)] = p.slice(i + 1);
+  }
+  return labels;
+}
 const int = (v: string) => {
   const n = Number(v);
   if (!Number.isInteger(n)) throw new ValidationError(`expected an integer, got ${JSON.stringify(v)}`);
@@ -48,6 +62,9 @@ export function registerVmCommands(program: Command): void {
     .option("--name <name>", "a name to refer to it by")
     .option("-e, --env <NAME=value>", "env var for login shells (repeatable)", collect, [])
     .option("--comm-channel <ch>", "ssh | agent | vsock | auto", "auto")
+    .option("--ttl <duration>", "delete the VM after this long (90s, 10m, 2h, 1d)")
+    .option("--label <k=v>", "a label to find the VM by (repeatable)", collect, [])
+    .option("--disk <mib>", "writable disk size in MiB (debian image)", int)
     .option("--json", "print the VM record as JSON")
     .action(async (o) => {
       const vm = await SmolVM.create({
@@ -57,6 +74,9 @@ export function registerVmCommands(program: Command): void {
         name: o.name,
         env: parseEnvPairs(o.env),
         commChannel: o.commChannel,
+        ttlMs: o.ttl === undefined ? undefined : parseDuration(o.ttl),
+        labels: parseLabels(o.label),
+        diskMib: o.disk,
       });
       // The VM outlives this process: close our connection, do not dispose (that deletes).
       await vm.close();
@@ -71,19 +91,43 @@ export function registerVmCommands(program: Command): void {
     .command("list")
     .alias("ls")
     .description("list sandboxes")
+    .option("--label <k=v>", "only VMs with this label (repeatable)", collect, [])
+    .option("--status <status>", "only VMs in this status (running, stopped, crashed, creating)")
     .option("--json", "print JSON")
     .action(async (o) => {
-      const vms = await SmolVM.list();
+      const vms = await SmolVM.list({
+        labels: parseLabels(o.label),
+        status: o.status as VmStatus | undefined,
+      });
       if (o.json) return console.log(JSON.stringify(vms, null, 2));
       if (!vms.length) return console.log("no VMs");
       console.log(
-        ["ID".padEnd(18), "NAME".padEnd(20), "STATUS".padEnd(9), "IMAGE".padEnd(7), "SSH"].join(" "),
+        [
+          "ID".padEnd(18),
+          "NAME".padEnd(20),
+          "STATUS".padEnd(9),
+          "IMAGE".padEnd(7),
+          "SSH".padEnd(6),
+          "EXPIRES".padEnd(24),
+          "LABELS",
+        ].join(" "),
       );
       for (const v of vms) {
+        const expires = v.expiresAt === null ? "-" : new Date(v.expiresAt).toISOString();
+        const labels =
+          Object.entries(v.labels)
+            .map(([k, val]) => `${k}=${val}`)
+            .join(",") || "-";
         console.log(
-          [v.id.padEnd(18), v.name.padEnd(20), v.status.padEnd(9), v.image.padEnd(7), v.sshPort ?? "-"].join(
-            " ",
-          ),
+          [
+            v.id.padEnd(18),
+            v.name.padEnd(20),
+            v.status.padEnd(9),
+            v.image.padEnd(7),
+            String(v.sshPort ?? "-").padEnd(6),
+            expires.padEnd(24),
+            labels,
+          ].join(" "),
         );
       }
     });
@@ -93,8 +137,18 @@ export function registerVmCommands(program: Command): void {
     .description("run a command in a sandbox; exits with its exit code")
     .option("--timeout <ms>", "deadline in ms", int, 30_000)
     .option("--raw", "skip the login shell")
+    .option("--detach", "start it in the background and print its pid (see ps, attach, kill)")
     .option("--comm-channel <ch>", "ssh | agent | vsock | auto")
     .action(async (id: string, words: string[], o) => {
+      if (o.detach) {
+        const pid = await withVm(id, o.commChannel, async (vm) => {
+          const p = await vm.processes.start(words.join(" "), { shell: o.raw ? "raw" : "login" });
+          p.detach();
+          return p.pid;
+        });
+        console.log(pid);
+        return;
+      }
       const code = await withVm(id, o.commChannel, async (vm) => {
         const r = await vm.run(words.join(" "), {
           timeoutMs: o.timeout,
@@ -192,6 +246,131 @@ export function registerVmCommands(program: Command): void {
     .action(async (id: string, hostPort: string) =>
       withVm(id, undefined, (vm) => vm.unexposeLocal(int(hostPort))),
     );
+
+  program
+    .command("shell <vm>")
+    .description("an interactive terminal over the guest agent; exits with the shell's code")
+    .action(async (id: string) => {
+      const code = await withVm(id, undefined, async (vm) => {
+        const out = process.stdout;
+        const t = await vm.pty.create({
+          cols: out.columns || 80,
+          rows: out.rows || 24,
+          onData: (d) => out.write(d),
+        });
+        const stdin = process.stdin;
+        const raw = stdin.isTTY === true;
+        if (raw) stdin.setRawMode(true);
+        const onInput = (d: Buffer) => void t.write(d).catch(() => {});
+        const onResize = () => void t.resize({ cols: out.columns || 80, rows: out.rows || 24 });
+        stdin.on("data", onInput);
+        process.on("SIGWINCH", onResize);
+        stdin.resume();
+        try {
+          return await t.wait();
+        } finally {
+          stdin.off("data", onInput);
+          process.off("SIGWINCH", onResize);
+          if (raw) stdin.setRawMode(false);
+          stdin.pause();
+        }
+      });
+      process.exitCode = code;
+    });
+
+  program
+    .command("ps <vm>")
+    .description("background processes in a sandbox (running and recently finished)")
+    .option("--json", "print JSON")
+    .action(async (id: string, o) => {
+      const list = await withVm(id, undefined, (vm) => vm.processes.list());
+      if (o.json) return console.log(JSON.stringify(list, null, 2));
+      console.log(["PID".padEnd(7), "STATE".padEnd(12), "STARTED".padEnd(24), "COMMAND"].join(" "));
+      for (const p of list) {
+        const state = p.running ? "running" : p.signal ? `killed ${p.signal}` : `exit ${p.exitCode}`;
+        console.log(
+          [String(p.pid).padEnd(7), state.padEnd(12), p.startedAt.toISOString().padEnd(24), p.command].join(
+            " ",
+          ),
+        );
+      }
+    });
+
+  program
+    .command("attach <vm> <pid>")
+    .description("print a background process's missed output, then follow it; exits with its code")
+    .action(async (id: string, pid: string) => {
+      const code = await withVm(id, undefined, async (vm) => {
+        const p = await vm.processes.connect(int(pid), {
+          onStdout: (d) => process.stdout.write(d),
+          onStderr: (d) => process.stderr.write(d),
+          maxOutputBytes: 0,
+        });
+        const r = await p.wait();
+        return r.exitCode ?? 128;
+      });
+      process.exitCode = code;
+    });
+
+  program
+    .command("kill <vm> <pid>")
+    .description("signal a background process's whole process group")
+    .option("--signal <name>", "TERM, INT, KILL, HUP, QUIT, USR1, USR2, STOP, CONT, WINCH", "KILL")
+    .action(async (id: string, pid: string, o) => {
+      await withVm(id, undefined, async (vm) => {
+        const p = await vm.processes.connect(int(pid), { replay: "none" });
+        try {
+          await p.kill(String(o.signal).toUpperCase().replace(/^SIG/, "") as SignalName);
+        } finally {
+          p.detach();
+        }
+      });
+    });
+
+  const fs = program.command("fs").description("files in a sandbox");
+  fs.command("ls <vm> [path]")
+    .option("--depth <n>", "levels to descend", int, 1)
+    .option("--json", "print JSON")
+    .action(async (id: string, path: string | undefined, o) => {
+      const entries = await withVm(id, undefined, (vm) => vm.files.list(path ?? "/", { depth: o.depth }));
+      if (o.json) return console.log(JSON.stringify(entries, null, 2));
+      for (const e of entries) {
+        const mode = e.mode.toString(8).padStart(4, "0");
+        console.log(
+          `${e.type.padEnd(7)} ${mode} ${String(e.size).padStart(10)} ${e.path}${e.target ? ` -> ${e.target}` : ""}`,
+        );
+      }
+    });
+  fs.command("stat <vm> <path>").action(async (id: string, path: string) => {
+    console.log(JSON.stringify(await withVm(id, undefined, (vm) => vm.files.stat(path)), null, 2));
+  });
+  fs.command("cat <vm> <paths...>").action(async (id: string, paths: string[]) => {
+    await withVm(id, undefined, async (vm) => {
+      for (const p of paths) {
+        for await (const chunk of vm.files.readStream(p)) {
+          if (!process.stdout.write(chunk as Buffer))
+            await new Promise((r) => process.stdout.once("drain", r));
+        }
+      }
+    });
+  });
+  fs.command("rm <vm> <paths...>")
+    .option("-r, --recursive", "remove directories and their contents")
+    .action(async (id: string, paths: string[], o) =>
+      withVm(id, undefined, async (vm) => {
+        for (const p of paths) await vm.files.remove(p, { recursive: !!o.recursive });
+      }),
+    );
+  fs.command("mkdir <vm> <paths...>")
+    .option("-p, --parents", "create parents; an existing directory is fine")
+    .action(async (id: string, paths: string[], o) =>
+      withVm(id, undefined, async (vm) => {
+        for (const p of paths) await vm.files.mkdir(p, { recursive: !!o.parents });
+      }),
+    );
+  fs.command("mv <vm> <from> <to>").action(async (id: string, from: string, to: string) =>
+    withVm(id, undefined, (vm) => vm.files.rename(from, to)),
+  );
 
   program
     .command("logs <vm>")

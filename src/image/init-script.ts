@@ -104,7 +104,7 @@ function userspace(cfg: string, lateModules: readonly string[] = []): string {
   return `mkdir -p /dev/pts /dev/shm /tmp /run
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs -o mode=1777\${disk_mib:+,size=\${disk_mib}m} tmpfs /tmp
 grep -q " /run " /proc/mounts || mount -t tmpfs -o mode=755 tmpfs /run
 ${VIRTIO_PORT_LINKS}
 
@@ -188,6 +188,12 @@ milestone init-start
 ${loadModules(modules)}${allLoaded ? "\nmilestone modules-loaded" : ""}`;
 }
 
+/** create({ diskMib }) on tiny: cap the RAM root filesystem (and /tmp, mounted later) at that size. */
+const TINY_DISK_CAP = `disk_mib=
+[ -s ${CONFIG_DIR}/disk_mib ] && read -r disk_mib < ${CONFIG_DIR}/disk_mib
+case "$disk_mib" in *[!0-9]*|"") disk_mib= ;; esac
+[ -n "$disk_mib" ] && mount -o remount,size=\${disk_mib}m /`;
+
 /**
  * tiny's /init: everything in the initramfs, busybox userland. The agent starts right after the
  * modules its port needs; the others follow it.
@@ -196,6 +202,7 @@ export function renderTinyInit(modules: readonly string[]): string {
   const early = modules.filter((m) => AGENT_PORT_MODULES.has(m));
   const late = modules.filter((m) => !AGENT_PORT_MODULES.has(m));
   return `${initramfsPrologue("tiny image init", early, late.length === 0)}
+${TINY_DISK_CAP}
 ${userspace(CONFIG_DIR, late)}`;
 }
 

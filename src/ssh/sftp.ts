@@ -26,7 +26,10 @@ const SFTP_STATUS: Record<number, string> = {
 };
 
 /** SFTP status errors are about the file, not the connection: FILE_TRANSFER with the status. */
-function call<T>(fn: (cb: (err: Error | null | undefined, v?: T) => void) => void, what: string): Promise<T> {
+export function call<T>(
+  fn: (cb: (err: Error | null | undefined, v?: T) => void) => void,
+  what: string,
+): Promise<T> {
   return new Promise((resolve, reject) =>
     fn((err, v) => {
       if (!err) return resolve(v as T);
@@ -43,7 +46,7 @@ function call<T>(fn: (cb: (err: Error | null | undefined, v?: T) => void) => voi
   );
 }
 
-async function withSftp<T>(
+export async function withSftp<T>(
   conn: SSHConnection,
   options: TransferOptions,
   what: string,

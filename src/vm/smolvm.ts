@@ -48,12 +48,16 @@ import { acquireAgentLock } from "./agent-lock.js";
 import { type CrashReport, CrashWatch } from "./crash-watch.js";
 import { type DoctorOptions, type DoctorReport, doctor } from "./doctor.js";
 import { renderEnvFile } from "./env-file.js";
+import { type ChannelAccess, VmFiles } from "./files.js";
 import { leasePort, releasePorts } from "./ports.js";
 import { isQemuAlive, launchQemu, stopQemu } from "./process.js";
+import { VmProcesses } from "./processes.js";
+import { VmPty } from "./pty.js";
 import { buildQemuArgv, type VmLaunchSpec } from "./qemu.js";
 import { QmpClient } from "./qmp.js";
 import { serialMilestones, tailFile } from "./serial-log.js";
 import { type VmStatus as StoredStatus, type VmRecord, VmStore, vmFiles } from "./store.js";
+import { ensureReaper, validateLabels, validateTtl } from "./ttl.js";
 
 export type CommChannelChoice = "ssh" | "agent" | "vsock" | "auto";
 export type VmStatus = StoredStatus | "deleted";
@@ -79,6 +83,20 @@ export interface SmolVMCreateOptions {
   signal?: AbortSignal;
   /** Image build steps, and the accelerator verdict when it was probed or changed. */
   onProgress?: (p: SmolVMProgress) => void;
+  /** Delete the VM this long after create() returns, even if no process of ours runs then. */
+  ttlMs?: number;
+  /** Labels kept with the VM; SmolVM.list({ labels }) filters by them. */
+  labels?: Record<string, string>;
+  /** Writable space, MiB: the debian image's copy-on-write disk; tiny's RAM filesystems (/ and /tmp) are capped at it. */
+  diskMib?: number;
+}
+
+export interface ListOptions {
+  dataDir?: string;
+  /** Only VMs carrying all of these labels (same values). */
+  labels?: Record<string, string>;
+  /** Only VMs in this status (or any of these). */
+  status?: VmStatus | VmStatus[];
 }
 
 /** The accelerator chosen for a create: reported when it was probed, or changed after a crash. */
@@ -203,7 +221,9 @@ export class SmolVM implements AsyncDisposable {
         vmDir,
         channel: opts.commChannel === "auto" ? null : opts.commChannel,
         hostKeyFingerprint: hostKey.fingerprint,
+        labels: opts.labels,
         config: {
+          ...(opts.diskMib !== undefined ? { diskMib: opts.diskMib } : {}),
           memoryMib: opts.memoryMib,
           vcpus: opts.vcpus,
           accel: accel.accel,
@@ -223,10 +243,14 @@ export class SmolVM implements AsyncDisposable {
           { path: "smolvm/config/agent_secret", mode: 0o600, data: agentSecret },
           { path: "smolvm/config/env", mode: 0o600, data: renderEnvFile(opts.env) },
           { path: "smolvm/config/hostname", mode: 0o644, data: `${safeHostname(name)}\n` },
+          ...(opts.diskMib !== undefined
+            ? [{ path: "smolvm/config/disk_mib", mode: 0o644, data: `${opts.diskMib}\n` }]
+            : []),
         ]);
         await composeInitrd(image.initrdPath, cpio, join(vmDir, "initrd.img"));
         await writeFile(vmFiles(vmDir).agentSecret, agentSecret, { mode: 0o600 });
         await vm.bootOrFallBack(image, deadline, accel, opts, t0);
+        if (opts.ttlMs !== undefined) await vm.setTtl(opts.ttlMs);
         vm.bootTimings = { ...vm.bootTimings!, totalMs: Math.round(performance.now() - t0) };
         return vm;
       } catch (e) {
@@ -267,11 +291,16 @@ export class SmolVM implements AsyncDisposable {
     return doctor(options);
   }
 
-  static async list(options: { dataDir?: string } = {}): Promise<VmRecord[]> {
+  static async list(options: ListOptions = {}): Promise<VmRecord[]> {
+    if (options.labels) validateLabels(options.labels);
+    const statuses = options.status === undefined ? undefined : [options.status].flat();
     const store = VmStore.open(options.dataDir ?? defaultDataDir());
     try {
       store.reconcile();
-      return store.list();
+      return store
+        .list()
+        .filter((v) => !statuses || statuses.includes(v.status))
+        .filter((v) => Object.entries(options.labels ?? {}).every(([k, val]) => v.labels[k] === val));
     } finally {
       store.close();
     }
@@ -286,6 +315,55 @@ export class SmolVM implements AsyncDisposable {
   get sshPort(): number | null {
     return this.record.sshPort;
   }
+  /** Labels given at create(). */
+  get labels(): Record<string, string> {
+    return { ...this.record.labels };
+  }
+
+  /** When the VM will be deleted (its TTL), or null. */
+  get expiresAt(): Date | null {
+    const fresh = this.deleted ? undefined : this.store.get(this.id);
+    if (fresh) this.record = fresh;
+    return this.record.expiresAt === null ? null : new Date(this.record.expiresAt);
+  }
+
+  /**
+   * Sets the VM's lifetime to `ms` from now (null clears it). A detached reaper deletes the VM
+   * once it expires, whichever process created it and whether or not that process still runs.
+   */
+  async setTtl(ms: number | null): Promise<void> {
+    validateTtl(ms, "ms");
+    if (this.deleted) throw this.deletedError();
+    this.update({ expiresAt: ms === null ? null : Date.now() + ms });
+    if (ms !== null) ensureReaper(this.dataDir);
+  }
+
+  /** Files in the guest: read/write/list/stat/exists/mkdir/remove/rename/watch (agent or SFTP). */
+  get files(): VmFiles {
+    this.filesApi ??= new VmFiles(this.channelAccess());
+    return this.filesApi;
+  }
+
+  /** Background processes that outlive this object and this host process (agent only). */
+  get processes(): VmProcesses {
+    this.processesApi ??= new VmProcesses(this.channelAccess());
+    return this.processesApi;
+  }
+
+  /** Interactive terminals on a guest PTY (agent only). */
+  get pty(): VmPty {
+    this.ptyApi ??= new VmPty(this.channelAccess());
+    return this.ptyApi;
+  }
+
+  private filesApi: VmFiles | undefined;
+  private processesApi: VmProcesses | undefined;
+  private ptyApi: VmPty | undefined;
+
+  private channelAccess(): ChannelAccess {
+    return { channel: () => this.channel(), explain: (fn) => this.explain(fn), name: this.name };
+  }
+
   /** "running", "stopped", "crashed" (QEMU died without being asked to), "creating", "deleted". */
   get status(): VmStatus {
     if (this.deleted) return "deleted";
@@ -319,7 +397,7 @@ export class SmolVM implements AsyncDisposable {
     await this.closeChannel();
     if (this.record.pid) {
       await stopQemu(
-        { pid: this.record.pid, qmpSocketPath: this.files.qmpSocket, marker: this.files.marker },
+        { pid: this.record.pid, qmpSocketPath: this.vmPaths.qmpSocket, marker: this.vmPaths.marker },
         { timeoutMs: options.timeoutMs ?? 20_000, signal: options.signal, force: true },
       );
     }
@@ -440,7 +518,7 @@ export class SmolVM implements AsyncDisposable {
       throw new ValidationError(
         `host port ${hostPort} is already leased by a smolvm VM: pick another or omit it.`,
       );
-    const qmp = await QmpClient.connect(this.files.qmpSocket, { timeoutMs: options.timeoutMs ?? 5_000 });
+    const qmp = await QmpClient.connect(this.vmPaths.qmpSocket, { timeoutMs: options.timeoutMs ?? 5_000 });
     try {
       await qmp.hostfwdAdd(port, guestPort);
     } catch (e) {
@@ -461,7 +539,7 @@ export class SmolVM implements AsyncDisposable {
       throw new ValidationError(`host port ${hostPort} is not exposed by VM ${this.id}.`);
     }
     if (this.status === "running") {
-      const qmp = await QmpClient.connect(this.files.qmpSocket, { timeoutMs: options.timeoutMs ?? 5_000 });
+      const qmp = await QmpClient.connect(this.vmPaths.qmpSocket, { timeoutMs: options.timeoutMs ?? 5_000 });
       try {
         await qmp.hostfwdRemove(hostPort);
       } finally {
@@ -505,12 +583,12 @@ export class SmolVM implements AsyncDisposable {
 
   /** The serial console log (boot milestones, kernel messages), for diagnosis. */
   async serialLog(): Promise<string> {
-    return readFile(this.files.serialLog, "utf8").catch(() => "");
+    return readFile(this.vmPaths.serialLog, "utf8").catch(() => "");
   }
 
   // ------------------------------------------------------------ internals
 
-  private get files() {
+  private get vmPaths() {
     return vmFiles(this.record.vmDir);
   }
   private get knownHostsPath(): string {
@@ -563,11 +641,11 @@ export class SmolVM implements AsyncDisposable {
       initrdPath: join(this.record.vmDir, "initrd.img"),
       kernelAppend: image.kernelCmdline,
       tscKhz: accel === "tcg" ? hostTscKhz() : undefined,
-      qmpSocketPath: this.files.qmpSocket,
-      serialLogPath: this.files.serialLog,
-      pidfilePath: this.files.pidfile,
+      qmpSocketPath: this.vmPaths.qmpSocket,
+      serialLogPath: this.vmPaths.serialLog,
+      pidfilePath: this.vmPaths.pidfile,
       sshHostPort: sshPort,
-      agentSocketPath: image.capabilities.agent ? this.files.agentSocket : undefined,
+      agentSocketPath: image.capabilities.agent ? this.vmPaths.agentSocket : undefined,
     };
     if (image.rootfsPath) spec.rootfsPath = await this.overlayFor(image);
     buildQemuArgv(spec); // validates before anything is spawned
@@ -581,7 +659,7 @@ export class SmolVM implements AsyncDisposable {
     this.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
     await this.closeChannel();
     const kind = this.plannedChannel();
-    const watch = new CrashWatch({ pid: launched.pid, files: this.files, accel }, true);
+    const watch = new CrashWatch({ pid: launched.pid, files: this.vmPaths, accel }, true);
     this.qemuLogSeen = 0;
     try {
       await this.untilCrash(watch, 250, async () => {
@@ -596,7 +674,7 @@ export class SmolVM implements AsyncDisposable {
     } catch (e) {
       if (e instanceof VMStateError && e.code === "VM_CRASHED") throw e;
       const log = await tailFile(spec.serialLogPath, 1500);
-      if (!isQemuAlive(launched.pid, this.files.marker)) {
+      if (!isQemuAlive(launched.pid, this.vmPaths.marker)) {
         this.update({ status: "crashed", pid: null });
         throw new VMStateError(`VM ${this.id} stopped during boot. Serial console tail:\n${log}`, {
           code: "VM_CRASHED",
@@ -615,7 +693,7 @@ export class SmolVM implements AsyncDisposable {
     }
     deadline.phase = undefined;
     const bootToChannelMs = Math.round(performance.now() - t0);
-    const ms = serialMilestones(await tailFile(this.files.serialLog, 65536));
+    const ms = serialMilestones(await tailFile(this.vmPaths.serialLog, 65536));
     const ready = this.chan === this.agentChan && this.chan ? "agent" : "ssh";
     this.bootTimings = {
       channel: ready,
@@ -642,7 +720,7 @@ export class SmolVM implements AsyncDisposable {
    */
   private async waitForMilestone(name: string, deadline: Deadline): Promise<void> {
     for (;;) {
-      const log = await tailFile(this.files.serialLog, 65536);
+      const log = await tailFile(this.vmPaths.serialLog, 65536);
       if (serialMilestones(log)[name] !== undefined) return;
       await sleep(10, deadline.signal);
     }
@@ -676,7 +754,7 @@ export class SmolVM implements AsyncDisposable {
     const pid = this.record.pid;
     if (pid) {
       await stopQemu(
-        { pid, qmpSocketPath: this.files.qmpSocket, marker: this.files.marker },
+        { pid, qmpSocketPath: this.vmPaths.qmpSocket, marker: this.vmPaths.marker },
         { timeoutMs: 5_000, force: true },
       ).catch(() => {});
     }
@@ -713,7 +791,19 @@ export class SmolVM implements AsyncDisposable {
     // The VM's disk: made once, kept across stop()/start(), removed with the VM.
     if (existsSync(overlay)) return overlay;
     const { exec } = await import("../image/exec.js");
-    await exec("qemu-img", ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfsPath!, overlay]);
+    const diskMib = this.record.config.diskMib as number | undefined;
+    await exec("qemu-img", [
+      "create",
+      "-q",
+      "-f",
+      "qcow2",
+      "-F",
+      "raw",
+      "-b",
+      image.rootfsPath!,
+      overlay,
+      ...(diskMib ? [`${diskMib}M`] : []),
+    ]);
     return overlay;
   }
 
@@ -783,8 +873,8 @@ export class SmolVM implements AsyncDisposable {
 
   private agent(): AgentChannel {
     if (!this.agentChan) {
-      const socket = this.files.agentSocket;
-      const lock = this.files.agentLock;
+      const socket = this.vmPaths.agentSocket;
+      const lock = this.vmPaths.agentLock;
       // Held while this channel's socket is open. The channel connects only when its previous
       // socket is dead, so a lock still held from that one is ours to drop.
       let release: (() => void) | undefined;
@@ -807,7 +897,7 @@ export class SmolVM implements AsyncDisposable {
       };
       this.agentChan = new AgentChannel({
         connect,
-        secret: readFileSync(this.files.agentSecret),
+        secret: readFileSync(this.vmPaths.agentSecret),
         name: `the agent of VM ${this.name}`,
       });
     }
@@ -823,7 +913,7 @@ export class SmolVM implements AsyncDisposable {
       const pid = this.record.pid;
       if (!pid) return await fn();
       const accel = this.record.config.accel === "kvm" ? "kvm" : "tcg";
-      const watch = new CrashWatch({ pid, files: this.files, accel }, false, this.qemuLogSeen);
+      const watch = new CrashWatch({ pid, files: this.vmPaths, accel }, false, this.qemuLogSeen);
       try {
         return await this.untilCrash(watch, CALL_WATCH_INTERVAL_MS, fn);
       } finally {
@@ -839,7 +929,7 @@ export class SmolVM implements AsyncDisposable {
   }
 
   private pidAlive(): boolean {
-    return this.record.pid !== null && isQemuAlive(this.record.pid, this.files.marker);
+    return this.record.pid !== null && isQemuAlive(this.record.pid, this.vmPaths.marker);
   }
 
   private refreshLiveness(): void {
@@ -876,7 +966,7 @@ export class SmolVM implements AsyncDisposable {
       ? ' This host\'s KVM cannot run the guest: use accel "auto" (it falls back to TCG) or "tcg".'
       : "";
     return new VMStateError(
-      `VM ${this.id} crashed: ${what}.${kvmHint} See vm.serialLog() or ${this.files.serialLog} and ${this.files.qemuLog}; vm.start() boots it again, vm.delete() removes it.${said}${serial}`,
+      `VM ${this.id} crashed: ${what}.${kvmHint} See vm.serialLog() or ${this.vmPaths.serialLog} and ${this.vmPaths.qemuLog}; vm.start() boots it again, vm.delete() removes it.${said}${serial}`,
       { code: "VM_CRASHED", cause, details: { id: this.id, crash: report } },
     );
   }
@@ -914,6 +1004,11 @@ function validateCreateOptions(o: SmolVMCreateOptions) {
     );
   }
   if (o.env) validateEnv(o.env);
+  validateTtl(o.ttlMs);
+  validateLabels(o.labels);
+  if (o.diskMib !== undefined && (!Number.isInteger(o.diskMib) || o.diskMib < 64 || o.diskMib > 1 << 20)) {
+    throw new ValidationError(`diskMib must be an integer from 64 to 1048576, got ${String(o.diskMib)}.`);
+  }
   if (o.timeoutMs !== undefined && !(o.timeoutMs > 0))
     throw new ValidationError("timeoutMs must be a positive number.");
   return {
@@ -928,6 +1023,9 @@ function validateCreateOptions(o: SmolVMCreateOptions) {
     timeoutMs: o.timeoutMs ?? DEFAULT_CREATE_TIMEOUT_MS,
     signal: o.signal,
     onProgress: o.onProgress,
+    ttlMs: o.ttlMs,
+    labels: o.labels,
+    diskMib: o.diskMib,
   } as const;
 }
 

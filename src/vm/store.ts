@@ -29,17 +29,43 @@ export interface VmRecord {
   channel: string | null;
   vmDir: string;
   hostKeyFingerprint: string | null;
+  /** User labels (filter SmolVM.list by them). */
+  labels: Record<string, string>;
+  /** When the TTL reaper deletes the VM (epoch ms), or null. */
+  expiresAt: number | null;
   createdAt: string;
   updatedAt: string;
 }
 
 export type NewVm = Pick<VmRecord, "id" | "name" | "image" | "vmDir"> &
   Partial<
-    Pick<VmRecord, "status" | "config" | "pid" | "sshPort" | "ports" | "channel" | "hostKeyFingerprint">
+    Pick<
+      VmRecord,
+      | "status"
+      | "config"
+      | "pid"
+      | "sshPort"
+      | "ports"
+      | "channel"
+      | "hostKeyFingerprint"
+      | "labels"
+      | "expiresAt"
+    >
   >;
 
 export type VmPatch = Partial<
-  Pick<VmRecord, "status" | "config" | "pid" | "sshPort" | "ports" | "channel" | "hostKeyFingerprint">
+  Pick<
+    VmRecord,
+    | "status"
+    | "config"
+    | "pid"
+    | "sshPort"
+    | "ports"
+    | "channel"
+    | "hostKeyFingerprint"
+    | "labels"
+    | "expiresAt"
+  >
 >;
 
 export interface PortLease {
@@ -74,7 +100,7 @@ export function vmFiles(vmDir: string) {
   };
 }
 
-const SCHEMA_VERSION = 1;
+const SCHEMA_VERSION = 2;
 const STATUSES: readonly VmStatus[] = ["creating", "running", "stopped", "crashed"];
 
 const MIGRATIONS: Record<number, string> = {
@@ -102,6 +128,11 @@ const MIGRATIONS: Record<number, string> = {
     );
     CREATE INDEX port_leases_vm ON port_leases(vm_id);
   `,
+  2: `
+    ALTER TABLE vms ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE vms ADD COLUMN expires_at INTEGER;
+    CREATE INDEX vms_expires_at ON vms(expires_at) WHERE expires_at IS NOT NULL;
+  `,
 };
 
 interface Row {
@@ -116,6 +147,8 @@ interface Row {
   channel: string | null;
   vm_dir: string;
   host_key_fingerprint: string | null;
+  labels: string;
+  expires_at: number | null;
   created_at: string;
   updated_at: string;
 }
@@ -133,6 +166,8 @@ function fromRow(r: Row): VmRecord {
     channel: r.channel,
     vmDir: r.vm_dir,
     hostKeyFingerprint: r.host_key_fingerprint,
+    labels: JSON.parse(r.labels) as Record<string, string>,
+    expiresAt: r.expires_at,
     createdAt: r.created_at,
     updatedAt: r.updated_at,
   };
@@ -224,9 +259,9 @@ export class VmStore {
       this.db
         .prepare(
           `INSERT INTO vms (id, name, status, image, config, pid, ssh_port, ports, channel, vm_dir,
-             host_key_fingerprint, created_at, updated_at)
+             host_key_fingerprint, labels, expires_at, created_at, updated_at)
            VALUES (@id, @name, @status, @image, @config, @pid, @sshPort, @ports, @channel, @vmDir,
-             @hostKeyFingerprint, @now, @now)`,
+             @hostKeyFingerprint, @labels, @expiresAt, @now, @now)`,
         )
         .run({
           id: vm.id,
@@ -240,6 +275,8 @@ export class VmStore {
           channel: vm.channel ?? null,
           vmDir: vm.vmDir,
           hostKeyFingerprint: vm.hostKeyFingerprint ?? null,
+          labels: JSON.stringify(vm.labels ?? {}),
+          expiresAt: vm.expiresAt ?? null,
           now,
         });
     } catch (e) {
@@ -290,6 +327,8 @@ export class VmStore {
       ports: ["ports", (v) => JSON.stringify(v)],
       channel: ["channel", (v) => v],
       hostKeyFingerprint: ["host_key_fingerprint", (v) => v],
+      labels: ["labels", (v) => JSON.stringify(v)],
+      expiresAt: ["expires_at", (v) => v],
     };
     const sets: string[] = [];
     const params: unknown[] = [];
@@ -306,6 +345,13 @@ export class VmStore {
       throw new VMNotFoundError(`No VM with id ${id} to update: it was deleted.`, { details: { id } });
     }
     return this.get(id)!;
+  }
+
+  /** VMs with a TTL, soonest expiry first (the reaper's work list). */
+  expiring(): VmRecord[] {
+    return (
+      this.db.prepare("SELECT * FROM vms WHERE expires_at IS NOT NULL ORDER BY expires_at").all() as Row[]
+    ).map(fromRow);
   }
 
   /** Deletes the VM and its port leases. False when it did not exist. */

@@ -430,7 +430,19 @@ describe("ports, info, readiness", () => {
     await ch.waitReady({ timeoutMs: 5000 });
     const info = await ch.info();
     expect(info.version).toBe("0.1.0");
-    expect(info.capabilities).toEqual(["exec", "pty", "put", "get", "env", "wait_port", "info", "shell"]);
+    expect(info.capabilities).toEqual([
+      "exec",
+      "pty",
+      "put",
+      "get",
+      "env",
+      "wait_port",
+      "info",
+      "shell",
+      "fs",
+      "watch",
+      "proc",
+    ]);
     expect(info.startUptimeS).toBeGreaterThan(0);
     expect(info.milestones).toBe("kernel 0.100\ninit 0.200\n");
     expect(info.pid).toBe(agent.proc.pid);

@@ -30,7 +30,18 @@ describe("smolvm CLI", () => {
   let id: string;
   beforeAll(async () => {
     dataDir = mkdtempSync(join(tmpdir(), "smolvm-cli-"));
-    const r = await smolvm(dataDir, "create", "--name", "cli-vm", "-e", "GREETING=hello there");
+    const r = await smolvm(
+      dataDir,
+      "create",
+      "--name",
+      "cli-vm",
+      "-e",
+      "GREETING=hello there",
+      "--label",
+      "team=cli",
+      "--ttl",
+      "2h",
+    );
     expect(r.code, r.stderr).toBe(0);
     id = r.stdout.trim();
   }, 240_000);
@@ -73,6 +84,65 @@ describe("smolvm CLI", () => {
     }
     expect((await smolvm(dataDir, "logs", "cli-vm")).stdout).toContain("sshd-started");
   });
+
+  it("sandbox verbs: list --label, run --detach, ps, attach, kill, fs, shell", async () => {
+    const labelled = await smolvm(dataDir, "list", "--label", "team=cli", "--json");
+    const vms = JSON.parse(labelled.stdout) as Array<{ id: string; labels: object; expiresAt: number }>;
+    expect(vms.map((v) => v.id)).toEqual([id]);
+    expect(vms[0]!.labels).toEqual({ team: "cli" });
+    expect(Math.abs(vms[0]!.expiresAt - (Date.now() + 2 * 3600_000))).toBeLessThan(300_000);
+    expect((await smolvm(dataDir, "list", "--label", "team=other")).stdout).toBe("no VMs\n");
+
+    const started = await smolvm(
+      dataDir,
+      "run",
+      "--detach",
+      "cli-vm",
+      "--",
+      "echo from-bg; sleep 0.2; echo end; exit 5",
+    );
+    expect(started.code, started.stderr).toBe(0);
+    const pid = Number(started.stdout.trim());
+    expect(pid).toBeGreaterThan(1);
+    const attached = await smolvm(dataDir, "attach", "cli-vm", String(pid));
+    expect([attached.code, attached.stdout]).toEqual([5, "from-bg\nend\n"]);
+    const ps = JSON.parse((await smolvm(dataDir, "ps", "cli-vm", "--json")).stdout) as Array<{
+      pid: number;
+      exitCode: number;
+    }>;
+    expect(ps.find((p) => p.pid === pid)?.exitCode).toBe(5);
+    const sleeper = Number(
+      (await smolvm(dataDir, "run", "--detach", "cli-vm", "--", "sleep 300")).stdout.trim(),
+    );
+    expect((await smolvm(dataDir, "kill", "cli-vm", String(sleeper), "--signal", "TERM")).code).toBe(0);
+    expect((await smolvm(dataDir, "ps", "cli-vm")).stdout).toMatch(new RegExp(`${sleeper}\\s+killed TERM`));
+
+    expect((await smolvm(dataDir, "fs", "mkdir", "-p", "cli-vm", "/fs/a/b")).code).toBe(0);
+    await smolvm(dataDir, "run", "cli-vm", "printf 'abc' > /fs/a/f.txt");
+    expect((await smolvm(dataDir, "fs", "ls", "cli-vm", "/fs", "--depth", "3")).stdout).toMatch(
+      /file\s+0644\s+3 \/fs\/a\/f.txt/,
+    );
+    expect(JSON.parse((await smolvm(dataDir, "fs", "stat", "cli-vm", "/fs/a")).stdout)).toMatchObject({
+      type: "dir",
+    });
+    expect((await smolvm(dataDir, "fs", "mv", "cli-vm", "/fs/a/f.txt", "/fs/g.txt")).code).toBe(0);
+    expect((await smolvm(dataDir, "fs", "cat", "cli-vm", "/fs/g.txt")).stdout).toBe("abc");
+    expect((await smolvm(dataDir, "fs", "rm", "-r", "cli-vm", "/fs")).code).toBe(0);
+    const gone = await smolvm(dataDir, "fs", "cat", "cli-vm", "/fs/g.txt");
+    expect(gone.code).toBe(1);
+
+    const shell = await new Promise<{ code: number; stdout: string }>((resolve) => {
+      const child = execFile(
+        "node",
+        ["--import", "tsx", CLI, "shell", "cli-vm"],
+        { env: { ...process.env, SMOLVM_DATA_DIR: dataDir }, timeout: 60_000 },
+        (err, stdout) => resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout }),
+      );
+      child.stdin!.end("echo in-shell-$((6*7)); exit 4\n");
+    });
+    expect(shell.code).toBe(4);
+    expect(shell.stdout).toContain("in-shell-42");
+  }, 120_000);
 
   it("names a missing VM clearly and exits non-zero", async () => {
     const r = await smolvm(dataDir, "run", "no-such-vm", "true");

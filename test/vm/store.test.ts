@@ -27,7 +27,7 @@ describe("VmStore", () => {
   it("creates a versioned WAL database", () => {
     const { dir, store } = open();
     expect(store.path).toBe(join(dir, "state.db"));
-    expect(store.schemaVersion).toBe(1);
+    expect(store.schemaVersion).toBe(2);
     const raw = new Database(join(dir, "state.db"), { readonly: true });
     expect(raw.pragma("journal_mode", { simple: true })).toBe("wal");
     const tables = raw
@@ -38,9 +38,35 @@ describe("VmStore", () => {
     expect(tables).toEqual(["port_leases", "vms"]);
     // Re-opening an up-to-date database is a no-op.
     const again = VmStore.open(dir);
-    expect(again.schemaVersion).toBe(1);
+    expect(again.schemaVersion).toBe(2);
     again.close();
     again.close();
+  });
+
+  it("migrates a version 1 database: labels and expiry persist", () => {
+    const dir = mkdtempSync(join(tmpdir(), "smolvm-store-v1-"));
+    dirs.push(dir);
+    const raw = new Database(join(dir, "state.db"));
+    raw.exec(`CREATE TABLE vms (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, status TEXT NOT NULL,
+      image TEXT NOT NULL, config TEXT NOT NULL DEFAULT '{}', pid INTEGER, ssh_port INTEGER,
+      ports TEXT NOT NULL DEFAULT '[]', channel TEXT, vm_dir TEXT NOT NULL, host_key_fingerprint TEXT,
+      created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+      CREATE TABLE port_leases (port INTEGER PRIMARY KEY, vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+      purpose TEXT NOT NULL, created_at TEXT NOT NULL);
+      INSERT INTO vms (id, name, status, image, vm_dir, created_at, updated_at)
+        VALUES ('old', 'old', 'stopped', 'tiny', '/x', 't', 't');`);
+    raw.pragma("user_version = 1");
+    raw.close();
+    const store = VmStore.open(dir);
+    stores.push(store);
+    expect(store.schemaVersion).toBe(2);
+    expect(store.get("old")).toMatchObject({ labels: {}, expiresAt: null });
+    store.insert({ id: "new", name: "new", image: "tiny", vmDir: "/y", labels: { a: "b" }, expiresAt: 123 });
+    expect(store.get("new")).toMatchObject({ labels: { a: "b" }, expiresAt: 123 });
+    expect(store.expiring().map((v) => v.id)).toEqual(["new"]);
+    store.update("new", { expiresAt: null, labels: { c: "d" } });
+    expect(store.get("new")).toMatchObject({ labels: { c: "d" }, expiresAt: null });
+    expect(store.expiring()).toEqual([]);
   });
 
   it("refuses a database from a newer smolvm", () => {
