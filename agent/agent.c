@@ -1107,7 +1107,7 @@ static int dispatch(uint8_t type, uint16_t flags, uint32_t id, const uint8_t *p,
   switch (type) {
     case T_EXEC: case T_PUT: case T_GET: case T_WAIT_PORT: case T_PING: case T_INFO:
     case T_STAT: case T_LIST: case T_FSOP: case T_WATCH: case T_SPAWN: case T_ATTACH: case T_PROCS:
-    case T_PINPUT: case T_PSIGNAL:
+    case T_PINPUT: case T_PSIGNAL: case T_IDENTITY:
       if (find_stream(id)) { session_fail(E_PROTOCOL, "stream id reused"); return -1; }
       if (type == T_EXEC) start_exec(id, p, len);
       else if (type == T_STAT) start_stat(id, p, len);
@@ -1119,6 +1119,7 @@ static int dispatch(uint8_t type, uint16_t flags, uint32_t id, const uint8_t *p,
       else if (type == T_PROCS) procs_list(id);
       else if (type == T_PINPUT) procs_input(id, p, len);
       else if (type == T_PSIGNAL) procs_signal(id, p, len);
+      else if (type == T_IDENTITY) start_identity(id, p, len);
       else if (type == T_PUT) start_put(id, p, len);
       else if (type == T_GET) start_get(id, p, len);
       else if (type == T_WAIT_PORT) start_wait(id, p, len);
@@ -1351,6 +1352,9 @@ static int open_listener(void) {
   if (listen(fd, 4) < 0) die("listen failed: %s", strerror(errno));
   return fd;
 }
+
+/* The secret the next HELLO must prove: a restored clone is re-keyed over its current session. */
+void set_secret(const uint8_t secret[32]) { memcpy(G.secret, secret, 32); }
 
 static void read_secret(const char *path, int unlink_after) {
   int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);

@@ -30,13 +30,13 @@
 #define HUP_BACKOFF_MS 100
 #define WAIT_RETRY_MS 50
 #define MILESTONES_MAX 16384
-#define CAPS "exec,pty,put,get,env,wait_port,info,shell,fs,watch,proc"
+#define CAPS "exec,pty,put,get,env,wait_port,info,shell,fs,watch,proc,identity"
 
 enum {
   T_HELLO = 0x01, T_CHALLENGE = 0x02, T_AUTH = 0x03, T_AUTH_OK = 0x04,
   T_EXEC = 0x10, T_PUT = 0x11, T_GET = 0x12, T_WAIT_PORT = 0x13, T_PING = 0x14, T_INFO = 0x15,
   T_STAT = 0x16, T_LIST = 0x17, T_FSOP = 0x18, T_WATCH = 0x19, T_SPAWN = 0x1a, T_ATTACH = 0x1b, T_PROCS = 0x1c,
-  T_PINPUT = 0x1d, T_PSIGNAL = 0x1e,
+  T_PINPUT = 0x1d, T_PSIGNAL = 0x1e, T_IDENTITY = 0x1f,
   T_DATA = 0x20, T_EOF = 0x21, T_CREDIT = 0x22, T_SIGNAL = 0x23, T_RESIZE = 0x24, T_CANCEL = 0x25,
   T_EXIT = 0x30, T_OK = 0x31, T_ERROR = 0x32,
 };
@@ -46,6 +46,7 @@ enum {
   F_STDIN = 7, F_TO = 14, F_RECURSIVE = 15, F_DEPTH = 16, F_OP = 17, F_REPLAY = 18, F_BYTES = 19,
   F_FTYPE = 40, F_SIZE = 41, F_MTIME = 42, F_TARGET = 43, F_RUNNING = 44, F_EXITCODE = 45, F_SIGNAME = 46,
   F_STARTED = 47, F_COMMAND = 48,
+  F_SECRET = 50, F_ENTROPY = 51, F_TIME_NS = 52, F_HOSTNAME = 53,
 };
 enum {
   E_PROTOCOL = 1, E_AUTH_FAILED, E_BAD_REQUEST, E_INVALID_PATH, E_NOT_FOUND, E_IO, E_SPAWN_FAILED,
@@ -131,6 +132,11 @@ int mkdirs_for(char *path);
 uint16_t errno_code(int e);
 size_t encode_exit(int status, int timed_out, int cancelled, uint8_t *buf);
 void start_exec(uint32_t id, const uint8_t *p, uint32_t len);
+
+void set_secret(const uint8_t secret[32]);
+
+/* identity.c: IDENTITY (a VM restored from a snapshot becomes itself) */
+void start_identity(uint32_t id, const uint8_t *p, uint32_t len);
 
 /* fsops.c: STAT, LIST, FSOP, WATCH */
 void start_stat(uint32_t id, const uint8_t *p, uint32_t len);

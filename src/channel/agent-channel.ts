@@ -640,7 +640,7 @@ function shellRequest(wrapped: WrappedCommand, shell: ShellMode | undefined): Ag
 
 export class AgentChannel implements CommChannel {
   readonly kind = "agent" as const;
-  private readonly secret: Buffer;
+  private secret: Buffer;
   private readonly name: string;
   private session: Session | undefined;
   private connecting: Promise<Session> | undefined;
@@ -1283,6 +1283,17 @@ export class AgentChannel implements CommChannel {
     } finally {
       deadline.dispose();
     }
+  }
+
+  /**
+   * The secret later sessions prove (after the agent was told a new one, see setIdentity in
+   * agent-ops.ts); the current session stays authenticated.
+   */
+  rekey(secret: Buffer): void {
+    if (secret.length !== SECRET_SIZE) {
+      throw new ValidationError(`the agent secret must be ${SECRET_SIZE} bytes, got ${secret.length}.`);
+    }
+    this.secret = Buffer.from(secret);
   }
 
   /** Round trip to the agent; resolves with the elapsed milliseconds. */

@@ -748,3 +748,36 @@ export async function openPty(
     signal: (name) => stream.control(FrameType.SIGNAL, Buffer.from(name)),
   };
 }
+
+/** What a VM restored from a snapshot changes before its first user command (agent/identity.c). */
+export interface IdentityRequest {
+  /** The agent secret the next session must prove (32 bytes). */
+  secret?: Buffer;
+  /** Host entropy credited to the guest's RNG, which then reseeds at once (16-512 bytes). */
+  entropy?: Buffer;
+  /** The wall clock to set, in ns since the epoch. */
+  timeNs?: bigint;
+  hostname?: string;
+}
+
+export async function setIdentity(ch: AgentChannel, req: IdentityRequest, deadline: Deadline): Promise<void> {
+  await simple(
+    ch,
+    FrameType.IDENTITY,
+    (info) => {
+      requireCapability(info, "identity", "re-keying a restored VM");
+      const f: Array<[number, FieldValue]> = [];
+      if (req.secret) f.push([Field.SECRET, req.secret]);
+      if (req.entropy) f.push([Field.ENTROPY, req.entropy]);
+      if (req.timeNs !== undefined) {
+        const t = Buffer.alloc(8);
+        t.writeBigUInt64BE(req.timeNs);
+        f.push([Field.TIME_NS, t]);
+      }
+      if (req.hostname) f.push([Field.HOSTNAME, req.hostname]);
+      return encodeFields(f);
+    },
+    deadline,
+    (m) => agentError(m, "setting the identity of a restored VM"),
+  );
+}

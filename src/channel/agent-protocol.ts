@@ -38,6 +38,7 @@ export const FrameType = {
   PROCS: 0x1c,
   PINPUT: 0x1d,
   PSIGNAL: 0x1e,
+  IDENTITY: 0x1f,
   DATA: 0x20,
   EOF: 0x21,
   CREDIT: 0x22,
@@ -84,6 +85,10 @@ export const Field = {
   SIGNAME: 46,
   STARTED: 47,
   COMMAND: 48,
+  SECRET: 50,
+  ENTROPY: 51,
+  TIME_NS: 52,
+  HOSTNAME: 53,
 } as const;
 
 export const ErrorCode = {

@@ -8,7 +8,7 @@
 
 import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { constants, existsSync } from "node:fs";
+import { constants, existsSync, statSync } from "node:fs";
 import { access, mkdir, readFile, rename, writeFile } from "node:fs/promises";
 import { cpus, hostname, release } from "node:os";
 import { delimiter, join } from "node:path";
@@ -88,18 +88,35 @@ export function findQemu(env: NodeJS.ProcessEnv = process.env): string {
   );
 }
 
-/** `qemu-system-x86_64 --version`'s first line. */
+const versions = new Map<string, Promise<string>>();
+
+/** `qemu-system-x86_64 --version`'s first line, asked once per binary (path and mtime) per process. */
 export function qemuVersion(qemuPath: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(qemuPath, ["--version"], { timeout: 5_000, killSignal: "SIGKILL" }, (err, stdout) => {
-      const first = String(stdout).split("\n")[0]?.trim();
-      if (err || !first) {
-        reject(
-          new HostDependencyError(`${qemuPath} --version failed; reinstall QEMU.`, { code: "QEMU_MISSING" }),
-        );
-      } else resolve(first);
+  let mtime = 0;
+  try {
+    mtime = statSync(qemuPath).mtimeMs;
+  } catch {
+    // reported by the exec below
+  }
+  const key = `${qemuPath}|${mtime}`;
+  let v = versions.get(key);
+  if (!v) {
+    v = new Promise<string>((resolve, reject) => {
+      execFile(qemuPath, ["--version"], { timeout: 5_000, killSignal: "SIGKILL" }, (err, stdout) => {
+        const first = String(stdout).split("\n")[0]?.trim();
+        if (err || !first) {
+          reject(
+            new HostDependencyError(`${qemuPath} --version failed; reinstall QEMU.`, {
+              code: "QEMU_MISSING",
+            }),
+          );
+        } else resolve(first);
+      });
     });
-  });
+    versions.set(key, v);
+    v.catch(() => versions.delete(key));
+  }
+  return v;
 }
 
 interface CacheEntry {

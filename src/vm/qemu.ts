@@ -44,11 +44,22 @@ export interface VmLaunchSpec {
   agentSocketPath?: string;
   /** `-S`: vCPUs stay paused until QMP `cont`. */
   startPaused?: boolean;
+  /**
+   * Guest RAM in a file (memory-backend-file) instead of anonymous memory. `share: true` maps it
+   * shared (a live VM whose RAM a snapshot copies; the migration stream then skips RAM with
+   * x-ignore-shared); `share: false` maps it private, copy-on-write (a VM restored from a
+   * snapshot: clones share the snapshot's pages until they write them).
+   */
+  memoryFile?: { path: string; share: boolean };
+  /** `-incoming defer`: wait for QMP migrate-incoming (restoring a snapshot). */
+  incomingDefer?: boolean;
   /** Adds a vhost-vsock-device; only when /dev/vhost-vsock is usable (see vhostVsockAvailable()). */
   vsock?: { guestCid: number };
 }
 
 export const AGENT_PORT_NAME = "org.smolvm.agent";
+/** The memory-backend-file object's id (see VmLaunchSpec.memoryFile). */
+export const MEMORY_BACKEND_ID = "mem0";
 /** The user-mode network's id; QMP hostfwd_add/remove refer to it. */
 export const NETDEV_ID = "n0";
 
@@ -184,7 +195,7 @@ export function buildQemuArgv(spec: VmLaunchSpec): string[] {
     "-name",
     `${spec.name.replaceAll(",", ",,")},process=smolvm-${spec.name}`.slice(0, 200),
     "-M",
-    MICROVM_MACHINE,
+    spec.memoryFile ? `${MICROVM_MACHINE},memory-backend=${MEMORY_BACKEND_ID}` : MICROVM_MACHINE,
     ...accelArgs(spec.accel),
     "-m",
     `${spec.memoryMib}M`,
@@ -239,6 +250,14 @@ export function buildQemuArgv(spec: VmLaunchSpec): string[] {
       `virtserialport,bus=vser0.0,nr=1,chardev=agent0,name=${AGENT_PORT_NAME}`,
     );
   }
+  if (spec.memoryFile) {
+    const mem = checkPath("memoryFile.path", spec.memoryFile.path);
+    argv.push(
+      "-object",
+      `memory-backend-file,id=${MEMORY_BACKEND_ID},size=${spec.memoryMib}M,mem-path=${mem},share=${spec.memoryFile.share ? "on" : "off"}`,
+    );
+  }
+  if (spec.incomingDefer) argv.push("-incoming", "defer");
   if (spec.startPaused) argv.push("-S");
   if (spec.vsock !== undefined) {
     argv.push("-device", `vhost-vsock-device,guest-cid=${spec.vsock.guestCid}`);

@@ -8,7 +8,9 @@ import { randomBytes } from "node:crypto";
 import { existsSync, readFileSync } from "node:fs";
 import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import type { Duplex } from "node:stream";
 import { AgentChannel, connectUnix } from "../channel/agent-channel.js";
+import { setIdentity } from "../channel/agent-ops.js";
 import { SshChannel } from "../channel/ssh-channel.js";
 import type { CommandStream, CommChannel } from "../channel/types.js";
 import {
@@ -43,7 +45,14 @@ import {
   knownHostsLine,
 } from "../image/index.js";
 import { SSHClient } from "../ssh/client.js";
-import { type AccelVerdict, detectAccelerator, findQemu, hostTscKhz, recordAccelVerdict } from "./accel.js";
+import {
+  type AccelVerdict,
+  detectAccelerator,
+  findQemu,
+  hostTscKhz,
+  qemuVersion,
+  recordAccelVerdict,
+} from "./accel.js";
 import { acquireAgentLock } from "./agent-lock.js";
 import { type CrashReport, CrashWatch } from "./crash-watch.js";
 import { type DoctorOptions, type DoctorReport, doctor } from "./doctor.js";
@@ -56,7 +65,22 @@ import { VmPty } from "./pty.js";
 import { buildQemuArgv, type VmLaunchSpec } from "./qemu.js";
 import { QmpClient } from "./qmp.js";
 import { serialMilestones, tailFile } from "./serial-log.js";
+import {
+  type CaptureSource,
+  captureInto,
+  findSnapshot,
+  listSnapshotMetas,
+  newSnapshotId,
+  publicInfo,
+  restoreFrom,
+  type SnapshotInfo,
+  type SnapshotMeta,
+  snapshotFiles,
+  snapshotsDir,
+  validateSnapshotName,
+} from "./snapshot.js";
 import { type VmStatus as StoredStatus, type VmRecord, VmStore, vmFiles } from "./store.js";
+import { awaitTemplate, loadTemplate, templateDir, templateKey, tryTemplateLock } from "./template.js";
 import { ensureReaper, validateLabels, validateTtl } from "./ttl.js";
 
 export type CommChannelChoice = "ssh" | "agent" | "vsock" | "auto";
@@ -89,6 +113,26 @@ export interface SmolVMCreateOptions {
   labels?: Record<string, string>;
   /** Writable space, MiB: the debian image's copy-on-write disk; tiny's RAM filesystems (/ and /tmp) are capped at it. */
   diskMib?: number;
+  /**
+   * Default true: restore this image's template (a VM captured once fully booted) instead of a
+   * cold boot; the first create for an image, size, accelerator and QEMU boots cold and leaves
+   * the template. Every restored VM gets its own identity before its first command.
+   */
+  template?: boolean;
+}
+
+/** Options of SmolVM.fromSnapshot(). */
+export interface FromSnapshotOptions {
+  name?: string;
+  commChannel?: CommChannelChoice;
+  /** Env vars for login shells (replaces the snapshot's managed env file). */
+  env?: Record<string, string>;
+  labels?: Record<string, string>;
+  ttlMs?: number;
+  /** Default 60 000. */
+  timeoutMs?: number;
+  signal?: AbortSignal;
+  dataDir?: string;
 }
 
 export interface ListOptions {
@@ -119,6 +163,8 @@ export interface FromIdOptions {
 }
 
 export interface BootTimings {
+  /** How the VM came up: booted cold, restored from its image's template, or from a snapshot. */
+  source: "cold" | "template" | "snapshot";
   /** The channel create() waited for: the agent (network-free) or SSH. */
   channel: "agent" | "ssh";
   /** QEMU spawned until its monitor answered. */
@@ -142,6 +188,8 @@ export interface BootTimings {
   bootToSshMs?: number;
   /** create() called until it returned. */
   totalMs: number;
+  /** The first create of a template: how long capturing it took (the guest was paused for part of it). */
+  templateCaptureMs?: number;
 }
 
 export interface SshCommands {
@@ -155,6 +203,17 @@ const DEFAULT_CREATE_TIMEOUT_MS = 180_000;
 const AUTO_AGENT_WAIT_MS = 60_000;
 /** auto on re-attach: how long the agent gets to answer before SSH is used. */
 const AUTO_AGENT_PROBE_MS = 2_000;
+/**
+ * A restored VM's sshd still holds the snapshot's host key: once the init's sshd is up, replace
+ * it with one that loads the VM's own key (written just before), and log a milestone on the
+ * console. In the background, so the first command does not wait for sshd.
+ */
+const REKEY_SSHD = `( i=0; while [ $i -lt 500 ] && ! grep -q ' sshd-started' /run/smolvm/milestones 2>/dev/null; do sleep 0.01; i=$((i + 1)); done
+  p=$(pidof sshd || true); [ -n "$p" ] && kill $p
+  i=0; while [ $i -lt 200 ] && pidof sshd >/dev/null; do sleep 0.01; i=$((i + 1)); done
+  /usr/sbin/sshd -E /var/log/sshd.log
+  read up _ < /proc/uptime; echo "smolvm: \${up%.*}\${up#*.}0 sshd-rekeyed" > /dev/console ) </dev/null >/dev/null 2>&1 &`;
+
 /** How often a call in flight checks that the guest is still alive. */
 const CALL_WATCH_INTERVAL_MS = 500;
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
@@ -169,6 +228,8 @@ export class SmolVM implements AsyncDisposable {
   /** Set for VMs this object created: disposing them deletes the VM. */
   private readonly owned: boolean;
   private readonly commChannel: CommChannelChoice;
+  /** An agent socket opened ahead of the channel (restores). */
+  private pendingAgentSocket: Duplex | undefined;
   /** Bytes of QEMU's log already judged harmless (see CrashWatch). */
   private qemuLogSeen = 0;
   bootTimings: BootTimings | undefined;
@@ -209,6 +270,33 @@ export class SmolVM implements AsyncDisposable {
       if (isAgentChoice(opts.commChannel) && !image.capabilities.agent) {
         throw noAgentError(`image ${image.name}`, opts.commChannel);
       }
+      // Templates need the agent: it is what gives a restored VM its own identity.
+      let template: { dir: string; release: () => void } | undefined;
+      if (opts.template && image.capabilities.agent) {
+        const key = templateKey({
+          imageFingerprint: image.fingerprint,
+          memoryMib: opts.memoryMib,
+          vcpus: opts.vcpus,
+          accel: accel.accel,
+          qemuVersion: await qemuVersion(findQemu()),
+          diskMib: opts.diskMib,
+        });
+        const dir = templateDir(base, key);
+        await mkdir(join(dir, ".."), { recursive: true, mode: 0o700 });
+        deadline.phase = "looking for the template";
+        let meta = await loadTemplate(dir, image.fingerprint);
+        if (!meta) {
+          const release = tryTemplateLock(dir);
+          if (release) template = { dir, release };
+          else meta = await awaitTemplate(dir, image.fingerprint, deadline);
+        }
+        if (meta) {
+          store.close();
+          const vm = await SmolVM.restore(base, dir, meta, opts, "template", deadline);
+          vm.bootTimings = { ...vm.bootTimings!, totalMs: Math.round(performance.now() - t0) };
+          return vm;
+        }
+      }
       const id = `vm-${randomBytes(6).toString("hex")}`;
       const name = opts.name ?? id;
       const vmDir = join(base, "vms", id);
@@ -229,6 +317,8 @@ export class SmolVM implements AsyncDisposable {
           accel: accel.accel,
           accelReason: accel.reason,
           imageFingerprint: image.fingerprint,
+          kernelPath: image.kernelPath,
+          kernelCmdline: image.kernelCmdline,
           capabilities: image.capabilities,
           hostPublicKey: hostKey.publicKey,
           clientKeyPath: clientKey.privateKeyPath,
@@ -249,7 +339,12 @@ export class SmolVM implements AsyncDisposable {
         ]);
         await composeInitrd(image.initrdPath, cpio, join(vmDir, "initrd.img"));
         await writeFile(vmFiles(vmDir).agentSecret, agentSecret, { mode: 0o600 });
-        await vm.bootOrFallBack(image, deadline, accel, opts, t0);
+        try {
+          await vm.bootOrFallBack(image, deadline, accel, opts, t0);
+          if (template) await vm.leaveTemplate(template.dir, deadline);
+        } finally {
+          template?.release();
+        }
         if (opts.ttlMs !== undefined) await vm.setTtl(opts.ttlMs);
         vm.bootTimings = { ...vm.bootTimings!, totalMs: Math.round(performance.now() - t0) };
         return vm;
@@ -401,6 +496,7 @@ export class SmolVM implements AsyncDisposable {
         { timeoutMs: options.timeoutMs ?? 20_000, signal: options.signal, force: true },
       );
     }
+    await rm(this.vmPaths.ramFile, { force: true });
     releasePorts(this.store, this.id);
     this.update({ status: "stopped", pid: null, sshPort: null, ports: [] });
   }
@@ -412,7 +508,448 @@ export class SmolVM implements AsyncDisposable {
     await rm(this.record.vmDir, { recursive: true, force: true });
     this.store.delete(this.id);
     this.deleted = true;
+    await this.dropEphemeralSnapshot().catch(() => {});
     this.store.close();
+  }
+
+  // ------------------------------------------------------------ pause, snapshots, fork
+
+  /** Freezes the guest: no guest code runs (its clock does not advance its processes) until resume(). */
+  async pause(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {
+    if (this.status === "paused") return;
+    this.requireRunning("pause");
+    await this.withQmp(options, (qmp, ms) => qmp.stop({ timeoutMs: ms }));
+    this.update({ status: "paused" });
+  }
+
+  /** Continues a paused guest. */
+  async resume(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {
+    if (this.status === "running") return;
+    if (this.status !== "paused") this.requireRunning("resume");
+    await this.withQmp(options, (qmp, ms) => qmp.cont({ timeoutMs: ms }));
+    this.update({ status: "running" });
+  }
+
+  /**
+   * Captures the running VM (memory, devices, running processes, and debian's disk) under
+   * `<dataDir>/snapshots/<id>/`. The guest is paused for the capture (a few hundred ms at most
+   * for tiny) and continues unaffected. Restore with SmolVM.fromSnapshot(id or name).
+   */
+  async snapshot(
+    options: { name?: string; timeoutMs?: number; signal?: AbortSignal } = {},
+  ): Promise<SnapshotInfo> {
+    if (options.name !== undefined) validateSnapshotName(options.name);
+    return publicInfo(await this.captureSnapshot(options, false));
+  }
+
+  /**
+   * `count` new VMs, each a copy of this one as it is now (files, processes, memory) with its
+   * own identity; this VM keeps running. The snapshot behind them is removed with the last one.
+   */
+  async fork(options: { count?: number; timeoutMs?: number; signal?: AbortSignal } = {}): Promise<SmolVM[]> {
+    const count = options.count ?? 1;
+    if (!Number.isInteger(count) || count < 1 || count > 64) {
+      throw new ValidationError(`fork count must be an integer from 1 to 64, got ${String(options.count)}.`);
+    }
+    const deadline = new Deadline(options.timeoutMs ?? 120_000, options.signal, `forking VM ${this.id}`);
+    try {
+      const meta = await this.captureSnapshot(
+        { signal: deadline.signal, timeoutMs: deadline.remaining() },
+        true,
+      );
+      const dir = join(snapshotsDir(this.dataDir), meta.id);
+      const made = await Promise.allSettled(
+        Array.from({ length: count }, () =>
+          SmolVM.restore(this.dataDir, dir, meta, { commChannel: this.commChannel }, "snapshot", deadline),
+        ),
+      );
+      const ok = made.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
+      const failed = made.find((r): r is PromiseRejectedResult => r.status === "rejected");
+      if (failed) {
+        await Promise.all(ok.map((vm) => vm.delete().catch(() => {})));
+        throw failed.reason;
+      }
+      return ok;
+    } finally {
+      deadline.dispose();
+    }
+  }
+
+  /** Every snapshot in the data dir, oldest first. */
+  static async listSnapshots(options: { dataDir?: string } = {}): Promise<SnapshotInfo[]> {
+    return (await listSnapshotMetas(options.dataDir ?? defaultDataDir()))
+      .filter((m) => !m.ephemeral)
+      .map(publicInfo);
+  }
+
+  /** Removes a snapshot; refused while a VM restored from it still needs its files. */
+  static async deleteSnapshot(idOrName: string, options: { dataDir?: string } = {}): Promise<void> {
+    const base = options.dataDir ?? defaultDataDir();
+    const { dir, meta } = await findSnapshot(base, idOrName);
+    const users = SmolVM.snapshotUsers(base, meta.id);
+    if (users.length > 0) {
+      throw new VMStateError(
+        `snapshot ${meta.id} is still used by ${users.join(", ")}: delete those VMs first (vm.delete() or \`smolvm rm\`).`,
+        { code: "SNAPSHOT_IN_USE", details: { snapshot: meta.id, vms: users } },
+      );
+    }
+    await rm(dir, { recursive: true, force: true });
+  }
+
+  /**
+   * A new VM from a snapshot (by id or name): the snapshot's memory, processes and disk, with its
+   * own identity (agent secret, SSH host key, hostname, RNG, clock, env) before it is returned.
+   */
+  static async fromSnapshot(idOrName: string, options: FromSnapshotOptions = {}): Promise<SmolVM> {
+    const base = options.dataDir ?? defaultDataDir();
+    if (options.name !== undefined && !NAME_RE.test(options.name)) {
+      throw new ValidationError(
+        `VM name ${JSON.stringify(options.name)} is invalid: use 1-63 letters, digits, '.', '_' or '-'.`,
+      );
+    }
+    if (options.env) validateEnv(options.env);
+    const deadline = new Deadline(
+      options.timeoutMs ?? 60_000,
+      options.signal,
+      `restoring snapshot ${idOrName}`,
+    );
+    try {
+      const { dir, meta } = await findSnapshot(base, idOrName);
+      return await SmolVM.restore(base, dir, meta, options, "snapshot", deadline);
+    } finally {
+      deadline.dispose();
+    }
+  }
+
+  /** VMs whose files still depend on a snapshot (running ones map its memory; debian ones its disk). */
+  private static snapshotUsers(base: string, snapshotId: string): string[] {
+    const store = VmStore.open(base);
+    try {
+      store.reconcile();
+      return store
+        .list()
+        .filter((r) => {
+          const from = r.config.restoredFrom as { id?: string } | undefined;
+          if (from?.id !== snapshotId) return false;
+          return r.status === "running" || r.status === "paused" || r.image !== "tiny";
+        })
+        .map((r) => r.name);
+    } finally {
+      store.close();
+    }
+  }
+
+  private async captureSnapshot(
+    options: { name?: string; timeoutMs?: number; signal?: AbortSignal },
+    ephemeral: boolean,
+  ): Promise<SnapshotMeta> {
+    this.requireRunning("snapshot");
+    const deadline = new Deadline(options.timeoutMs ?? 60_000, options.signal, `snapshotting VM ${this.id}`);
+    try {
+      const id = newSnapshotId();
+      const dir = join(snapshotsDir(this.dataDir), id);
+      await mkdir(snapshotsDir(this.dataDir), { recursive: true, mode: 0o700 });
+      return await this.captureTo(dir, { id, name: options.name ?? id, ephemeral }, deadline);
+    } finally {
+      deadline.dispose();
+    }
+  }
+
+  /** Captures this VM into `dir` (see snapshot.ts). */
+  private async captureTo(
+    dir: string,
+    naming: { id: string; name: string; ephemeral: boolean },
+    deadline: Deadline,
+  ): Promise<SnapshotMeta> {
+    const cfg = this.record.config;
+    const from = cfg.restoredFrom as { dir: string } | undefined;
+    // An open agent session stays open: the copy's virtio-serial port then says "host
+    // connected", and a restore that connects before loading the devices finds the agent
+    // reading, with no hang-up to back off from.
+    const src: CaptureSource = {
+      qmpSocket: this.vmPaths.qmpSocket,
+      ramFile: cfg.ramInFile === false ? undefined : this.vmPaths.ramFile,
+      disk: existsSync(join(this.record.vmDir, "rootfs.qcow2"))
+        ? join(this.record.vmDir, "rootfs.qcow2")
+        : undefined,
+      initrd: from ? snapshotFiles(from.dir).initrd : join(this.record.vmDir, "initrd.img"),
+      agentSecret: readFileSync(this.vmPaths.agentSecret),
+    };
+    const { hostPublicKey: _h, clientKeyPath: _c, restoredFrom: _r, ...config } = cfg;
+    return captureInto(
+      dir,
+      src,
+      {
+        id: naming.id,
+        name: naming.name,
+        vmId: this.id,
+        image: this.record.image,
+        createdAt: new Date().toISOString(),
+        memoryMib: cfg.memoryMib as number,
+        vcpus: cfg.vcpus as number,
+        config,
+        ephemeral: naming.ephemeral || undefined,
+      },
+      deadline,
+    );
+  }
+
+  /**
+   * Captures this freshly booted VM as its image's template. A failed capture costs the template,
+   * never the create: the next create boots cold and tries again.
+   */
+  private async leaveTemplate(dir: string, deadline: Deadline): Promise<void> {
+    deadline.phase = "capturing the template";
+    const t0 = performance.now();
+    try {
+      const meta = await this.captureTo(
+        dir,
+        { id: newSnapshotId(), name: "template", ephemeral: false },
+        deadline,
+      );
+      if (this.bootTimings) this.bootTimings.templateCaptureMs = Math.round(performance.now() - t0);
+      void meta;
+    } catch (e) {
+      if (deadline.expired) throw e;
+    }
+  }
+
+  /** A fork's snapshot goes with its last clone. */
+  private async dropEphemeralSnapshot(): Promise<void> {
+    const from = this.record.config.restoredFrom as
+      | { id: string; dir: string; ephemeral?: boolean }
+      | undefined;
+    if (!from?.ephemeral) return;
+    const others = this.store
+      .list()
+      .some((r) => (r.config.restoredFrom as { id?: string } | undefined)?.id === from.id);
+    if (!others) await rm(from.dir, { recursive: true, force: true });
+  }
+
+  /**
+   * Creates a VM record and boots it from a snapshot or template directory, then makes it its
+   * own. On any failure the half-made VM is deleted.
+   */
+  private static async restore(
+    base: string,
+    dir: string,
+    meta: SnapshotMeta,
+    o: FromSnapshotOptions & { labels?: Record<string, string>; ttlMs?: number },
+    source: "snapshot" | "template",
+    deadline: Deadline,
+  ): Promise<SmolVM> {
+    const t0 = performance.now();
+    const store = VmStore.open(base);
+    let vm: SmolVM | undefined;
+    try {
+      deadline.phase = "restoring the VM";
+      const [clientKey, hostKey] = await deadline.race(
+        Promise.all([
+          ensureClientKey(base, { signal: deadline.signal }),
+          generateHostKey({ signal: deadline.signal }),
+        ]),
+      );
+      const id = `vm-${randomBytes(6).toString("hex")}`;
+      const name = o.name ?? id;
+      const vmDir = join(base, "vms", id);
+      await mkdir(vmDir, { recursive: true, mode: 0o700 });
+      const commChannel = o.commChannel ?? "auto";
+      const record = store.insert({
+        id,
+        name,
+        status: "creating",
+        image: meta.image,
+        vmDir,
+        channel: commChannel === "auto" ? null : commChannel,
+        hostKeyFingerprint: hostKey.fingerprint,
+        labels: o.labels,
+        config: {
+          ...meta.config,
+          hostPublicKey: hostKey.publicKey,
+          clientKeyPath: clientKey.privateKeyPath,
+          restoredFrom: { kind: source, id: meta.id, dir, ephemeral: meta.ephemeral || undefined },
+        },
+      });
+      vm = new SmolVM(store, record, { owned: true, commChannel, dataDir: base });
+      await writeFile(vm.vmPaths.agentSecret, readFileSync(snapshotFiles(dir).agentSecret), { mode: 0o600 });
+      await vm.bootFromSnapshot(dir, meta, deadline, {
+        hostKey,
+        clientPublicKey: clientKey.publicKey,
+        env: o.env ?? {},
+        t0,
+        source,
+      });
+      if (o.ttlMs !== undefined) await vm.setTtl(o.ttlMs);
+      return vm;
+    } catch (e) {
+      if (vm) await vm.delete().catch(() => {});
+      else store.close();
+      throw e;
+    }
+  }
+
+  private async bootFromSnapshot(
+    dir: string,
+    meta: SnapshotMeta,
+    deadline: Deadline,
+    id: {
+      hostKey: { privateKeyPem: string | Buffer; publicKey: string };
+      clientPublicKey: string;
+      env: Record<string, string>;
+      t0: number;
+      source: "snapshot" | "template";
+    },
+  ): Promise<void> {
+    const cfg = this.record.config;
+    const f = snapshotFiles(dir);
+    const kernelPath = cfg.kernelPath as string;
+    if (!existsSync(kernelPath)) {
+      throw new VMStateError(
+        `snapshot ${meta.id} needs the kernel ${kernelPath}, which is gone (its image was removed): take the snapshot again.`,
+        { code: "SNAPSHOT_DAMAGED" },
+      );
+    }
+    deadline.phase = "starting QEMU";
+    const sshPort = await leasePort(this.store, this.id, "ssh");
+    await writeFile(this.knownHostsPath, knownHostsLine("127.0.0.1", sshPort, id.hostKey.publicKey), {
+      mode: 0o600,
+    });
+    const accel = cfg.accel as "kvm" | "tcg";
+    const ramInState = existsSync(f.memory) === false;
+    const spec: VmLaunchSpec = {
+      name: this.id,
+      qemuPath: findQemu(),
+      accel,
+      memoryMib: cfg.memoryMib as number,
+      vcpus: cfg.vcpus as number,
+      kernelPath,
+      initrdPath: f.initrd,
+      kernelAppend: cfg.kernelCmdline as string,
+      tscKhz: accel === "tcg" ? hostTscKhz() : undefined,
+      qmpSocketPath: this.vmPaths.qmpSocket,
+      serialLogPath: this.vmPaths.serialLog,
+      pidfilePath: this.vmPaths.pidfile,
+      sshHostPort: sshPort,
+      agentSocketPath: this.vmPaths.agentSocket,
+      // Clones map the snapshot's RAM privately: its pages are shared until a clone writes one.
+      memoryFile: ramInState ? { path: this.vmPaths.ramFile, share: true } : { path: f.memory, share: false },
+      incomingDefer: true,
+    };
+    this.update({ config: { ...cfg, ramInFile: ramInState } });
+    if (existsSync(f.disk)) {
+      const overlay = join(this.record.vmDir, "rootfs.qcow2");
+      const { exec } = await import("../image/exec.js");
+      await exec("qemu-img", ["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", f.disk, overlay]);
+      spec.rootfsPath = overlay;
+    }
+    const t0 = performance.now();
+    const launched = await launchQemu(spec, {
+      timeoutMs: deadline.remaining(30_000),
+      signal: deadline.signal,
+    });
+    const qemuStartMs = performance.now() - t0;
+    this.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
+    const watch = new CrashWatch({ pid: launched.pid, files: this.vmPaths, accel }, false);
+    await this.untilCrash(watch, 250, async () => {
+      deadline.phase = "loading the snapshot";
+      // Connected before the devices load: the port's "host connected" state then matches the
+      // snapshot's, so the guest agent sees no hang-up and answers the HELLO at once.
+      this.pendingAgentSocket = await connectUnix(this.vmPaths.agentSocket, deadline.signal);
+      await restoreFrom(this.vmPaths.qmpSocket, f.state, !ramInState, deadline);
+      deadline.phase = "giving the VM its own identity";
+      await this.becomeItself(deadline, id);
+    });
+    this.qemuLogSeen = watch.logSize;
+    deadline.phase = undefined;
+    const total = Math.round(performance.now() - id.t0);
+    this.bootTimings = {
+      source: id.source,
+      channel: this.chan === this.agentChan ? "agent" : "ssh",
+      qemuStartMs: Math.round(qemuStartMs),
+      bootToChannelMs: Math.round(performance.now() - t0),
+      totalMs: total,
+      accel,
+      accelReason: cfg.accelReason as string | undefined,
+    };
+  }
+
+  /**
+   * Every restored VM wakes with the snapshot's memory: before its first command it gets a new
+   * agent secret (over the session the old one opened), host entropy and an immediate RNG
+   * reseed, the host's clock, its hostname, its env file and a new SSH host key (sshd restarts
+   * with it in the background; SSH users wait for that).
+   */
+  private async becomeItself(
+    deadline: Deadline,
+    id: { hostKey: { privateKeyPem: string | Buffer }; clientPublicKey: string; env: Record<string, string> },
+  ): Promise<void> {
+    const agent = this.agent();
+    await agent.waitReady({ timeoutMs: deadline.remaining(), signal: deadline.signal });
+    const secret = randomBytes(32);
+    const hostname = safeHostname(this.name);
+    await setIdentity(
+      agent,
+      {
+        secret,
+        entropy: randomBytes(64),
+        timeNs: BigInt(Date.now()) * 1_000_000n,
+        hostname,
+      },
+      deadline,
+    );
+    agent.rekey(secret);
+    await writeFile(this.vmPaths.agentSecret, secret, { mode: 0o600 });
+    // One exec: the host key, the authorized key and the env file arrive base64-encoded, a line
+    // each, on stdin (never in argv).
+    const b64 = (x: string | Buffer) => Buffer.from(x).toString("base64");
+    const stdin = `${[b64(id.hostKey.privateKeyPem), b64(`${id.clientPublicKey}\n`), b64(renderEnvFile(id.env))].join("\n")}\n`;
+    const script = [
+      "set -e; umask 077",
+      "read -r k; read -r a; read -r e",
+      'echo "$k" | base64 -d > /etc/ssh/ssh_host_ed25519_key.new',
+      "mv /etc/ssh/ssh_host_ed25519_key.new /etc/ssh/ssh_host_ed25519_key",
+      'mkdir -p /root/.ssh; echo "$a" | base64 -d > /root/.ssh/authorized_keys',
+      'echo "$e" | base64 -d > /etc/profile.d/smolvm_env.sh.new',
+      "mv /etc/profile.d/smolvm_env.sh.new /etc/profile.d/smolvm_env.sh",
+      `echo ${hostname} > /etc/hostname`,
+      `printf '127.0.0.1 localhost\\n127.0.1.1 %s\\n' ${hostname} > /etc/hosts`,
+      "chmod 644 /etc/hostname /etc/hosts",
+      REKEY_SSHD,
+    ].join("\n");
+    const r = await agent.run(script, {
+      shell: "raw",
+      stdin,
+      timeoutMs: deadline.remaining(10_000),
+      signal: deadline.signal,
+    });
+    if (r.exitCode !== 0) {
+      throw new VMStateError(
+        `the restored VM ${this.id} could not take its identity: ${r.stderr.slice(0, 500)}`,
+        {
+          code: "SNAPSHOT_RESTORE_FAILED",
+        },
+      );
+    }
+    this.chan = agent;
+    if (this.plannedChannel() === "ssh") {
+      deadline.phase = "waiting for sshd with the new host key";
+      await this.waitForMilestone("sshd-rekeyed", deadline);
+      this.chan = undefined;
+    }
+  }
+
+  /** Runs `fn` with a QMP connection to this VM. */
+  private async withQmp<T>(
+    options: { timeoutMs?: number; signal?: AbortSignal },
+    fn: (qmp: QmpClient, ms: number) => Promise<T>,
+  ): Promise<T> {
+    const ms = options.timeoutMs ?? 5_000;
+    const qmp = await QmpClient.connect(this.vmPaths.qmpSocket, { timeoutMs: ms, signal: options.signal });
+    try {
+      return await fn(qmp, ms);
+    } finally {
+      await qmp.close();
+    }
   }
 
   /** Closes this object's connections; the VM keeps running (see delete()). */
@@ -646,6 +1183,8 @@ export class SmolVM implements AsyncDisposable {
       pidfilePath: this.vmPaths.pidfile,
       sshHostPort: sshPort,
       agentSocketPath: image.capabilities.agent ? this.vmPaths.agentSocket : undefined,
+      // RAM in a shared tmpfs file, so snapshot() can copy it while the vCPUs are stopped.
+      memoryFile: { path: this.vmPaths.ramFile, share: true },
     };
     if (image.rootfsPath) spec.rootfsPath = await this.overlayFor(image);
     buildQemuArgv(spec); // validates before anything is spawned
@@ -696,6 +1235,7 @@ export class SmolVM implements AsyncDisposable {
     const ms = serialMilestones(await tailFile(this.vmPaths.serialLog, 65536));
     const ready = this.chan === this.agentChan && this.chan ? "agent" : "ssh";
     this.bootTimings = {
+      source: "cold",
       channel: ready,
       qemuStartMs: Math.round(qemuStartMs),
       kernelMs: ms["init-start"],
@@ -759,6 +1299,7 @@ export class SmolVM implements AsyncDisposable {
       ).catch(() => {});
     }
     await this.closeChannel();
+    await rm(this.vmPaths.ramFile, { force: true });
     releasePorts(this.store, this.id);
     this.update({ status: "crashed", pid: null, sshPort: null, ports: [] });
     throw this.crashedError(undefined, report);
@@ -850,6 +1391,8 @@ export class SmolVM implements AsyncDisposable {
   }
 
   private async closeChannel(): Promise<void> {
+    this.pendingAgentSocket?.destroy();
+    this.pendingAgentSocket = undefined;
     const s = this.sshClient;
     const a = this.agentChan;
     this.chan = undefined;
@@ -887,7 +1430,9 @@ export class SmolVM implements AsyncDisposable {
           if (release === mine) release = undefined;
         };
         try {
-          const sock = await connectUnix(socket, signal);
+          // A restore connects before the snapshot's devices load (see bootFromSnapshot).
+          const sock = this.pendingAgentSocket ?? (await connectUnix(socket, signal));
+          this.pendingAgentSocket = undefined;
           sock.once("close", drop);
           return sock;
         } catch (err) {
@@ -946,6 +1491,12 @@ export class SmolVM implements AsyncDisposable {
     if (s === "running") return;
     if (s === "deleted") throw this.deletedError();
     if (s === "crashed") throw this.crashedError();
+    if (s === "paused") {
+      throw new VMStateError(
+        `cannot ${what}: VM ${this.id} is paused. Resume it with vm.resume() (or \`smolvm resume ${this.name}\`).`,
+        { code: "VM_PAUSED", details: { id: this.id, status: s, remediation: "vm.resume()" } },
+      );
+    }
     throw new VMStateError(
       `cannot ${what}: VM ${this.id} is ${s}. Start it with vm.start() (or \`smolvm start ${this.name}\`).`,
       {
@@ -1021,6 +1572,7 @@ function validateCreateOptions(o: SmolVMCreateOptions) {
     accel: o.accel,
     dataDir: o.dataDir,
     timeoutMs: o.timeoutMs ?? DEFAULT_CREATE_TIMEOUT_MS,
+    template: o.template ?? true,
     signal: o.signal,
     onProgress: o.onProgress,
     ttlMs: o.ttlMs,

@@ -5,12 +5,12 @@
  * is the primary key).
  */
 import { existsSync, mkdirSync } from "node:fs";
-import { join } from "node:path";
+import { basename, join } from "node:path";
 import Database from "better-sqlite3";
 import { SmolVMError, ValidationError, VMNotFoundError } from "../errors.js";
 import { isQemuAlive } from "./process.js";
 
-export type VmStatus = "creating" | "running" | "stopped" | "crashed";
+export type VmStatus = "creating" | "running" | "paused" | "stopped" | "crashed";
 
 export interface PortMapping {
   hostPort: number;
@@ -95,13 +95,18 @@ export function vmFiles(vmDir: string) {
     agentSecret: join(vmDir, "agent_secret"),
     /** Who holds the agent socket (agent-lock.ts). */
     agentLock: join(vmDir, "agent.lock"),
+    /**
+     * Guest RAM of a VM booted cold: a shared file on tmpfs, so a snapshot can copy it while the
+     * vCPUs are stopped. Removed when QEMU stops.
+     */
+    ramFile: `/dev/shm/smolvm-${basename(vmDir)}.ram`,
     /** Substring of QEMU's command line proving a pid is this VM's QEMU. */
     marker: `${vmDir}/`,
   };
 }
 
 const SCHEMA_VERSION = 2;
-const STATUSES: readonly VmStatus[] = ["creating", "running", "stopped", "crashed"];
+const STATUSES: readonly VmStatus[] = ["creating", "running", "paused", "stopped", "crashed"];
 
 const MIGRATIONS: Record<number, string> = {
   1: `
@@ -402,7 +407,7 @@ export class VmStore {
   reconcile(isAlive: (pid: number, marker: string) => boolean = isQemuAlive): ReconcileChange[] {
     const candidates = (
       this.db
-        .prepare("SELECT * FROM vms WHERE status IN ('running', 'creating') AND pid IS NOT NULL")
+        .prepare("SELECT * FROM vms WHERE status IN ('running', 'paused', 'creating') AND pid IS NOT NULL")
         .all() as Row[]
     ).map(fromRow);
     const changes: ReconcileChange[] = [];
