@@ -52,6 +52,7 @@ export {
   type BootTimings,
   type CommChannelChoice,
   type FromIdOptions,
+  type FromSnapshotOptions,
   type ListOptions,
   SmolVM,
   type SmolVMCreateOptions,
@@ -60,3 +61,4 @@ export {
   type VmRecord,
   type VmStatus,
 } from "./vm/smolvm.js";
+export type { SnapshotInfo } from "./vm/snapshot.js";

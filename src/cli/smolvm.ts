@@ -4,6 +4,7 @@ import { Command } from "commander";
 import { SmolVMError } from "../errors.js";
 import { registerDoctorCommand } from "./doctor.js";
 import { registerImageCommands } from "./image.js";
+import { registerSnapshotCommands } from "./snapshot-commands.js";
 import { registerVmCommands } from "./vm-commands.js";
 
 const program = new Command("smolvm")
@@ -12,6 +13,7 @@ const program = new Command("smolvm")
 registerVmCommands(program);
 registerImageCommands(program);
 registerDoctorCommand(program);
+registerSnapshotCommands(program);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof SmolVMError) {

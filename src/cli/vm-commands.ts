@@ -65,19 +65,31 @@ export function registerVmCommands(program: Command): void {
     .option("--ttl <duration>", "delete the VM after this long (90s, 10m, 2h, 1d)")
     .option("--label <k=v>", "a label to find the VM by (repeatable)", collect, [])
     .option("--disk <mib>", "writable disk size in MiB (debian image)", int)
+    .option("--from-snapshot <snap>", "restore a snapshot (id or name) instead of booting an image")
+    .option("--no-template", "boot cold instead of restoring the image's template")
     .option("--json", "print the VM record as JSON")
     .action(async (o) => {
-      const vm = await SmolVM.create({
-        image: o.image,
-        memoryMib: o.memory,
-        vcpus: o.vcpus,
+      const common = {
         name: o.name,
         env: parseEnvPairs(o.env),
         commChannel: o.commChannel,
         ttlMs: o.ttl === undefined ? undefined : parseDuration(o.ttl),
         labels: parseLabels(o.label),
-        diskMib: o.disk,
-      });
+      };
+      const vm = o.fromSnapshot
+        ? await SmolVM.fromSnapshot(o.fromSnapshot, common)
+        : await SmolVM.create({
+            image: o.image,
+            memoryMib: o.memory,
+            vcpus: o.vcpus,
+            name: o.name,
+            env: parseEnvPairs(o.env),
+            commChannel: o.commChannel,
+            ttlMs: o.ttl === undefined ? undefined : parseDuration(o.ttl),
+            labels: parseLabels(o.label),
+            diskMib: o.disk,
+            template: o.template,
+          });
       // The VM outlives this process: close our connection, do not dispose (that deletes).
       await vm.close();
       if (o.json)
@@ -178,7 +190,7 @@ export function registerVmCommands(program: Command): void {
       process.exitCode = r.status ?? 255;
     });
 
-  for (const verb of ["stop", "start"] as const) {
+  for (const verb of ["stop", "start", "pause", "resume"] as const) {
     program
       .command(`${verb} <vm>`)
       .description(`${verb} a sandbox`)

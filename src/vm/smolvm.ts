@@ -319,6 +319,7 @@ export class SmolVM implements AsyncDisposable {
           imageFingerprint: image.fingerprint,
           kernelPath: image.kernelPath,
           kernelCmdline: image.kernelCmdline,
+          initrdPath: image.initrdPath,
           capabilities: image.capabilities,
           hostPublicKey: hostKey.publicKey,
           clientKeyPath: clientKey.privateKeyPath,
@@ -327,16 +328,14 @@ export class SmolVM implements AsyncDisposable {
       const vm = new SmolVM(store, record, { owned: true, commChannel: opts.commChannel, dataDir: base });
       try {
         const agentSecret = randomBytes(32);
-        const cpio = buildVmConfigCpio([
-          { path: "smolvm/config/ssh_host_ed25519_key", mode: 0o600, data: hostKey.privateKeyPem },
-          { path: "smolvm/config/authorized_keys", mode: 0o600, data: `${clientKey.publicKey}\n` },
-          { path: "smolvm/config/agent_secret", mode: 0o600, data: agentSecret },
-          { path: "smolvm/config/env", mode: 0o600, data: renderEnvFile(opts.env) },
-          { path: "smolvm/config/hostname", mode: 0o644, data: `${safeHostname(name)}\n` },
-          ...(opts.diskMib !== undefined
-            ? [{ path: "smolvm/config/disk_mib", mode: 0o644, data: `${opts.diskMib}\n` }]
-            : []),
-        ]);
+        const cpio = vmConfigCpio({
+          hostKeyPem: hostKey.privateKeyPem,
+          clientPublicKey: clientKey.publicKey,
+          agentSecret,
+          env: opts.env,
+          hostname: safeHostname(name),
+          diskMib: opts.diskMib,
+        });
         await composeInitrd(image.initrdPath, cpio, join(vmDir, "initrd.img"));
         await writeFile(vmFiles(vmDir).agentSecret, agentSecret, { mode: 0o600 });
         try {
@@ -884,9 +883,27 @@ export class SmolVM implements AsyncDisposable {
     id: { hostKey: { privateKeyPem: string | Buffer }; clientPublicKey: string; env: Record<string, string> },
   ): Promise<void> {
     const agent = this.agent();
-    await agent.waitReady({ timeoutMs: deadline.remaining(), signal: deadline.signal });
     const secret = randomBytes(32);
     const hostname = safeHostname(this.name);
+    // The VM's own initramfs, for when start() boots it cold after a stop().
+    const cfg = this.record.config;
+    const initrd = (async () => {
+      if (typeof cfg.initrdPath !== "string") return;
+      await composeInitrd(
+        cfg.initrdPath,
+        vmConfigCpio({
+          hostKeyPem: id.hostKey.privateKeyPem,
+          clientPublicKey: id.clientPublicKey,
+          agentSecret: secret,
+          env: id.env,
+          hostname,
+          diskMib: cfg.diskMib as number | undefined,
+        }),
+        join(this.record.vmDir, "initrd.img"),
+      );
+    })();
+    initrd.catch(() => {});
+    await agent.waitReady({ timeoutMs: deadline.remaining(), signal: deadline.signal });
     await setIdentity(
       agent,
       {
@@ -930,6 +947,7 @@ export class SmolVM implements AsyncDisposable {
         },
       );
     }
+    await initrd;
     this.chan = agent;
     if (this.plannedChannel() === "ssh") {
       deadline.phase = "waiting for sshd with the new host key";
@@ -1113,6 +1131,16 @@ export class SmolVM implements AsyncDisposable {
 
   async waitForSsh(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {
     this.requireRunning("wait for SSH");
+    if (this.record.config.restoredFrom) {
+      // A restored VM's sshd restarts with the VM's own host key shortly after it is up.
+      const deadline = new Deadline(options.timeoutMs ?? 60_000, options.signal, "waiting for SSH");
+      try {
+        deadline.phase = "waiting for sshd with the VM's own host key";
+        await this.waitForMilestone("sshd-rekeyed", deadline);
+      } finally {
+        deadline.dispose();
+      }
+    }
     await this.explain(() =>
       this.ssh().waitForSsh({ timeoutMs: options.timeoutMs ?? 60_000, signal: options.signal }),
     );
@@ -1614,6 +1642,27 @@ function reportAccel(
     elapsedMs: Math.round(performance.now() - t0),
     done: true,
   });
+}
+
+/** The per-VM archive appended to the image's initramfs: identity and settings for /init. */
+function vmConfigCpio(c: {
+  hostKeyPem: string | Buffer;
+  clientPublicKey: string;
+  agentSecret: Buffer;
+  env: Record<string, string>;
+  hostname: string;
+  diskMib?: number;
+}): Buffer {
+  return buildVmConfigCpio([
+    { path: "smolvm/config/ssh_host_ed25519_key", mode: 0o600, data: c.hostKeyPem },
+    { path: "smolvm/config/authorized_keys", mode: 0o600, data: `${c.clientPublicKey}\n` },
+    { path: "smolvm/config/agent_secret", mode: 0o600, data: c.agentSecret },
+    { path: "smolvm/config/env", mode: 0o600, data: renderEnvFile(c.env) },
+    { path: "smolvm/config/hostname", mode: 0o644, data: `${c.hostname}\n` },
+    ...(c.diskMib !== undefined
+      ? [{ path: "smolvm/config/disk_mib", mode: 0o644, data: `${c.diskMib}\n` }]
+      : []),
+  ]);
 }
 
 function safeHostname(name: string): string {
