@@ -67,6 +67,8 @@ async function create(channel: "agent" | "ssh", opts: { memoryMib?: number; name
     name: `${opts.name}-${randomBytes(3).toString("hex")}`,
     memoryMib: opts.memoryMib,
     signal: stop.signal,
+    // Channels are compared on cold boots; bench:snapshot measures templates.
+    template: false,
     ...(channel === "ssh" ? { commChannel: "ssh" as const } : {}),
   });
   creating = p;

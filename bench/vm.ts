@@ -50,7 +50,7 @@ try {
   for (let i = 0; i < BOOTS; i++) {
     const t0 = performance.now();
     // This benchmark is about the SSH path; bench:channels compares it with the agent.
-    const vm = await SmolVM.create({ name: `bench-${i}`, commChannel: "ssh" });
+    const vm = await SmolVM.create({ name: `bench-${i}`, commChannel: "ssh", template: false });
     vms.push(vm);
     const r = await vm.run("true");
     const t1 = performance.now();

@@ -758,6 +758,10 @@ export interface IdentityRequest {
   /** The wall clock to set, in ns since the epoch. */
   timeNs?: bigint;
   hostname?: string;
+  /** Files written atomically (temp + rename, parents made), before anything else changes. */
+  files?: Array<{ path: string; mode: number; data: string | Buffer }>;
+  /** A shell command started in the background once the rest is applied (not waited for). */
+  run?: string;
 }
 
 export async function setIdentity(ch: AgentChannel, req: IdentityRequest, deadline: Deadline): Promise<void> {
@@ -775,6 +779,14 @@ export async function setIdentity(ch: AgentChannel, req: IdentityRequest, deadli
         f.push([Field.TIME_NS, t]);
       }
       if (req.hostname) f.push([Field.HOSTNAME, req.hostname]);
+      for (const file of req.files ?? []) {
+        const path = Buffer.from(file.path);
+        const head = Buffer.alloc(6);
+        head.writeUInt32BE(file.mode & 0o7777, 0);
+        head.writeUInt16BE(path.length, 4);
+        f.push([Field.FILE, Buffer.concat([head, path, Buffer.from(file.data)])]);
+      }
+      if (req.run) f.push([Field.RUN, req.run]);
       return encodeFields(f);
     },
     deadline,

@@ -89,6 +89,8 @@ export const Field = {
   ENTROPY: 51,
   TIME_NS: 52,
   HOSTNAME: 53,
+  FILE: 54,
+  RUN: 55,
 } as const;
 
 export const ErrorCode = {

@@ -206,13 +206,14 @@ const AUTO_AGENT_PROBE_MS = 2_000;
 /**
  * A restored VM's sshd still holds the snapshot's host key: once the init's sshd is up, replace
  * it with one that loads the VM's own key (written just before), and log a milestone on the
- * console. In the background, so the first command does not wait for sshd.
+ * console. The agent starts it in the background at the lowest priority (sshd itself is set
+ * back to normal), so the first commands do not wait for it.
  */
-const REKEY_SSHD = `( i=0; while [ $i -lt 500 ] && ! grep -q ' sshd-started' /run/smolvm/milestones 2>/dev/null; do sleep 0.01; i=$((i + 1)); done
-  p=$(pidof sshd || true); [ -n "$p" ] && kill $p
-  i=0; while [ $i -lt 200 ] && pidof sshd >/dev/null; do sleep 0.01; i=$((i + 1)); done
-  /usr/sbin/sshd -E /var/log/sshd.log
-  read up _ < /proc/uptime; echo "smolvm: \${up%.*}\${up#*.}0 sshd-rekeyed" > /dev/console ) </dev/null >/dev/null 2>&1 &`;
+const REKEY_SSHD = `i=0; while [ $i -lt 200 ] && ! grep -q ' sshd-started' /run/smolvm/milestones 2>/dev/null; do sleep 0.05; i=$((i + 1)); done
+p=$(pidof sshd || true); [ -n "$p" ] && kill $p
+i=0; while [ $i -lt 100 ] && pidof sshd >/dev/null; do sleep 0.02; i=$((i + 1)); done
+/usr/sbin/sshd -E /var/log/sshd.log && renice 0 -p "$(cat /run/sshd.pid)"
+read up _ < /proc/uptime; echo "smolvm: \${up%.*}\${up#*.}0 sshd-rekeyed" > /dev/console`;
 
 /** How often a call in flight checks that the guest is still alive. */
 const CALL_WATCH_INTERVAL_MS = 500;
@@ -911,42 +912,19 @@ export class SmolVM implements AsyncDisposable {
         entropy: randomBytes(64),
         timeNs: BigInt(Date.now()) * 1_000_000n,
         hostname,
+        files: [
+          { path: "/etc/ssh/ssh_host_ed25519_key", mode: 0o600, data: id.hostKey.privateKeyPem },
+          { path: "/root/.ssh/authorized_keys", mode: 0o600, data: `${id.clientPublicKey}\n` },
+          { path: "/etc/profile.d/smolvm_env.sh", mode: 0o600, data: renderEnvFile(id.env) },
+          { path: "/etc/hostname", mode: 0o644, data: `${hostname}\n` },
+          { path: "/etc/hosts", mode: 0o644, data: `127.0.0.1 localhost\n127.0.1.1 ${hostname}\n` },
+        ],
+        run: REKEY_SSHD,
       },
       deadline,
     );
     agent.rekey(secret);
     await writeFile(this.vmPaths.agentSecret, secret, { mode: 0o600 });
-    // One exec: the host key, the authorized key and the env file arrive base64-encoded, a line
-    // each, on stdin (never in argv).
-    const b64 = (x: string | Buffer) => Buffer.from(x).toString("base64");
-    const stdin = `${[b64(id.hostKey.privateKeyPem), b64(`${id.clientPublicKey}\n`), b64(renderEnvFile(id.env))].join("\n")}\n`;
-    const script = [
-      "set -e; umask 077",
-      "read -r k; read -r a; read -r e",
-      'echo "$k" | base64 -d > /etc/ssh/ssh_host_ed25519_key.new',
-      "mv /etc/ssh/ssh_host_ed25519_key.new /etc/ssh/ssh_host_ed25519_key",
-      'mkdir -p /root/.ssh; echo "$a" | base64 -d > /root/.ssh/authorized_keys',
-      'echo "$e" | base64 -d > /etc/profile.d/smolvm_env.sh.new',
-      "mv /etc/profile.d/smolvm_env.sh.new /etc/profile.d/smolvm_env.sh",
-      `echo ${hostname} > /etc/hostname`,
-      `printf '127.0.0.1 localhost\\n127.0.1.1 %s\\n' ${hostname} > /etc/hosts`,
-      "chmod 644 /etc/hostname /etc/hosts",
-      REKEY_SSHD,
-    ].join("\n");
-    const r = await agent.run(script, {
-      shell: "raw",
-      stdin,
-      timeoutMs: deadline.remaining(10_000),
-      signal: deadline.signal,
-    });
-    if (r.exitCode !== 0) {
-      throw new VMStateError(
-        `the restored VM ${this.id} could not take its identity: ${r.stderr.slice(0, 500)}`,
-        {
-          code: "SNAPSHOT_RESTORE_FAILED",
-        },
-      );
-    }
     await initrd;
     this.chan = agent;
     if (this.plannedChannel() === "ssh") {

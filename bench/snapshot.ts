@@ -1,0 +1,152 @@
+/**
+ * `npm run bench:snapshot`: in one run on the tiny image, a sandbox from its template versus a
+ * cold boot (create to first command, BENCH_CREATES each, default 10), fork({ count: 4 }) of a
+ * running VM (until all four answered), the extra host memory of each clone (QEMU's private
+ * resident memory), warm run("true") in a clone versus in a cold-booted VM, and how long a
+ * snapshot of a running VM pauses it. Writes bench/results/snapshot.json.
+ */
+import { readFileSync } from "node:fs";
+import { dataDir as defaultDataDir } from "../src/common/paths.js";
+import { ensureImage } from "../src/image/index.js";
+import { SmolVM } from "../src/vm/smolvm.js";
+import { VmStore } from "../src/vm/store.js";
+import { measure, printTable, type Stats, stats, writeResults } from "./lib/stats.js";
+
+const CREATES = Number(process.env.BENCH_CREATES ?? 10);
+const WARM_N = Number(process.env.BENCH_N ?? 100);
+const owned = new Set<SmolVM>();
+const cleanup = async () => {
+  for (const v of owned) await v.delete().catch(() => {});
+  owned.clear();
+};
+process.once("SIGINT", () => void cleanup().finally(() => process.exit(130)));
+
+/** Create to first command, in ms. */
+async function createToFirst(template: boolean): Promise<{ ms: number; vm: SmolVM }> {
+  const t0 = performance.now();
+  const vm = await SmolVM.create({ template });
+  owned.add(vm);
+  const r = await vm.run("true");
+  if (!r.ok) throw new Error(`first command in ${vm.id} exited ${r.exitCode}`);
+  return { ms: performance.now() - t0, vm };
+}
+
+/** QEMU's private resident memory (what a clone adds; shared snapshot pages are not counted). */
+function privateRssMib(vm: SmolVM): number {
+  const store = VmStore.open(defaultDataDir());
+  const pid = store.get(vm.id)?.pid;
+  store.close();
+  const status = readFileSync(`/proc/${pid}/status`, "utf8");
+  const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, "m").exec(status)?.[1] ?? 0);
+  return (kb("RssAnon") + kb("RssShmem")) / 1024;
+}
+
+const round = (n: number) => Math.round(n * 10) / 10;
+
+await ensureImage("tiny");
+try {
+  // Make sure a template exists (the first create of this image/size/accel leaves it).
+  const first = await createToFirst(true);
+  await first.vm.delete();
+  owned.delete(first.vm);
+
+  const tmpl: number[] = [];
+  const cold: number[] = [];
+  let coldVm: SmolVM | undefined;
+  let cloneVm: SmolVM | undefined;
+  for (let i = 0; i < CREATES; i++) {
+    // Interleaved, so both see the same host load.
+    const t = await createToFirst(true);
+    tmpl.push(t.ms);
+    if (i === CREATES - 1) cloneVm = t.vm;
+    else {
+      await t.vm.delete();
+      owned.delete(t.vm);
+    }
+    const c = await createToFirst(false);
+    cold.push(c.ms);
+    if (i === CREATES - 1) coldVm = c.vm;
+    else {
+      await c.vm.delete();
+      owned.delete(c.vm);
+    }
+  }
+  const tmplStats = stats(tmpl);
+  const coldStats = stats(cold);
+
+  // Warm runs: a clone versus a cold-booted VM (both settled for a second first).
+  await new Promise((r) => setTimeout(r, 1_000));
+  const warmClone: Stats = await measure(() => cloneVm!.run("true"), WARM_N, 20);
+  const warmCold: Stats = await measure(() => coldVm!.run("true"), WARM_N, 20);
+
+  // Snapshot pause, and fork of a running VM.
+  await coldVm!.run("echo hi > /root/f");
+  const snapT0 = performance.now();
+  const snap = await coldVm!.snapshot();
+  const snapshotMs = performance.now() - snapT0;
+  const snapDir = `${defaultDataDir()}/snapshots/${snap.id}/snapshot.json`;
+  const pauseMs = JSON.parse(readFileSync(snapDir, "utf8")).pauseMs as number;
+  await SmolVM.deleteSnapshot(snap.id);
+
+  const forkT0 = performance.now();
+  const kids = await coldVm!.fork({ count: 4 });
+  for (const k of kids) owned.add(k);
+  await Promise.all(kids.map((k) => k.run("cat /root/f")));
+  const forkMs = performance.now() - forkT0;
+  const rss = kids.map(privateRssMib);
+  const coldRss = privateRssMib(coldVm!);
+
+  const rows = [
+    {
+      measure: "create to first command, p50 (ms)",
+      smolvm: round(tmplStats.p50),
+      "instead: cold boot": round(coldStats.p50),
+      ratio: round(tmplStats.p50 / coldStats.p50).toFixed(2),
+      target: "<= 150 ms and <= 0.10x",
+    },
+    {
+      measure: "warm run('true'), p50 (ms)",
+      smolvm: round(warmClone.p50),
+      "instead: cold boot": round(warmCold.p50),
+      ratio: round(warmClone.p50 / warmCold.p50).toFixed(2),
+      target: "<= 1.2x",
+    },
+    {
+      measure: "fork({count: 4}) until all answered (ms)",
+      smolvm: round(forkMs),
+      "instead: cold boot": round(coldStats.p50),
+      ratio: round(forkMs / (4 * coldStats.p50)).toFixed(2),
+      target: "<= 1000 ms",
+    },
+    {
+      measure: "private host memory per clone (MiB, max)",
+      smolvm: round(Math.max(...rss)),
+      "instead: cold boot": round(coldRss),
+      ratio: round(Math.max(...rss) / coldRss).toFixed(2),
+      target: "<= 80 MiB",
+    },
+    {
+      measure: "snapshot of a running VM: pause (ms)",
+      smolvm: round(pauseMs),
+      "instead: cold boot": "",
+      ratio: "",
+      target: "<= 300 ms",
+    },
+  ];
+  printTable(rows);
+  const file = writeResults("snapshot", {
+    createFromTemplateMs: tmplStats,
+    createColdMs: coldStats,
+    warmRunCloneMs: warmClone,
+    warmRunColdMs: warmCold,
+    forkOf4Ms: round(forkMs),
+    cloneRssMib: rss.map(round),
+    coldVmRssMib: round(coldRss),
+    snapshotMs: round(snapshotMs),
+    snapshotPauseMs: pauseMs,
+    accel: coldVm!.bootTimings?.accel,
+  });
+  console.log(`\nwrote ${file}`);
+} finally {
+  await cleanup();
+}
