@@ -72,7 +72,7 @@ export async function main(opts: StartOptions = {}): Promise<StartSummary> {
     // The reason's first clause is enough here; the full probe error is in the VM record.
     const accelReason = String(record?.config.accelReason ?? "").split(" (")[0]!;
     const bt = vm.bootTimings!;
-    log(`booted ${vm.id} in ${ms(bt.totalMs)} (accelerator ${accel}, channel ${bt.channel})`);
+    log(`booted ${vm.id} in ${ms(bt.totalMs)} (accelerator ${accel}, channel ${bt.channel}, ${bt.source})`);
 
     const tFirst = performance.now();
     const uname = await vm.run("uname -a", { signal });
@@ -117,6 +117,21 @@ export async function main(opts: StartOptions = {}): Promise<StartSummary> {
     warm.sort((a, b) => a - b);
     const warmP50 = warm[Math.ceil(warm.length / 2) - 1]!;
 
+    // The same create twice more, side by side: a cold boot, and a restore of the image's
+    // template (the first create on this host left it).
+    const createToFirst = async (template: boolean) => {
+      const t = performance.now();
+      const v = await SmolVM.create({ dataDir: opts.dataDir, signal, template });
+      try {
+        await v.run("true", { signal });
+        return { ms: performance.now() - t, source: v.bootTimings!.source };
+      } finally {
+        await v.delete();
+      }
+    };
+    const cold = await createToFirst(false);
+    const fromTemplate = await createToFirst(true);
+
     const rest = bt.kernelMs !== undefined ? bt.bootToChannelMs - bt.qemuStartMs - bt.kernelMs : undefined;
     const rows: [string, string][] = [
       [`boot to ${bt.channel}`, ms(bt.bootToChannelMs)],
@@ -126,6 +141,11 @@ export async function main(opts: StartOptions = {}): Promise<StartSummary> {
       [`  rest (init, ${bt.channel} handshake)`, ms(rest)],
       ["first command", ms(firstCommandMs)],
       [`warm command p50 (${warmRuns}x true)`, `${warmP50.toFixed(1)} ms`],
+      ["create to first command, cold boot", ms(cold.ms)],
+      [
+        `create to first command, from the template`,
+        `${ms(fromTemplate.ms)} (${(fromTemplate.ms / cold.ms).toFixed(2)}x${fromTemplate.source === "template" ? "" : `, ${fromTemplate.source}`})`,
+      ],
       ["accelerator", accelReason ? `${accel} (${accelReason})` : accel],
     ];
     const width = Math.max(...rows.map(([k]) => k.length));

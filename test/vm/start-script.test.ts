@@ -44,7 +44,7 @@ describe("npm start (scripts/start.ts)", () => {
     expect(lines[1]).toMatch(/^accelerator: (kvm|tcg) \(.+; (cached verdict|probed in \d+ ms)\)$/);
     lines.splice(1, 1);
     expect(lines[1]).toBe(
-      `booted ${summary.vmId} in ${lines[1]!.match(/in (\d+) ms/)![1]} ms (accelerator ${summary.accel}, channel agent)`,
+      `booted ${summary.vmId} in ${lines[1]!.match(/in (\d+) ms/)![1]} ms (accelerator ${summary.accel}, channel agent, cold)`,
     );
     expect(summary.accel).toMatch(/^(kvm|tcg)$/);
     expect(lines[2]).toMatch(new RegExp(`^uname -a: Linux ${summary.vmId} \\S+ .* x86_64 GNU/Linux$`));
@@ -68,6 +68,9 @@ describe("npm start (scripts/start.ts)", () => {
     }
     expect(row("first command")).toMatch(/ \d+ ms$/);
     expect(row("warm command p50 (5x true)")).toMatch(/ \d+\.\d ms$/);
+    expect(row("create to first command, cold boot")).toMatch(/ \d+ ms$/);
+    // The demo's own create (the first in this data dir) left the template.
+    expect(row("create to first command, from the template")).toMatch(/ \d+ ms \(0\.\d\dx\)$/);
     expect(row("accelerator")).toMatch(new RegExp(`^accelerator +${summary.accel}\\b`));
     expect(summary.warmP50Ms).toBeGreaterThan(0);
     expect(summary.warmP50Ms).toBeLessThan(summary.firstCommandMs + 1_000);
