@@ -177,7 +177,14 @@ function checkHeader(
  * input until a header of the awaited type, bounded by MAX_RESYNC_BYTES.
  */
 export class FrameDecoder {
-  private buf: Buffer = EMPTY;
+  /**
+   * Input not yet decoded, as received: a frame that arrives in many small chunks is joined once,
+   * when it is complete, so decoding costs linear time whatever the chunking.
+   */
+  private parts: Buffer[] = [];
+  private partsLen = 0;
+  /** Bytes needed before decoding can make progress (a header, or the frame the header announced). */
+  private need = HEADER_SIZE;
   private failed: ProtocolError | undefined;
   private resyncType: number | undefined;
   private discarded = 0;
@@ -186,30 +193,42 @@ export class FrameDecoder {
   resync(type: number): void {
     this.resyncType = type;
     this.discarded = 0;
+    this.need = HEADER_SIZE;
   }
 
   /** Bytes currently held (a partial frame); never more than HEADER_SIZE + MAX_PAYLOAD - 1. */
   get buffered(): number {
-    return this.buf.length;
+    return this.partsLen;
   }
 
   push(chunk: Buffer): Frame[] {
     if (this.failed) throw this.failed;
     try {
+      if (this.partsLen + chunk.length < this.need) {
+        // Not enough for progress yet: keep a private copy (never pin the caller's buffer).
+        if (chunk.length) {
+          this.parts.push(Buffer.from(chunk));
+          this.partsLen += chunk.length;
+        }
+        return [];
+      }
       return this.pushInner(chunk);
     } catch (err) {
       this.failed =
         err instanceof ProtocolError
           ? err
           : new ProtocolError("agent stream could not be decoded.", { cause: err });
-      this.buf = EMPTY;
+      this.parts = [];
+      this.partsLen = 0;
       throw this.failed;
     }
   }
 
   private pushInner(chunk: Buffer): Frame[] {
     const frames: Frame[] = [];
-    let data = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
+    let data = this.partsLen ? Buffer.concat([...this.parts, chunk]) : chunk;
+    this.parts = [];
+    this.partsLen = 0;
     let off = 0;
     for (;;) {
       if (this.resyncType !== undefined) {
@@ -232,7 +251,15 @@ export class FrameDecoder {
       off += HEADER_SIZE + h.length;
     }
     // Copy the remainder so a large chunk is not pinned by a small tail.
-    this.buf = off >= data.length ? EMPTY : Buffer.from(data.subarray(off));
+    const rest = data.length - off;
+    if (rest > 0) {
+      this.parts = [Buffer.from(data.subarray(off))];
+      this.partsLen = rest;
+    }
+    this.need =
+      this.resyncType === undefined && rest >= HEADER_SIZE
+        ? HEADER_SIZE + checkHeader(this.parts[0]!, 0).length
+        : HEADER_SIZE;
     data = EMPTY;
     return frames;
   }

@@ -4,7 +4,7 @@
  */
 import { randomBytes } from "node:crypto";
 import { connect, type Socket } from "node:net";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import {
   type AgentMessage,
   agentProof,
@@ -29,6 +29,30 @@ import { ProtocolError } from "../../src/errors.js";
 import { startAgent, type TestAgent } from "./helpers.js";
 
 describe("frame codec", () => {
+  it("decodes a 64 KiB frame fed one byte at a time in linear time (joins it once, not per chunk)", () => {
+    const frame = encodeFrame(FrameType.DATA, 3, randomBytes(MAX_PAYLOAD), 1);
+    // Count the bytes Buffer.concat produces: a decoder that re-joins its partial frame on every
+    // chunk copies about frame^2/2 bytes (2 GiB here) and burned hundreds of ms of host CPU.
+    let copied = 0;
+    const real = Buffer.concat;
+    const spy = vi.spyOn(Buffer, "concat").mockImplementation((list, len) => {
+      const out = real(list, len);
+      copied += out.length;
+      return out;
+    });
+    try {
+      const d = new FrameDecoder();
+      const got = [];
+      for (let i = 0; i < frame.length; i++) got.push(...d.push(frame.subarray(i, i + 1)));
+      expect(got).toHaveLength(1);
+      expect(got[0]!.payload.equals(frame.subarray(HEADER_SIZE))).toBe(true);
+      expect(d.buffered).toBe(0);
+    } finally {
+      spy.mockRestore();
+    }
+    expect(copied).toBeLessThanOrEqual(2 * frame.length);
+  });
+
   it("decodes frames split at every byte boundary", () => {
     const frames = [
       encodeFrame(FrameType.DATA, 7, Buffer.from("hello"), 1),
