@@ -27,7 +27,11 @@ export interface RunOptions {
   cwd?: string;
   onStdout?: (data: Buffer) => void;
   onStderr?: (data: Buffer) => void;
-  /** Cap on captured stdout+stderr bytes; beyond it output is discarded and `truncated` is set. */
+  /**
+   * Cap on captured stdout+stderr bytes; beyond it output is discarded (the command still runs to
+   * its end and is reaped) and `truncated` is set. Default DEFAULT_MAX_OUTPUT_BYTES (64 MiB);
+   * `Infinity` lifts the cap.
+   */
   maxOutputBytes?: number;
   /** "utf8" (default) returns strings; "buffer" returns exact Buffers. */
   encoding?: "utf8" | "buffer";
@@ -72,6 +76,8 @@ export class CommandResult<T extends string | Buffer = string> {
 // ---------------------------------------------------------------- validation
 
 export const DEFAULT_RUN_TIMEOUT_MS = 30_000;
+/** What run() keeps of a command's output unless `maxOutputBytes` says otherwise: 64 MiB. */
+export const DEFAULT_MAX_OUTPUT_BYTES = 64 << 20;
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
 
 export function validateCommand(command: unknown): asserts command is string {
@@ -130,9 +136,12 @@ export function validateRunOptions(command: unknown, options: RunOptions = {}): 
   }
   if (
     options.maxOutputBytes !== undefined &&
-    !(Number.isInteger(options.maxOutputBytes) && options.maxOutputBytes >= 0)
+    !(
+      (Number.isInteger(options.maxOutputBytes) && options.maxOutputBytes >= 0) ||
+      options.maxOutputBytes === Number.POSITIVE_INFINITY
+    )
   ) {
-    throw new ValidationError("maxOutputBytes must be a non-negative integer.");
+    throw new ValidationError("maxOutputBytes must be a non-negative integer (or Infinity).");
   }
 }
 
@@ -234,7 +243,8 @@ export function encodePowerShell(script: string): string {
 // ---------------------------------------------------------------- output collection
 
 /**
- * Collects stdout/stderr as Buffers, in arrival order per stream, up to a shared byte cap.
+ * Collects stdout/stderr as Buffers, in arrival order per stream, up to a shared byte cap
+ * (DEFAULT_MAX_OUTPUT_BYTES unless given).
  * Bytes past the cap are counted, not kept, and set `truncated`; callbacks still see everything.
  */
 export class OutputCollector {
@@ -246,7 +256,7 @@ export class OutputCollector {
   truncated = false;
 
   constructor(
-    private readonly maxBytes = Number.POSITIVE_INFINITY,
+    private readonly maxBytes = DEFAULT_MAX_OUTPUT_BYTES,
     private readonly onStdout?: (d: Buffer) => void,
     private readonly onStderr?: (d: Buffer) => void,
   ) {}

@@ -26,6 +26,7 @@ import {
   wrapCommand,
 } from "../command.js";
 import { Deadline, sleep } from "../common/deadline.js";
+import { guestText } from "../common/guest-text.js";
 import {
   AuthenticationError,
   ConnectionLostError,
@@ -37,7 +38,7 @@ import {
   SmolVMError,
   ValidationError,
 } from "../errors.js";
-import { mergeEnv, parseEnvFile, renderEnvFile } from "../vm/env-file.js";
+import { ENV_FILE_MAX, envFileTooLarge, mergeEnv, parseEnvFile, renderEnvFile } from "../vm/env-file.js";
 import {
   type AgentInfo,
   type AgentMessage,
@@ -71,7 +72,6 @@ const CONNECT_TIMEOUT_MS = 10_000;
 const HELLO_RESEND_MS = 500;
 /** close() waits at most this long for the socket's close event. */
 const SOCKET_CLOSE_WAIT_MS = 1_000;
-const ENV_FILE_MAX = 1 << 20;
 /** The agent enforces a command's timeout this long after the host's, as a backstop. */
 const AGENT_TIMEOUT_SLACK_MS = 250;
 
@@ -221,6 +221,8 @@ interface StreamState {
   /** Bytes we may still send the agent. */
   sendCredit: number;
   pendingGrant: number;
+  /** The call ended on the host side: input for this stream is dropped (see Session.abandon). */
+  abandoned?: boolean;
 }
 
 class Session {
@@ -351,7 +353,9 @@ class Session {
     if (m.stream === 0) {
       if (m.type === "challenge" && this.challengeNonce && m.nonce.equals(this.challengeNonce)) return;
       if (m.type === "error") {
-        throw new ProtocolError(`agent reported a session error ${m.code}: ${m.message.slice(0, 200)}.`);
+        throw new ProtocolError(
+          `agent reported a session error ${m.code}: ${guestText(m.message, { max: 200 })}.`,
+        );
       }
       throw new ProtocolError(`unexpected ${m.type} on stream 0.`);
     }
@@ -480,6 +484,29 @@ class Session {
   }
 
   /**
+   * The call on stream `id` is over (deadline, signal, cancel, a callback threw): CANCEL it and
+   * from now on drop whatever the agent still sends for it, without buffering or callbacks.
+   * Credit flows back for a bounded drain (an agent flushes what the killed command's pipes held
+   * before its EXIT), then stops, so an agent that ignores CANCEL is held to one window more.
+   */
+  abandon(id: number): void {
+    const st = this.streams.get(id);
+    if (!st || st.abandoned) return;
+    st.abandoned = true;
+    this.write(encodeFrame(FrameType.CANCEL, id));
+    let drained = 0;
+    st.handler = {
+      kind: st.handler.kind,
+      onData: (_fd, data) => {
+        drained += data.length;
+        if (drained <= ABANDONED_DRAIN_BYTES) this.grant(id, data.length);
+      },
+      onEnd: () => {},
+      onFail: () => {},
+    };
+  }
+
+  /**
    * Returns consumed bytes to the agent's window, once a quarter of it is used (so a command
    * with little output costs no CREDIT frames) and coalesced per tick.
    */
@@ -541,7 +568,7 @@ export function agentError(
   path?: string,
 ): SmolVMError {
   const details = { agentCode: m.code, errno: m.errno, ...(path ? { path } : {}) };
-  const text = m.message.slice(0, 300);
+  const text = guestText(m.message, { max: 300 });
   switch (m.code) {
     case "INVALID_PATH":
     case "BAD_REQUEST":
@@ -615,6 +642,8 @@ export class Notifier {
 
 /** Consumed bytes are granted back once this many have piled up (a quarter of the window). */
 const GRANT_AT = INITIAL_WINDOW / 4;
+/** After a call ended, the agent may flush this much more output for it (credit still flows). */
+const ABANDONED_DRAIN_BYTES = 4 * INITIAL_WINDOW;
 
 // ---------------------------------------------------------------- shell commands
 
@@ -778,8 +807,9 @@ export class AgentChannel implements CommChannel {
                 collector.push(fd === 1 ? "stdout" : "stderr", data);
               } catch (err) {
                 // The caller's onStdout/onStderr threw: stop the command, the channel is fine.
-                session.control(FrameType.CANCEL, id);
+                session.abandon(id);
                 reject(err);
+                return;
               }
               session.grant(id, data.length);
             },
@@ -808,8 +838,8 @@ export class AgentChannel implements CommChannel {
         return await deadline.race(result);
       } catch (err) {
         if (deadline.expired) {
-          // Kill the whole process group now; the stream stays open until the agent's EXIT.
-          session.control(FrameType.CANCEL, id);
+          // Kill the whole process group now; what the agent still sends for it is dropped.
+          session.abandon(id);
           throw deadlineError(deadline, collector.result(null, null, deadline.elapsedMs, encoding));
         }
         throw err;
@@ -911,7 +941,8 @@ export class AgentChannel implements CommChannel {
     });
     started.catch((err) => push({ error: err }));
     const onDeadline = () => {
-      void started.then(({ session }) => session.control(FrameType.CANCEL, id)).catch(() => {});
+      ended = true;
+      void started.then(({ session }) => session.abandon(id)).catch(() => {});
       push({ error: deadlineError(deadline) });
     };
     deadline.signal.addEventListener("abort", onDeadline, { once: true });
@@ -948,7 +979,7 @@ export class AgentChannel implements CommChannel {
     const cancel = async () => {
       if (!ended) {
         const s = await started.catch(() => undefined);
-        s?.session.control(FrameType.CANCEL, id);
+        s?.session.abandon(id);
       }
       ended = true;
       deadline.dispose();
@@ -1078,7 +1109,7 @@ export class AgentChannel implements CommChannel {
     try {
       await deadline.race(Promise.race([result, sender.then(() => result)]));
     } catch (err) {
-      if (!finished) session.control(FrameType.CANCEL, id);
+      if (!finished) session.abandon(id);
       throw err;
     }
   }
@@ -1167,7 +1198,7 @@ export class AgentChannel implements CommChannel {
     try {
       await deadline.race(result);
     } catch (err) {
-      if (!finished) session.control(FrameType.CANCEL, id);
+      if (!finished) session.abandon(id);
       throw err;
     }
   }
@@ -1188,8 +1219,7 @@ export class AgentChannel implements CommChannel {
         { envFile: true },
         (data) => {
           size += data.length;
-          if (size > ENV_FILE_MAX)
-            throw new ProtocolError(`the guest env file is larger than ${ENV_FILE_MAX} bytes.`);
+          if (size > ENV_FILE_MAX) throw envFileTooLarge();
           parts.push(data);
         },
         () => {},
@@ -1265,7 +1295,7 @@ export class AgentChannel implements CommChannel {
     try {
       return await deadline.race(result);
     } catch (err) {
-      if (!finished) session.control(FrameType.CANCEL, id);
+      if (!finished) session.abandon(id);
       throw err;
     }
   }

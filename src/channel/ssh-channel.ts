@@ -2,6 +2,7 @@
  * CommChannel over SSH: commands through the persistent SSHClient, files over SFTP (atomic:
  * written to a temp name, then renamed), the env file through stdin so values never reach argv.
  */
+import { randomBytes } from "node:crypto";
 import { posix } from "node:path";
 import {
   type CommandResult,
@@ -12,18 +13,29 @@ import {
   type RunOptionsUtf8,
 } from "../command.js";
 import { Deadline } from "../common/deadline.js";
+import { guestText } from "../common/guest-text.js";
 import { SmolVMError } from "../errors.js";
 import type { SSHClient } from "../ssh/client.js";
 import type { StreamExecEvent } from "../ssh/connection.js";
 import { getFile, putFile } from "../ssh/sftp.js";
-import { ENV_FILE_PATH, mergeEnv, parseEnvFile, renderEnvFile } from "../vm/env-file.js";
+import {
+  ENV_FILE_MAX,
+  ENV_FILE_PATH,
+  envFileTooLarge,
+  mergeEnv,
+  parseEnvFile,
+  renderEnvFile,
+} from "../vm/env-file.js";
 import { validateGuestPath } from "./agent-protocol.js";
 import type { CallOptions, CommandStream, CommChannel, PutFileOptions, StreamEvent } from "./types.js";
 
 const FILE_TIMEOUT_MS = 300_000;
+/** Internal commands (mkdir, writing the env file) print next to nothing; keep at most this. */
+const INTERNAL_OUTPUT_MAX = 4096;
 
 export class SshChannel implements CommChannel {
   readonly kind = "ssh" as const;
+  private envLock: Promise<unknown> = Promise.resolve();
 
   /** `envFilePath` exists for tests against hosts where /etc/profile.d is not writable. */
   constructor(
@@ -92,12 +104,19 @@ export class SshChannel implements CommChannel {
   }
 
   async listEnv(options: CallOptions = {}): Promise<Record<string, string>> {
-    const r = await this.client.run(`cat ${quoteSh(this.envFilePath)} 2>/dev/null || true`, {
-      shell: "raw",
-      timeoutMs: options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS,
-      signal: options.signal,
-    });
-    return parseEnvFile(r.stdout);
+    // head stops a well-behaved guest at the cap; the host cap holds whatever the guest runs.
+    const r = await this.client.run(
+      `head -c ${ENV_FILE_MAX + 1} ${quoteSh(this.envFilePath)} 2>/dev/null || true`,
+      {
+        shell: "raw",
+        timeoutMs: options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS,
+        signal: options.signal,
+        maxOutputBytes: ENV_FILE_MAX + 1,
+        encoding: "buffer",
+      },
+    );
+    if (r.truncated || r.stdout.length > ENV_FILE_MAX) throw envFileTooLarge();
+    return parseEnvFile(r.stdout.toString("utf8"));
   }
 
   setEnv(vars: Record<string, string>, options: CallOptions = {}): Promise<void> {
@@ -116,11 +135,30 @@ export class SshChannel implements CommChannel {
     await this.client.close();
   }
 
+  /** Read-merge-write, serialized per channel so concurrent updates do not lose each other. */
   private async updateEnv(set: Record<string, string>, unset: string[], options: CallOptions): Promise<void> {
     mergeEnv({}, set, unset); // validate before any I/O
+    const deadline = new Deadline(
+      options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS,
+      options.signal,
+      "updating the guest env file",
+    );
+    const task = this.envLock.then(() =>
+      this.writeEnv(set, unset, { timeoutMs: Math.max(1, deadline.remainingMs), signal: deadline.signal }),
+    );
+    this.envLock = task.catch(() => {});
+    try {
+      await deadline.race(task);
+    } finally {
+      deadline.dispose();
+    }
+  }
+
+  private async writeEnv(set: Record<string, string>, unset: string[], options: CallOptions): Promise<void> {
     const next = mergeEnv(await this.listEnv(options), set, unset);
     const file = quoteSh(this.envFilePath);
-    const tmp = quoteSh(`${this.envFilePath}.tmp`);
+    // A temp name of its own: concurrent writers (other processes too) never share one.
+    const tmp = quoteSh(`${this.envFilePath}.${randomBytes(6).toString("hex")}.tmp`);
     // The content travels on stdin: no value is ever part of a command line.
     const r = await this.client.run(
       `umask 077 && mkdir -p ${quoteSh(posix.dirname(this.envFilePath))} && cat > ${tmp} && chmod 600 ${tmp} && mv -f ${tmp} ${file}`,
@@ -129,11 +167,12 @@ export class SshChannel implements CommChannel {
         stdin: renderEnvFile(next),
         timeoutMs: options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS,
         signal: options.signal,
+        maxOutputBytes: INTERNAL_OUTPUT_MAX,
       },
     );
     if (!r.ok) {
       throw new SmolVMError(
-        `writing ${this.envFilePath} in the guest failed (exit ${r.exitCode}): ${r.stderr.trim()}`,
+        `writing ${this.envFilePath} in the guest failed (exit ${r.exitCode}): ${guestText(r.stderr.trim())}`,
         {
           code: "ENV_WRITE_FAILED",
         },
@@ -142,9 +181,13 @@ export class SshChannel implements CommChannel {
   }
 
   private async mkdirs(dir: string, signal: AbortSignal): Promise<void> {
-    const r = await this.client.run(`mkdir -p -- ${quoteSh(dir)}`, { shell: "raw", signal });
+    const r = await this.client.run(`mkdir -p -- ${quoteSh(dir)}`, {
+      shell: "raw",
+      signal,
+      maxOutputBytes: INTERNAL_OUTPUT_MAX,
+    });
     if (!r.ok) {
-      throw new SmolVMError(`could not create ${dir} in the guest: ${r.stderr.trim()}`, {
+      throw new SmolVMError(`could not create ${dir} in the guest: ${guestText(r.stderr.trim())}`, {
         code: "GUEST_MKDIR",
       });
     }

@@ -4,9 +4,18 @@
  * quotes, $) round-trips exactly. Both channels (SSH and the guest agent) write this format.
  */
 import { quoteSh, validateEnv, validateEnvName } from "../command.js";
-import { ProtocolError } from "../errors.js";
+import { ProtocolError, SmolVMError } from "../errors.js";
 
 export const ENV_FILE_PATH = "/etc/profile.d/smolvm_env.sh";
+/** Both channels read at most this much of the guest env file (the guest may point it at /dev/zero). */
+export const ENV_FILE_MAX = 1 << 20;
+
+export function envFileTooLarge(): SmolVMError {
+  return new SmolVMError(
+    `the guest env file ${ENV_FILE_PATH} is larger than ${ENV_FILE_MAX} bytes (or is not a regular file): something in the guest replaced it; unsetEnvVars cannot repair it, remove it in the guest or recreate the VM.`,
+    { code: "ENV_FILE_TOO_LARGE", details: { max: ENV_FILE_MAX } },
+  );
+}
 const HEADER = "# Managed by smolvm: edit with setEnvVars/unsetEnvVars.\n";
 
 export function renderEnvFile(vars: Record<string, string>): string {

@@ -4,6 +4,7 @@
  * untrusted, so parsing is strict and the tail is capped and stripped of control bytes.
  */
 import { open } from "node:fs/promises";
+import { printable } from "../common/guest-text.js";
 
 const MILESTONE = /^smolvm: (\d{1,9}) ([a-z][a-z0-9-]{0,40})\r?$/gm;
 
@@ -33,9 +34,4 @@ export async function tailFile(path: string, bytes = 2048): Promise<string> {
   } catch {
     return "";
   }
-}
-
-/** Drops terminal control sequences and other non-printing bytes a guest might emit. */
-export function printable(s: string): string {
-  return s.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, "").replace(/[^\x09\x0a\x20-\x7e\u00a0-\uffff]/g, "");
 }

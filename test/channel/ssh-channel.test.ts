@@ -74,6 +74,30 @@ describe("SshChannel against a real sshd", () => {
     await expect(channel.setEnv({ "BAD NAME": "x" })).rejects.toThrow(ValidationError);
   });
 
+  it("loses no update when setEnv calls run concurrently (each write has its own temp file)", async () => {
+    const names = Array.from({ length: 8 }, (_, i) => `CONC_${i}`);
+    await Promise.all(names.map((n) => channel.setEnv({ [n]: n.toLowerCase() })));
+    const got = await channel.listEnv();
+    for (const n of names) expect(got[n]).toBe(n.toLowerCase());
+    const left = await channel.run(`ls -a ${remote}/profile.d`, { shell: "raw" });
+    expect(left.stdout).toBe(".\n..\nsmolvm_env.sh\n");
+    await channel.unsetEnv(names);
+  });
+
+  it("reads at most 1 MiB of an env file the guest pointed at /dev/zero", async () => {
+    const file = `${remote}/profile.d/smolvm_env.sh`;
+    await channel.run(`mkdir -p ${remote}/profile.d && ln -sf /dev/zero ${file}`, { shell: "raw" });
+    try {
+      const t0 = Date.now();
+      const e = await channel.listEnv({ timeoutMs: 20_000 }).catch((x) => x);
+      expect(e).toBeInstanceOf(SmolVMError);
+      expect(e.code).toBe("ENV_FILE_TOO_LARGE");
+      expect(Date.now() - t0).toBeLessThan(10_000);
+    } finally {
+      await channel.run(`rm -f ${file}`, { shell: "raw" });
+    }
+  });
+
   it("streams output in order and ends with the exit event", async () => {
     const events: string[] = [];
     for await (const ev of channel.stream(

@@ -2,7 +2,8 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { printable, serialMilestones, tailFile } from "../../src/vm/serial-log.js";
+import { printable } from "../../src/common/guest-text.js";
+import { serialMilestones, tailFile } from "../../src/vm/serial-log.js";
 
 describe("serial log", () => {
   it("extracts milestones, first occurrence wins, ignores lookalikes", () => {
