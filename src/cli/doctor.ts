@@ -1,6 +1,6 @@
 /** `smolvm doctor`: prints SmolVM.doctor()'s report; `--strict` fails when the default image cannot run. */
 import type { Command } from "commander";
-import { printable } from "../vm/serial-log.js";
+import { printable } from "../common/guest-text.js";
 import { SmolVM } from "../vm/smolvm.js";
 
 export function registerDoctorCommand(program: Command): void {

@@ -6,20 +6,12 @@
 import { spawnSync } from "node:child_process";
 import type { Command } from "commander";
 import { quoteSh } from "../command.js";
+import { printable } from "../common/guest-text.js";
 import { ValidationError } from "../errors.js";
 import type { SignalName } from "../vm/processes.js";
 import { type CommChannelChoice, SmolVM, type VmStatus } from "../vm/smolvm.js";
 import { parseDuration } from "../vm/ttl.js";
-
-function parseEnvPairs(pairs: string[]): Record<string, string> {
-  const env: Record<string, string> = {};
-  for (const p of pairs) {
-    const i = p.indexOf("=");
-    if (i <= 0) throw new ValidationError(`expected NAME=value, got ${JSON.stringify(p.split("=")[0])}=…`);
-    env[p.slice(0, i)] = p.slice(i + 1);
-  }
-  return env;
-}
+import { collectEnv } from "./env-input.js";
 
 const collect = (v: string, acc: string[]) => [...acc, v];
 
@@ -60,7 +52,13 @@ export function registerVmCommands(program: Command): void {
     .option("--memory <mib>", "memory in MiB", int, 512)
     .option("--vcpus <n>", "virtual CPUs", int, 1)
     .option("--name <name>", "a name to refer to it by")
-    .option("-e, --env <NAME=value>", "env var for login shells (repeatable)", collect, [])
+    .option(
+      "-e, --env <NAME[=value]>",
+      "env var for login shells (repeatable); a bare NAME takes its value from stdin",
+      collect,
+      [],
+    )
+    .option("--env-file <path>", "env vars from a NAME=value file, - for stdin (repeatable)", collect, [])
     .option("--comm-channel <ch>", "ssh | agent | vsock | auto", "auto")
     .option("--ttl <duration>", "delete the VM after this long (90s, 10m, 2h, 1d)")
     .option("--label <k=v>", "a label to find the VM by (repeatable)", collect, [])
@@ -71,7 +69,7 @@ export function registerVmCommands(program: Command): void {
     .action(async (o) => {
       const common = {
         name: o.name,
-        env: parseEnvPairs(o.env),
+        env: collectEnv(o.env, o.envFile),
         commChannel: o.commChannel,
         ttlMs: o.ttl === undefined ? undefined : parseDuration(o.ttl),
         labels: parseLabels(o.label),
@@ -83,7 +81,7 @@ export function registerVmCommands(program: Command): void {
             memoryMib: o.memory,
             vcpus: o.vcpus,
             name: o.name,
-            env: parseEnvPairs(o.env),
+            env: common.env,
             commChannel: o.commChannel,
             ttlMs: o.ttl === undefined ? undefined : parseDuration(o.ttl),
             labels: parseLabels(o.label),
@@ -211,11 +209,16 @@ export function registerVmCommands(program: Command): void {
 
   const env = program.command("env").description("env vars for the sandbox's login shells");
   env
-    .command("set <vm> <pairs...>")
+    .command("set <vm> [pairs...]")
+    .description("set NAME=value pairs; for secrets use a bare NAME (value from stdin) or --env-file")
+    .option("--env-file <path>", "NAME=value lines from a file, - for stdin (repeatable)", collect, [])
     .option("--comm-channel <ch>", "ssh | agent | vsock | auto")
-    .action(async (id: string, pairs: string[], o) =>
-      withVm(id, o.commChannel, (vm) => vm.setEnvVars(parseEnvPairs(pairs))),
-    );
+    .action(async (id: string, pairs: string[], o) => {
+      const vars = collectEnv(pairs ?? [], o.envFile);
+      if (!Object.keys(vars).length)
+        throw new ValidationError("nothing to set: give NAME=value, NAME or --env-file.");
+      await withVm(id, o.commChannel, (vm) => vm.setEnvVars(vars));
+    });
   env
     .command("unset <vm> <names...>")
     .option("--comm-channel <ch>", "ssh | agent | vsock | auto")
@@ -224,10 +227,15 @@ export function registerVmCommands(program: Command): void {
     );
   env
     .command("list <vm>")
+    .description(
+      "print the env vars (values come from the guest: control characters are dropped, --json keeps them escaped)",
+    )
+    .option("--json", "print exact values as JSON")
     .option("--comm-channel <ch>", "ssh | agent | vsock | auto")
     .action(async (id: string, o) => {
       const vars = await withVm(id, o.commChannel, (vm) => vm.listEnvVars());
-      for (const [k, v] of Object.entries(vars)) console.log(`${k}=${v}`);
+      if (o.json) return console.log(JSON.stringify(vars, null, 2));
+      for (const [k, v] of Object.entries(vars)) console.log(`${k}=${printable(v)}`);
     });
 
   const file = program.command("file").description("copy files to and from a sandbox");
@@ -388,6 +396,7 @@ export function registerVmCommands(program: Command): void {
     .command("logs <vm>")
     .description("print the sandbox's serial console")
     .action(async (id: string) => {
-      process.stdout.write(await withVm(id, undefined, (vm) => vm.serialLog()));
+      // Guest text: printed without the control sequences a hostile guest could drive the terminal with.
+      process.stdout.write(printable(await withVm(id, undefined, (vm) => vm.serialLog())));
     });
 }

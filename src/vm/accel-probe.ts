@@ -11,8 +11,8 @@ import { spawn } from "node:child_process";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { printable } from "../common/guest-text.js";
 import { type Accel, accelArgs, guestKernelAppend, MICROVM_MACHINE } from "./qemu.js";
-import { printable } from "./serial-log.js";
 
 export interface ProbeResult {
   ok: boolean;

@@ -213,7 +213,8 @@ export function buildQemuArgv(spec: VmLaunchSpec): string[] {
     "-append",
     append,
     "-chardev",
-    `file,id=serial0,path=${serial}`,
+    // append: the host rotates the log by truncating it (serial-log.ts), QEMU keeps writing at the end.
+    `file,id=serial0,path=${serial},append=on`,
     "-serial",
     "chardev:serial0",
     "-qmp",

@@ -6,7 +6,7 @@
  */
 import { randomBytes } from "node:crypto";
 import { existsSync, readFileSync } from "node:fs";
-import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { Duplex } from "node:stream";
 import { AgentChannel, connectUnix } from "../channel/agent-channel.js";
@@ -24,6 +24,7 @@ import {
 import { Deadline, sleep } from "../common/deadline.js";
 import { dataDir as defaultDataDir } from "../common/paths.js";
 import {
+  AuthenticationError,
   CommandExecutionUnavailableError,
   ConnectionLostError,
   OperationTimeoutError,
@@ -64,7 +65,7 @@ import { VmProcesses } from "./processes.js";
 import { VmPty } from "./pty.js";
 import { buildQemuArgv, type VmLaunchSpec } from "./qemu.js";
 import { QmpClient } from "./qmp.js";
-import { serialMilestones, tailFile } from "./serial-log.js";
+import { readSerialLog, rotatedPath, rotateSerialLog, serialMilestones, tailFile } from "./serial-log.js";
 import {
   type CaptureSource,
   captureInto,
@@ -1124,9 +1125,12 @@ export class SmolVM implements AsyncDisposable {
     );
   }
 
-  /** The serial console log (boot milestones, kernel messages), for diagnosis. */
+  /**
+   * The newest ~1 MiB of the serial console (boot milestones, kernel messages), for diagnosis.
+   * Guest-controlled text: strip control sequences before showing it on a terminal.
+   */
   async serialLog(): Promise<string> {
-    return readFile(this.vmPaths.serialLog, "utf8").catch(() => "");
+    return readSerialLog(this.vmPaths.serialLog);
   }
 
   // ------------------------------------------------------------ internals
@@ -1195,6 +1199,7 @@ export class SmolVM implements AsyncDisposable {
     if (image.rootfsPath) spec.rootfsPath = await this.overlayFor(image);
     buildQemuArgv(spec); // validates before anything is spawned
     await rm(spec.serialLogPath, { force: true });
+    await rm(rotatedPath(spec.serialLogPath), { force: true });
     const t0 = performance.now();
     const launched = await launchQemu(spec, {
       timeoutMs: deadline.remaining(30_000),
@@ -1325,7 +1330,8 @@ export class SmolVM implements AsyncDisposable {
     } catch (e) {
       // The agent's wait ran to the end of the caller's deadline: that is the caller's timeout.
       if (deadline.remainingMs < 50) deadline.expire();
-      if (!fallback || deadline.expired) throw e;
+      // An agent that fails authentication means the VM cannot be trusted: never fall back.
+      if (!fallback || deadline.expired || e instanceof AuthenticationError) throw e;
       deadline.phase = "waiting for SSH";
       await this.ssh().waitForSsh({ timeoutMs: deadline.remaining(), signal: deadline.signal });
       this.chan = new SshChannel(this.ssh());
@@ -1379,6 +1385,7 @@ export class SmolVM implements AsyncDisposable {
       );
     }
     this.requireRunning("run commands");
+    await rotateSerialLog(this.vmPaths.serialLog);
     if (this.chan) return this.chan;
     const kind = this.plannedChannel();
     if (kind === "ssh") this.chan = new SshChannel(this.ssh());
@@ -1389,7 +1396,8 @@ export class SmolVM implements AsyncDisposable {
       try {
         await agent.waitReady({ timeoutMs: AUTO_AGENT_PROBE_MS });
         this.chan = agent;
-      } catch {
+      } catch (e) {
+        if (e instanceof AuthenticationError) throw e;
         this.chan = new SshChannel(this.ssh());
       }
     }

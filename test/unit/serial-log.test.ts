@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
@@ -26,6 +26,33 @@ describe("serial log", () => {
       expect(await tailFile(join(dir, "log"), 20)).toBe("xxxredend\n");
       expect(await tailFile(join(dir, "missing"))).toBe("");
       expect(printable("a\x00b\x1b[2Jc")).toBe("abc");
+    } finally {
+      rmSync(dir, { recursive: true });
+    }
+  });
+});
+
+describe("bounded serial log", () => {
+  it("rotates past the cap, keeps the newest bytes, and reads at most the cap", async () => {
+    const { readSerialLog, rotateSerialLog, rotatedPath } = await import("../../src/vm/serial-log.js");
+    const { appendFileSync, openSync, closeSync, statSync, writeSync } = await import("node:fs");
+    const dir = mkdtempSync(join(tmpdir(), "serial-"));
+    try {
+      const log = join(dir, "serial.log");
+      // An appending writer, as QEMU's chardev with append=on.
+      const fd = openSync(log, "a");
+      writeSync(fd, Buffer.alloc(3000, "a"));
+      await rotateSerialLog(log, 1000);
+      expect(statSync(log).size).toBe(0);
+      expect(readFileSync(rotatedPath(log), "utf8")).toBe("a".repeat(1000));
+      writeSync(fd, "bbbb");
+      closeSync(fd);
+      expect(statSync(log).size).toBe(4); // the writer's next bytes land at the new start
+      expect(await readSerialLog(log, 10)).toBe("aaaaaabbbb");
+      appendFileSync(log, Buffer.alloc(5000, "c"));
+      const text = await readSerialLog(log, 1000);
+      expect(text).toBe("c".repeat(1000));
+      expect(statSync(log).size + statSync(rotatedPath(log)).size).toBeLessThanOrEqual(1000);
     } finally {
       rmSync(dir, { recursive: true });
     }

@@ -54,7 +54,7 @@ describe("buildQemuArgv", () => {
       "-append",
       "console=ttyS0 quiet tsc=reliable cryptomgr.notests",
       "-chardev",
-      "file,id=serial0,path=/d/vms/vm-1/serial.log",
+      "file,id=serial0,path=/d/vms/vm-1/serial.log,append=on",
       "-serial",
       "chardev:serial0",
       "-qmp",
@@ -146,7 +146,7 @@ describe("buildQemuArgv", () => {
   it("adds the agent virtio-serial port backed by a server socket", () => {
     const argv = buildQemuArgv({ ...base, agentSocketPath: "/d/vms/vm-1/agent.sock" });
     expect(values(argv, "-chardev")).toEqual([
-      "file,id=serial0,path=/d/vms/vm-1/serial.log",
+      "file,id=serial0,path=/d/vms/vm-1/serial.log,append=on",
       "socket,id=agent0,path=/d/vms/vm-1/agent.sock,server=on,wait=off",
     ]);
     expect(values(argv, "-device")).toEqual([
@@ -173,7 +173,7 @@ describe("buildQemuArgv", () => {
       serialLogPath: "/d/a,b/serial.log",
       qmpSocketPath: "/d/a,b/q.sock",
     });
-    expect(values(argv, "-chardev")).toEqual(["file,id=serial0,path=/d/a,,b/serial.log"]);
+    expect(values(argv, "-chardev")).toEqual(["file,id=serial0,path=/d/a,,b/serial.log,append=on"]);
     expect(values(argv, "-qmp")).toEqual(["unix:/d/a,,b/q.sock,server=on,wait=off"]);
   });
 
