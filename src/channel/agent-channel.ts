@@ -7,9 +7,8 @@
  * calls in flight and drops the connection; the next call reconnects.
  */
 import { randomBytes } from "node:crypto";
-import { type FileHandle, open, rename, rm } from "node:fs/promises";
+import { type FileHandle, open } from "node:fs/promises";
 import { connect as netConnect, type Socket } from "node:net";
-import { basename, dirname, join } from "node:path";
 import type { Duplex } from "node:stream";
 import {
   type CommandResult,
@@ -27,6 +26,7 @@ import {
 } from "../command.js";
 import { Deadline, sleep } from "../common/deadline.js";
 import { guestText } from "../common/guest-text.js";
+import { downloadTo, validateMaxBytes } from "../common/safe-download.js";
 import {
   AuthenticationError,
   ConnectionLostError,
@@ -65,7 +65,14 @@ import {
   u32,
   validateGuestPath,
 } from "./agent-protocol.js";
-import type { CallOptions, CommandStream, CommChannel, PutFileOptions, StreamEvent } from "./types.js";
+import type {
+  CallOptions,
+  CommandStream,
+  CommChannel,
+  GetFileOptions,
+  PutFileOptions,
+  StreamEvent,
+} from "./types.js";
 
 const FILE_TIMEOUT_MS = 300_000;
 const CONNECT_TIMEOUT_MS = 10_000;
@@ -1114,45 +1121,35 @@ export class AgentChannel implements CommChannel {
     }
   }
 
-  async getFile(guestPath: string, localPath: string, options: CallOptions = {}): Promise<void> {
+  async getFile(guestPath: string, localPath: string, options: GetFileOptions = {}): Promise<void> {
     validateGuestPath(guestPath);
     validateTimeout("timeoutMs", options.timeoutMs);
+    validateMaxBytes(options.maxBytes);
     const deadline = new Deadline(
       options.timeoutMs ?? FILE_TIMEOUT_MS,
       options.signal,
       `download of ${guestPath}`,
     );
-    const tmp = join(
-      dirname(localPath),
-      `.${basename(localPath)}.smolvm-${randomBytes(4).toString("hex")}.part`,
-    );
-    let fh: FileHandle | undefined;
     try {
-      fh = await open(tmp, "wx", 0o600);
-      const file = fh;
-      let written = 0;
-      await this.getStream(
-        { path: guestPath },
-        async (data) => {
-          await file.write(data, 0, data.length, null);
-          written += data.length;
-        },
-        (total) => {
-          if (total !== written)
-            throw new ProtocolError(`agent reported ${total} bytes but sent ${written}.`);
-        },
-        deadline,
-        `download of ${guestPath}`,
-      );
-      await file.sync();
-      await file.close();
-      fh = undefined;
-      await rename(tmp, localPath);
+      await downloadTo(localPath, `guest file ${guestPath}`, options.maxBytes, async (write) => {
+        let written = 0;
+        await this.getStream(
+          { path: guestPath },
+          async (data) => {
+            await write(data);
+            written += data.length;
+          },
+          (total) => {
+            if (total !== written)
+              throw new ProtocolError(`agent reported ${total} bytes but sent ${written}.`);
+          },
+          deadline,
+          `download of ${guestPath}`,
+        );
+      });
     } catch (err) {
       throw this.mapDeadline(err, deadline);
     } finally {
-      await fh?.close().catch(() => {});
-      await rm(tmp, { force: true }).catch(() => {});
       deadline.dispose();
     }
   }

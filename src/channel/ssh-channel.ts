@@ -27,7 +27,14 @@ import {
   renderEnvFile,
 } from "../vm/env-file.js";
 import { validateGuestPath } from "./agent-protocol.js";
-import type { CallOptions, CommandStream, CommChannel, PutFileOptions, StreamEvent } from "./types.js";
+import type {
+  CallOptions,
+  CommandStream,
+  CommChannel,
+  GetFileOptions,
+  PutFileOptions,
+  StreamEvent,
+} from "./types.js";
 
 const FILE_TIMEOUT_MS = 300_000;
 /** Internal commands (mkdir, writing the env file) print next to nothing; keep at most this. */
@@ -92,12 +99,16 @@ export class SshChannel implements CommChannel {
     }
   }
 
-  async getFile(guestPath: string, localPath: string, options: CallOptions = {}): Promise<void> {
+  async getFile(guestPath: string, localPath: string, options: GetFileOptions = {}): Promise<void> {
     validateGuestPath(guestPath);
     const deadline = new Deadline(options.timeoutMs ?? FILE_TIMEOUT_MS, options.signal, "file download");
     try {
       const conn = await this.client.connection({ signal: deadline.signal });
-      await getFile(conn, guestPath, localPath, { signal: deadline.signal, timeoutMs: deadline.remaining() });
+      await getFile(conn, guestPath, localPath, {
+        signal: deadline.signal,
+        timeoutMs: deadline.remaining(),
+        maxBytes: options.maxBytes,
+      });
     } finally {
       deadline.dispose();
     }
@@ -144,7 +155,7 @@ export class SshChannel implements CommChannel {
       "updating the guest env file",
     );
     const task = this.envLock.then(() =>
-      this.writeEnv(set, unset, { timeoutMs: Math.max(1, deadline.remainingMs), signal: deadline.signal }),
+      this.writeEnv(set, unset, { timeoutMs: deadline.remaining(), signal: deadline.signal }),
     );
     this.envLock = task.catch(() => {});
     try {

@@ -19,6 +19,11 @@ export interface PutFileOptions extends CallOptions {
   mkdirs?: boolean;
 }
 
+export interface GetFileOptions extends CallOptions {
+  /** Refuse (FILE_TOO_LARGE, partial file removed) a guest file larger than this many bytes. */
+  maxBytes?: number;
+}
+
 /** The stream form of run: chunks in arrival order, then one exit event. */
 export type StreamEvent = OutputChunk | { stream: "exit"; exitCode: number | null; signal: string | null };
 
@@ -37,7 +42,7 @@ export interface CommChannel {
     options?: Omit<RunOptions, "encoding" | "onStdout" | "onStderr" | "maxOutputBytes">,
   ): CommandStream;
   putFile(localPath: string, guestPath: string, options?: PutFileOptions): Promise<void>;
-  getFile(guestPath: string, localPath: string, options?: CallOptions): Promise<void>;
+  getFile(guestPath: string, localPath: string, options?: GetFileOptions): Promise<void>;
   /** Env vars persisted for login shells (/etc/profile.d/smolvm_env.sh). */
   setEnv(vars: Record<string, string>, options?: CallOptions): Promise<void>;
   unsetEnv(names: string[], options?: CallOptions): Promise<void>;

@@ -5,6 +5,7 @@
  */
 import type { SFTPWrapper } from "ssh2";
 import { Deadline } from "../common/deadline.js";
+import { downloadTo, validateMaxBytes } from "../common/safe-download.js";
 import { ConnectionLostError, SmolVMError, ValidationError } from "../errors.js";
 import type { SSHConnection } from "./connection.js";
 
@@ -101,16 +102,49 @@ export async function putFile(
   });
 }
 
-/** Downloads `remotePath` to a local file. */
+export interface GetFileOptions extends TransferOptions {
+  /** Refuse (FILE_TOO_LARGE, partial file removed) a remote file larger than this many bytes. */
+  maxBytes?: number;
+}
+
+/**
+ * Downloads `remotePath` to a local file, safely against a hostile server: into a new 0600 temp
+ * file beside `localPath`, renamed over it when complete (a symlink there is replaced, never
+ * followed); on failure nothing partial is left; `maxBytes` bounds what the server can send.
+ */
 export async function getFile(
   conn: SSHConnection,
   remotePath: string,
   localPath: string,
-  options: TransferOptions = {},
+  options: GetFileOptions = {},
 ): Promise<void> {
   checkPath(localPath, "localPath");
   checkPath(remotePath, "remotePath");
+  validateMaxBytes(options.maxBytes);
   await withSftp(conn, options, "download", (sftp) =>
-    call<void>((cb) => sftp.fastGet(remotePath, localPath, cb), `download of ${remotePath}`),
+    downloadTo(localPath, `remote file ${remotePath}`, options.maxBytes, async (write) => {
+      const handle = await call<Buffer>((cb) => sftp.open(remotePath, "r", cb), `open of ${remotePath}`);
+      try {
+        const buf = Buffer.allocUnsafe(READ_CHUNK);
+        let pos = 0;
+        for (;;) {
+          const n = await new Promise<number>((resolve, reject) =>
+            sftp.read(handle, buf, 0, buf.length, pos, (err, bytesRead) => {
+              // ssh2 reports end of file as an error with code 1 (SSH_FX_EOF) or as 0 bytes.
+              if (err && (err as { code?: unknown }).code === 1) return resolve(0);
+              if (err) return call<number>((cb) => cb(err), `read of ${remotePath}`).catch(reject);
+              resolve(bytesRead);
+            }),
+          );
+          if (n === 0) return;
+          await write(Buffer.from(buf.subarray(0, n)));
+          pos += n;
+        }
+      } finally {
+        await call<void>((cb) => sftp.close(handle, cb), "close").catch(() => {});
+      }
+    }),
   );
 }
+
+const READ_CHUNK = 32 * 1024;

@@ -997,10 +997,15 @@ export class SmolVM implements AsyncDisposable {
     await this.explain(() => ch.putFile(localPath, guestPath, options));
   }
 
+  /**
+   * Copies a guest file to `localPath`: through a new 0600 temp file renamed into place (a
+   * symlink at `localPath` is replaced, not followed; nothing partial is left on failure).
+   * `maxBytes` refuses a larger file with FILE_TOO_LARGE.
+   */
   async downloadFile(
     guestPath: string,
     localPath: string,
-    options: { timeoutMs?: number; signal?: AbortSignal } = {},
+    options: { timeoutMs?: number; signal?: AbortSignal; maxBytes?: number } = {},
   ): Promise<void> {
     const ch = await this.channel();
     await this.explain(() => ch.getFile(guestPath, localPath, options));

@@ -201,6 +201,37 @@ describe("output is bounded by default (the real agent, a command printing 70 MB
     expect(r.stdout.length + r.stderr.length).toBe(DEFAULT_MAX_OUTPUT_BYTES);
   }, 150_000);
 
+  it("downloads safely: replaces a symlink instead of writing through it, 0600, nothing partial, maxBytes", async () => {
+    await using ch = agent.channel();
+    const { lstatSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } = await import(
+      "node:fs"
+    );
+    const { join } = await import("node:path");
+    const src = join(agent.dir, "src.bin");
+    const data = randomBytes(300_000);
+    writeFileSync(src, data);
+    const out = join(agent.dir, "out");
+    const { mkdirSync } = await import("node:fs");
+    mkdirSync(out);
+    const victim = join(out, "victim.txt");
+    writeFileSync(victim, "keep me");
+    const dest = join(out, "dest.bin");
+    symlinkSync(victim, dest);
+    await ch.getFile(src, dest);
+    expect(readFileSync(victim, "utf8")).toBe("keep me");
+    expect(lstatSync(dest).isSymbolicLink()).toBe(false);
+    expect(readFileSync(dest).equals(data)).toBe(true);
+    expect(statSync(dest).mode & 0o777).toBe(0o600);
+    const e = await ch.getFile(src, dest, { maxBytes: 100_000 }).catch((x) => x);
+    expect(e).toBeInstanceOf(SmolVMError);
+    expect(e.code).toBe("FILE_TOO_LARGE");
+    expect(readFileSync(dest).equals(data)).toBe(true);
+    await ch.getFile(join(agent.dir, "missing"), join(out, "never.bin")).catch(() => {});
+    expect(readdirSync(out).sort()).toEqual(["dest.bin", "victim.txt"]);
+    // The channel is still usable after the refused download.
+    expect((await ch.run("echo ok", { shell: "raw" })).stdout).toBe("ok\n");
+  });
+
   it("reads at most 1 MiB of an env file the guest made huge", async () => {
     await using ch = agent.channel();
     const { mkdirSync, writeFileSync } = await import("node:fs");

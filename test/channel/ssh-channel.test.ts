@@ -1,5 +1,14 @@
 import { createHash, randomBytes } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  lstatSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -48,6 +57,33 @@ describe("SshChannel against a real sshd", () => {
     await channel.getFile(`${remote}/a/b/up.bin`, join(local, "down.bin"));
     expect(sha(readFileSync(join(local, "down.bin")))).toBe(sha(data));
     expect(statSync(join(local, "down.bin")).size).toBe(data.length);
+  });
+
+  it("downloads safely: replaces a symlink instead of writing through it, 0600, nothing partial, maxBytes", async () => {
+    const data = randomBytes(300_000);
+    writeFileSync(join(local, "src.bin"), data);
+    await channel.putFile(join(local, "src.bin"), `${remote}/dl/src.bin`);
+    // A symlink at the destination pointing at a file we must not touch.
+    const victim = join(local, "victim.txt");
+    writeFileSync(victim, "keep me");
+    const dest = join(local, "dest.bin");
+    symlinkSync(victim, dest);
+    await channel.getFile(`${remote}/dl/src.bin`, dest);
+    expect(readFileSync(victim, "utf8")).toBe("keep me");
+    expect(lstatSync(dest).isSymbolicLink()).toBe(false);
+    expect(sha(readFileSync(dest))).toBe(sha(data));
+    expect(statSync(dest).mode & 0o777).toBe(0o600);
+    // Over maxBytes: a typed error, the old destination intact, no temp file left behind.
+    const e = await channel.getFile(`${remote}/dl/src.bin`, dest, { maxBytes: 100_000 }).catch((x) => x);
+    expect(e).toBeInstanceOf(SmolVMError);
+    expect(e.code).toBe("FILE_TOO_LARGE");
+    expect(sha(readFileSync(dest))).toBe(sha(data));
+    // A missing file: nothing created.
+    await channel.getFile(`${remote}/dl/missing`, join(local, "never.bin")).catch(() => {});
+    expect(readdirSync(local).filter((f) => f.includes(".smolvm-") || f === "never.bin")).toEqual([]);
+    await expect(channel.getFile(`${remote}/dl/src.bin`, dest, { maxBytes: -1 })).rejects.toThrow(
+      ValidationError,
+    );
   });
 
   it("rejects relative and traversing guest paths before any I/O", async () => {
