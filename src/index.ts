@@ -46,6 +46,7 @@ export {
   type SignalName,
   VmProcesses,
 } from "./vm/processes.js";
+export type { PruneResult } from "./vm/prune.js";
 export { type PtyCreateOptions, Terminal, VmPty } from "./vm/pty.js";
 export {
   type AccelProgress,

@@ -1,7 +1,7 @@
 /**
- * `smolvm create|list|run|ssh|stop|start|rm|env|file|expose|unexpose|logs` and the sandbox verbs
- * `shell|ps|attach|kill|fs`: thin wrappers over the SmolVM facade. Parsing and printing only;
- * every behaviour lives in the SDK.
+ * `smolvm create|list|run|ssh|stop|start|rm|prune|env|file|expose|unexpose|logs` and the sandbox
+ * verbs `shell|ps|attach|kill|fs`: thin wrappers over the SmolVM facade. Parsing and printing
+ * only; every behaviour lives in the SDK.
  */
 import { spawnSync } from "node:child_process";
 import type { Command } from "commander";
@@ -205,6 +205,22 @@ export function registerVmCommands(program: Command): void {
         await vm.delete();
         console.log(`deleted ${vm.id}`);
       }
+    });
+
+  program
+    .command("prune")
+    .description(
+      "remove stopped and crashed sandboxes and leftover directories; kill QEMU processes no sandbox owns",
+    )
+    .option("--json", "print what was removed as JSON")
+    .action(async (o) => {
+      const r = await SmolVM.prune();
+      if (o.json) return console.log(JSON.stringify(r));
+      for (const id of r.removedVms) console.log(`removed ${id}`);
+      for (const d of r.removedDirs) console.log(`removed orphaned directory ${d}`);
+      for (const pid of r.killedPids) console.log(`killed orphaned QEMU ${pid}`);
+      if (!r.removedVms.length && !r.removedDirs.length && !r.killedPids.length)
+        console.log("nothing to prune");
     });
 
   const env = program.command("env").description("env vars for the sandbox's login shells");

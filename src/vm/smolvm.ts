@@ -62,6 +62,7 @@ import { type ChannelAccess, VmFiles } from "./files.js";
 import { leasePort, releasePorts } from "./ports.js";
 import { isQemuAlive, launchQemu, stopQemu } from "./process.js";
 import { VmProcesses } from "./processes.js";
+import { claimStart, type PruneResult, pruneDataDir, qemuPidsWith, stopVmProcesses } from "./prune.js";
 import { VmPty } from "./pty.js";
 import { buildQemuArgv, type VmLaunchSpec } from "./qemu.js";
 import { QmpClient } from "./qmp.js";
@@ -325,6 +326,7 @@ export class SmolVM implements AsyncDisposable {
           capabilities: image.capabilities,
           hostPublicKey: hostKey.publicKey,
           clientKeyPath: clientKey.privateKeyPath,
+          creatorPid: process.pid,
         },
       });
       const vm = new SmolVM(store, record, { owned: true, commChannel: opts.commChannel, dataDir: base });
@@ -385,6 +387,21 @@ export class SmolVM implements AsyncDisposable {
    */
   static doctor(options: DoctorOptions = {}): Promise<DoctorReport> {
     return doctor(options);
+  }
+
+  /**
+   * Removes stopped and crashed VMs, VMs whose creating process died before they ran, and VM
+   * directories no record owns; kills QEMU processes of this data dir that no record owns.
+   * Running VMs are left alone.
+   */
+  static async prune(options: { dataDir?: string } = {}): Promise<PruneResult> {
+    const base = options.dataDir ?? defaultDataDir();
+    const store = VmStore.open(base);
+    try {
+      return await pruneDataDir(store, base);
+    } finally {
+      store.close();
+    }
   }
 
   static async list(options: ListOptions = {}): Promise<VmRecord[]> {
@@ -477,26 +494,44 @@ export class SmolVM implements AsyncDisposable {
       `starting VM ${this.id}`,
     );
     try {
+      // One boot at a time, across handles and processes: the others wait for it to run.
+      this.starting ??= this.startOnce(deadline).finally(() => {
+        this.starting = undefined;
+      });
+      await deadline.race(this.starting);
+    } finally {
+      deadline.dispose();
+    }
+  }
+
+  private starting: Promise<void> | undefined;
+
+  private async startOnce(deadline: Deadline): Promise<void> {
+    if (!claimStart(this.store, this.id)) {
+      while (this.status !== "running") {
+        if (this.record.status !== "creating") throw this.deletedOrStateError("start");
+        await sleep(100, deadline.signal);
+      }
+      return;
+    }
+    try {
       deadline.phase = "building the image";
       const image = await ensureImage(this.record.image as ImageName, {
         dataDir: this.dataDir,
         signal: deadline.signal,
       });
       await this.boot(image, deadline);
-    } finally {
-      deadline.dispose();
+    } catch (e) {
+      if (this.store.get(this.id)?.status === "creating") this.update({ status: "stopped", pid: null });
+      throw e;
     }
   }
 
   /** Powers the VM off (ACPI, then quit, then SIGKILL, bounded) and frees its ports. */
   async stop(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {
     await this.closeChannel();
-    if (this.record.pid) {
-      await stopQemu(
-        { pid: this.record.pid, qmpSocketPath: this.vmPaths.qmpSocket, marker: this.vmPaths.marker },
-        { timeoutMs: options.timeoutMs ?? 20_000, signal: options.signal, force: true },
-      );
-    }
+    // The pid in the store, not this handle's copy (another process may have restarted the VM).
+    await stopVmProcesses(this.store, this.record, options);
     await rm(this.vmPaths.ramFile, { force: true });
     releasePorts(this.store, this.id);
     this.update({ status: "stopped", pid: null, sshPort: null, ports: [] });
@@ -506,6 +541,8 @@ export class SmolVM implements AsyncDisposable {
   async delete(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {
     if (this.deleted) return;
     await this.stop(options).catch(() => {});
+    // Never remove the directory under a live QEMU.
+    if (qemuPidsWith(this.vmPaths.marker).length) await stopVmProcesses(this.store, this.record, options);
     await rm(this.record.vmDir, { recursive: true, force: true });
     this.store.delete(this.id);
     this.deleted = true;
@@ -1057,17 +1094,20 @@ export class SmolVM implements AsyncDisposable {
       throw new ValidationError(
         `host port ${hostPort} is already leased by a smolvm VM: pick another or omit it.`,
       );
-    const qmp = await QmpClient.connect(this.vmPaths.qmpSocket, { timeoutMs: options.timeoutMs ?? 5_000 });
+    let qmp: QmpClient | undefined;
     try {
+      qmp = await QmpClient.connect(this.vmPaths.qmpSocket, { timeoutMs: options.timeoutMs ?? 5_000 });
       await qmp.hostfwdAdd(port, guestPort);
     } catch (e) {
       releasePorts(this.store, this.id, port);
       throw e;
     } finally {
-      await qmp.close();
+      await qmp?.close();
     }
-    this.update({
-      ports: [...this.record.ports.filter((p) => p.hostPort !== port), { hostPort: port, guestPort }],
+    // Read-modify-write in one transaction: concurrent exposes (any process) all land.
+    this.record = this.store.transaction(() => {
+      const ports = this.store.require(this.id).ports.filter((p) => p.hostPort !== port);
+      return this.store.update(this.id, { ports: [...ports, { hostPort: port, guestPort }] });
     });
     return port;
   }
@@ -1086,7 +1126,11 @@ export class SmolVM implements AsyncDisposable {
       }
     }
     releasePorts(this.store, this.id, hostPort);
-    this.update({ ports: this.record.ports.filter((p) => p.hostPort !== hostPort) });
+    this.record = this.store.transaction(() =>
+      this.store.update(this.id, {
+        ports: this.store.require(this.id).ports.filter((p) => p.hostPort !== hostPort),
+      }),
+    );
   }
 
   /** The address the host reaches the guest's forwarded ports on (user-mode networking). */
@@ -1539,6 +1583,13 @@ export class SmolVM implements AsyncDisposable {
       `VM ${this.id} crashed: ${what}.${kvmHint} See vm.serialLog() or ${this.vmPaths.serialLog} and ${this.vmPaths.qemuLog}; vm.start() boots it again, vm.delete() removes it.${said}${serial}`,
       { code: "VM_CRASHED", cause, details: { id: this.id, crash: report } },
     );
+  }
+
+  private deletedOrStateError(what: string): VMStateError {
+    if (!this.store.get(this.id)) return this.deletedError();
+    return new VMStateError(`cannot ${what} VM ${this.id}: it is ${this.record.status}.`, {
+      details: { id: this.id, status: this.record.status },
+    });
   }
 
   private deletedError(): VMStateError {
