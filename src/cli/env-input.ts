@@ -1,7 +1,9 @@
 /**
  * Where `smolvm create -e` and `smolvm env set` take env values from. `NAME=value` on the command
  * line is visible to every host user in `ps`, so secrets come from stdin (a bare `NAME`, or
- * `--env-file -`) or from an env file (`--env-file PATH`): the values never enter argv.
+ * `--env-stdin` for NAME=value lines) or from an env file (`--env-file PATH`): the values never
+ * enter argv. (Node 20 itself also reads a `--env-file` it finds anywhere in argv, into the CLI
+ * process's own environment; that is why stdin has its own flag instead of `--env-file -`.)
  */
 import { readFileSync } from "node:fs";
 import { validateEnvName } from "../command.js";
@@ -44,17 +46,15 @@ function readStdinOnce(state: { used: boolean }, why: string): string {
 }
 
 /**
- * The env vars a command line asks for: `--env-file` files first (in order, `-` is stdin), then
- * `NAME=value` pairs, then at most one bare `NAME` whose value is all of stdin (one trailing
- * newline dropped, so `echo "$TOKEN" | …` works).
+ * The env vars a command line asks for: `--env-file` files first (in order), then NAME=value
+ * lines from stdin with `envStdin`, then `NAME=value` pairs, then at most one bare `NAME` whose
+ * value is all of stdin (one trailing newline dropped, so `echo "$TOKEN" | …` works).
  */
-export function collectEnv(pairs: string[], envFiles: string[]): Record<string, string> {
+export function collectEnv(pairs: string[], envFiles: string[], envStdin = false): Record<string, string> {
   const stdin = { used: false };
   const env: Record<string, string> = {};
-  for (const f of envFiles) {
-    const text = f === "-" ? readStdinOnce(stdin, "--env-file -") : readEnvFileFrom(f);
-    Object.assign(env, parseEnvFileText(text, f === "-" ? "stdin" : f));
-  }
+  for (const f of envFiles) Object.assign(env, parseEnvFileText(readEnvFileFrom(f), f));
+  if (envStdin) Object.assign(env, parseEnvFileText(readStdinOnce(stdin, "--env-stdin"), "stdin"));
   for (const p of pairs) {
     const i = p.indexOf("=");
     if (i === 0)

@@ -58,7 +58,8 @@ export function registerVmCommands(program: Command): void {
       collect,
       [],
     )
-    .option("--env-file <path>", "env vars from a NAME=value file, - for stdin (repeatable)", collect, [])
+    .option("--env-file <path>", "env vars from a NAME=value file (repeatable)", collect, [])
+    .option("--env-stdin", "env vars from NAME=value lines on stdin")
     .option("--comm-channel <ch>", "ssh | agent | vsock | auto", "auto")
     .option("--ttl <duration>", "delete the VM after this long (90s, 10m, 2h, 1d)")
     .option("--label <k=v>", "a label to find the VM by (repeatable)", collect, [])
@@ -69,7 +70,7 @@ export function registerVmCommands(program: Command): void {
     .action(async (o) => {
       const common = {
         name: o.name,
-        env: collectEnv(o.env, o.envFile),
+        env: collectEnv(o.env, o.envFile, o.envStdin),
         commChannel: o.commChannel,
         ttlMs: o.ttl === undefined ? undefined : parseDuration(o.ttl),
         labels: parseLabels(o.label),
@@ -227,12 +228,15 @@ export function registerVmCommands(program: Command): void {
   env
     .command("set <vm> [pairs...]")
     .description("set NAME=value pairs; for secrets use a bare NAME (value from stdin) or --env-file")
-    .option("--env-file <path>", "NAME=value lines from a file, - for stdin (repeatable)", collect, [])
+    .option("--env-file <path>", "NAME=value lines from a file (repeatable)", collect, [])
+    .option("--env-stdin", "NAME=value lines from stdin")
     .option("--comm-channel <ch>", "ssh | agent | vsock | auto")
     .action(async (id: string, pairs: string[], o) => {
-      const vars = collectEnv(pairs ?? [], o.envFile);
+      const vars = collectEnv(pairs ?? [], o.envFile, o.envStdin);
       if (!Object.keys(vars).length)
-        throw new ValidationError("nothing to set: give NAME=value, NAME or --env-file.");
+        throw new ValidationError(
+          "nothing to set: give NAME=value, NAME (value on stdin), --env-file or --env-stdin.",
+        );
       await withVm(id, o.commChannel, (vm) => vm.setEnvVars(vars));
     });
   env

@@ -14,14 +14,24 @@ function smolvm(
   dataDir: string,
   ...args: string[]
 ): Promise<{ code: number; stdout: string; stderr: string }> {
+  return smolvmIn(dataDir, undefined, ...args);
+}
+
+/** Runs the CLI with `input` on its stdin (stdin is empty when undefined). */
+function smolvmIn(
+  dataDir: string,
+  input: string | undefined,
+  ...args: string[]
+): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    execFile(
+    const child = execFile(
       "node",
       ["--import", "tsx", CLI, ...args],
       { env: { ...process.env, SMOLVM_DATA_DIR: dataDir }, timeout: 180_000 },
       (err, stdout, stderr) =>
         resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
     );
+    child.stdin?.end(input ?? "");
   });
 }
 
@@ -143,6 +153,74 @@ describe("smolvm CLI", () => {
     expect(shell.code).toBe(4);
     expect(shell.stdout).toContain("in-shell-42");
   }, 120_000);
+  it("takes secrets from an env file or stdin (never argv), and prints guest text without control sequences", async () => {
+    const local = mkdtempSync(join(tmpdir(), "smolvm-cli-env-"));
+    try {
+      const file = join(local, "secrets.env");
+      writeFileSync(file, "# comment\nexport DB_PASS='p@ss word'\nAPI_TOKEN=\"line1\\nline2\"\n\n");
+      expect((await smolvm(dataDir, "env", "set", "cli-vm", "--env-file", file)).code).toBe(0);
+      expect(
+        (await smolvmIn(dataDir, "s3cr3t-from-stdin\n", "env", "set", "cli-vm", "STDIN_SECRET")).code,
+      ).toBe(0);
+      expect((await smolvmIn(dataDir, "A=1\nB=two\n", "env", "set", "cli-vm", "--env-stdin")).code).toBe(0);
+      // A guest-controlled value with terminal escapes in it.
+      expect(
+        (
+          await smolvm(
+            dataDir,
+            "run",
+            "cli-vm",
+            "--raw",
+            `printf "export EVIL='a\\033]0;pwned\\007\\033[2Jb'\\n" >> /etc/profile.d/smolvm_env.sh`,
+          )
+        ).code,
+      ).toBe(0);
+      const list = await smolvm(dataDir, "env", "list", "cli-vm");
+      expect(list.code, list.stderr).toBe(0);
+      expect(list.stdout).toContain("DB_PASS=p@ss word\n");
+      expect(list.stdout).toContain("API_TOKEN=line1\nline2\n");
+      expect(list.stdout).toContain("STDIN_SECRET=s3cr3t-from-stdin\n");
+      expect(list.stdout).toMatch(/^A=1$/m);
+      expect(list.stdout).toMatch(/^B=two$/m);
+      expect(list.stdout).toContain("EVIL=ab\n");
+      expect(list.stdout).not.toContain("\x1b");
+      const json = JSON.parse((await smolvm(dataDir, "env", "list", "cli-vm", "--json")).stdout);
+      expect(json.EVIL).toBe("a\x1b]0;pwned\x07\x1b[2Jb");
+      const run = await smolvm(dataDir, "run", "cli-vm", 'printf "%s|%s" "$STDIN_SECRET" "$DB_PASS"');
+      expect(run.stdout).toBe("s3cr3t-from-stdin|p@ss word");
+      // The console log as `smolvm logs` prints it: no escape sequences from the guest.
+      await smolvm(
+        dataDir,
+        "run",
+        "cli-vm",
+        "--raw",
+        "printf '\\033]0;pwned\\007\\033[31mred-marker\\n' > /dev/ttyS0",
+      );
+      const logs = await smolvm(dataDir, "logs", "cli-vm");
+      expect(logs.stdout).toContain("red-marker");
+      expect(logs.stdout).not.toContain("\x1b");
+      await smolvm(
+        dataDir,
+        "env",
+        "unset",
+        "cli-vm",
+        "DB_PASS",
+        "API_TOKEN",
+        "STDIN_SECRET",
+        "A",
+        "B",
+        "EVIL",
+      );
+    } finally {
+      rmSync(local, { recursive: true, force: true });
+    }
+  });
+
+  it("prune leaves a running VM alone", async () => {
+    const r = await smolvm(dataDir, "prune");
+    expect([r.code, r.stdout]).toEqual([0, "nothing to prune\n"]);
+    expect((await smolvm(dataDir, "list")).stdout).toContain("cli-vm");
+  });
 
   it("names a missing VM clearly and exits non-zero", async () => {
     const r = await smolvm(dataDir, "run", "no-such-vm", "true");
