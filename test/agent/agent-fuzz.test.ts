@@ -1,6 +1,7 @@
 /**
  * Fuzzing: random and mutated frames into the pure decoder (≥ 1,000,000 per run), into
- * AgentChannel from a hostile fake guest, and into the real agent from a hostile host.
+ * AgentChannel from a hostile fake guest (random frames; and a flood that ignores CANCEL after
+ * deadlines, aborts and cancels), and into the real agent from a hostile host.
  * SMOLVM_FUZZ_FRAMES scales the decoder run (the other two scale with it).
  */
 import { randomBytes } from "node:crypto";
@@ -22,11 +23,13 @@ import {
   FrameType,
   HEADER_SIZE,
   hostProof,
+  INITIAL_WINDOW,
   MAX_PAYLOAD,
   u16,
   u32,
 } from "../../src/channel/agent-protocol.js";
 import { ProtocolError, SmolVMError } from "../../src/errors.js";
+import { FloodingAgent } from "./fake-agents.js";
 import { startAgent, type TestAgent } from "./helpers.js";
 
 const FRAMES = Number(process.env.SMOLVM_FUZZ_FRAMES ?? 1_000_000);
@@ -310,6 +313,96 @@ describe("AgentChannel against a hostile guest", () => {
     expect(peers).toBeGreaterThan(50); // each violation reset the connection and the next call reconnected
     expect(process.memoryUsage().rss - rss0).toBeLessThan(200 << 20);
   }, 120_000);
+});
+
+// ---------------------------------------------------------------- post-deadline and flood
+
+describe("AgentChannel against a flooding guest that ignores CANCEL", () => {
+  it("keeps host memory within a fixed bound across thousands of timed-out, aborted and cancelled calls", async () => {
+    // Fake agents (see fake-agents.ts): every EXEC is answered with endless stdout, as fast as
+    // credit allows, and CANCEL is ignored. Calls end by deadline, abort signal, a throwing
+    // callback, or stream cancel, at random points; none may leave a stream that still buffers.
+    const target = Math.max(2_000, Math.floor(FRAMES / 500));
+    const r = rng(0xf100d);
+    const secret = randomBytes(32);
+    const peers: FloodingAgent[] = [];
+    const ch = new AgentChannel({
+      connect: async () => {
+        const p = new FloodingAgent(secret);
+        peers.push(p);
+        return p;
+      },
+      secret,
+    });
+    const outcomes = new Map<string, number>();
+    let lateCallbacks = 0;
+    global.gc?.();
+    const rss0 = process.memoryUsage().rss;
+    let peakRss = rss0;
+    const sampler = setInterval(() => {
+      peakRss = Math.max(peakRss, process.memoryUsage().rss);
+    }, 20);
+    let done = 0;
+    try {
+      const one = async (): Promise<void> => {
+        let ended = false;
+        const onStdout = () => {
+          if (ended) lateCallbacks++;
+        };
+        const kind = r.int(4);
+        try {
+          if (kind === 0) {
+            await ch.run("yes", { timeoutMs: 5 + r.int(40), onStdout });
+          } else if (kind === 1) {
+            const ac = new AbortController();
+            setTimeout(() => ac.abort(), r.int(30));
+            await ch.run("yes", { signal: ac.signal, onStdout, maxOutputBytes: r.int(1 << 20) });
+          } else if (kind === 2) {
+            let n = 0;
+            await ch.run("yes", {
+              timeoutMs: 2_000,
+              onStdout: () => {
+                onStdout();
+                if (++n > r.int(8)) throw new Error("consumer gave up");
+              },
+            });
+          } else {
+            const s = ch.stream("yes", { timeoutMs: 2_000 });
+            let n = 0;
+            for await (const _ of s) if (++n > r.int(8)) break;
+          }
+        } catch (err) {
+          const key = err instanceof SmolVMError ? err.name : (err as Error).message;
+          outcomes.set(key, (outcomes.get(key) ?? 0) + 1);
+        } finally {
+          ended = true;
+        }
+      };
+      const worker = async () => {
+        while (done < target) {
+          done++;
+          await one();
+        }
+      };
+      await Promise.all(Array.from({ length: 16 }, worker));
+      // The agents keep flooding after every call ended: give them time to try.
+      await new Promise((res) => setTimeout(res, 500));
+      peakRss = Math.max(peakRss, process.memoryUsage().rss);
+    } finally {
+      clearInterval(sampler);
+      await ch.close();
+    }
+    const sent = peers.reduce((a, p) => a + p.sent, 0);
+    console.log(
+      `flooding guest: ${done} calls, ${peers.length} connections, ${(sent / 2 ** 20).toFixed(0)} MiB offered, rss +${((peakRss - rss0) / 2 ** 20).toFixed(0)} MiB, outcomes ${JSON.stringify(Object.fromEntries(outcomes))}`,
+    );
+    expect(done).toBeGreaterThanOrEqual(target);
+    expect(lateCallbacks).toBe(0);
+    // Every call ended on the host side (nothing was left to finish normally).
+    expect([...outcomes.values()].reduce((a, b) => a + b, 0)).toBeGreaterThan(target / 2);
+    // A fixed bound, however much the agents offered in total.
+    expect(peakRss - rss0).toBeLessThan(200 << 20);
+  }, 180_000);
 });
 
 // ---------------------------------------------------------------- hostile host vs the real agent
