@@ -5,6 +5,7 @@
  * 404s, and only as root or with passwordless sudo.
  */
 import { createHash, randomBytes } from "node:crypto";
+import { createReadStream } from "node:fs";
 import { mkdir, mkdtemp, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { HostDependencyError, ImageBuildError, SmolVMError } from "../errors.js";
@@ -168,18 +169,16 @@ export async function resolveKernelPackage(
 const safe = (s: string) => s.replace(/[^A-Za-z0-9.+~-]/g, "_");
 
 /**
- * The .deb for `pkg` in `<cacheDir>/debs`, downloading it if absent. Downloads land in a temp
- * dir and are renamed in, so a crash never leaves a half file under the final name.
+ * The .deb for `pkg` in `<cacheDir>/debs`, downloading it if absent. A cached file is reused only
+ * when its sha256 matches the package index (the cache dir is shared and a name and size prove
+ * nothing); downloads land in a temp dir, are verified, and are renamed in, so a crash never
+ * leaves a half file under the final name.
  */
 export async function fetchDeb(pkg: AptPackage, cacheDir: string, signal?: AbortSignal): Promise<string> {
   const debs = join(cacheDir, "debs");
   const final = join(debs, `${safe(pkg.name)}_${safe(pkg.version)}_${safe(pkg.arch)}.deb`);
-  try {
-    const st = await stat(final);
-    if (!pkg.size || st.size === pkg.size) return final;
-  } catch {
-    /* not cached */
-  }
+  const want = await indexSha256(pkg, signal);
+  if ((await fileSha256(final).catch(() => undefined)) === want) return final;
   await mkdir(debs, { recursive: true });
   const tmp = await mkdtemp(join(debs, ".dl-"));
   try {
@@ -202,11 +201,38 @@ export async function fetchDeb(pkg: AptPackage, cacheDir: string, signal?: Abort
         `apt-get download ${pkg.name} produced ${files.length} .deb files, expected 1.`,
       );
     }
+    const got = await fileSha256(join(tmp, files[0]!));
+    if (got !== want) {
+      throw new ImageBuildError(
+        `${pkg.name} ${pkg.version} downloaded with sha256 ${got}, but the package index says ${want}: the mirror or a proxy altered it; run \`apt-get update\` and retry.`,
+        { code: "IMAGE_DEB_MISMATCH", details: { package: pkg.name, want, got } },
+      );
+    }
     await rename(join(tmp, files[0]!), final);
     return final;
   } finally {
     await rm(tmp, { recursive: true, force: true });
   }
+}
+
+/** The sha256 the package index gives for exactly this version (looked up when the plan lacks it). */
+async function indexSha256(pkg: AptPackage, signal?: AbortSignal): Promise<string> {
+  if (pkg.sha256 && /^[0-9a-f]{64}$/.test(pkg.sha256)) return pkg.sha256;
+  const r = await exec("apt-cache", ["show", `${pkg.name}=${pkg.version}`], { signal });
+  const sha = parseAptCacheShow(r.stdout.toString("utf8")).get(pkg.name)?.sha256;
+  if (!sha || !/^[0-9a-f]{64}$/.test(sha)) {
+    throw new HostDependencyError(
+      `the package index has no sha256 for ${pkg.name} ${pkg.version}, so its .deb cannot be verified: run \`apt-get update\`.`,
+      { details: { package: pkg.name } },
+    );
+  }
+  return sha;
+}
+
+async function fileSha256(path: string): Promise<string> {
+  const h = createHash("sha256");
+  for await (const chunk of createReadStream(path)) h.update(chunk as Buffer);
+  return h.digest("hex");
 }
 
 export async function extractDeb(deb: string, dir: string, signal?: AbortSignal): Promise<void> {

@@ -5,8 +5,10 @@
  * manifest.json (written last) so readers never see a partial image; a lock file stops two
  * processes building the same image twice, and a loser of a rename race uses the winner's copy.
  */
+
 import { mkdir, mkdtemp, readdir, rename, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
+import { ensureDataDir } from "../common/data-dir.js";
 import { Deadline } from "../common/deadline.js";
 import { cacheDir as defaultCacheDir, dataDir as defaultDataDir, imagesDir } from "../common/paths.js";
 import { pidAlive } from "../common/pid.js";
@@ -103,6 +105,7 @@ export async function buildImage(name: ImageName, opts: BuildImageOptions = {}):
 
 async function buildOnce(name: ImageName, opts: BuildImageOptions): Promise<ImageManifest> {
   const base = opts.dataDir ?? defaultDataDir();
+  ensureDataDir(base);
   const cache = opts.cacheDir ?? defaultCacheDir();
   const images = imagesDir(base);
   const deadline = new Deadline(
@@ -126,7 +129,7 @@ async function buildOnce(name: ImageName, opts: BuildImageOptions): Promise<Imag
         return cached;
       }
     }
-    await mkdir(images, { recursive: true });
+    await mkdir(images, { recursive: true, mode: 0o700 });
     const lock = await acquireLock(join(images, `.${name}-${shortFingerprint(p.fingerprint)}.lock`), {
       signal,
       onWait: () => progress.begin("waiting for another build of this image"),

@@ -2,10 +2,12 @@
  * Keys: the host's client key (one per data dir, used to log into every VM) and per-VM guest
  * host keys, generated on the host so the runtime can pin the fingerprint before first contact.
  */
+
 import { createHash } from "node:crypto";
 import { chmod, link, mkdir, mkdtemp, readFile, rename, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { ensureDataDir } from "../common/data-dir.js";
 import { dataDir as defaultDataDir, keysDir } from "../common/paths.js";
 import { KeyLoadError } from "../errors.js";
 import { exec } from "./exec.js";
@@ -45,6 +47,7 @@ export async function ensureClientKey(
   dataDir: string = defaultDataDir(),
   options: { signal?: AbortSignal } = {},
 ): Promise<ClientKey> {
+  ensureDataDir(dataDir);
   const dir = keysDir(dataDir);
   await mkdir(dir, { recursive: true, mode: 0o700 });
   await chmod(dir, 0o700);

@@ -4,9 +4,10 @@
  * on the lock instead of failing with SQLITE_BUSY, and a port lease is taken atomically (the port
  * is the primary key).
  */
-import { existsSync, mkdirSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { basename, join } from "node:path";
 import Database from "better-sqlite3";
+import { ensureDataDir, ensurePrivateFile } from "../common/data-dir.js";
 import { SmolVMError, ValidationError, VMNotFoundError } from "../errors.js";
 import { isQemuAlive } from "./process.js";
 
@@ -202,8 +203,10 @@ export class VmStore {
   ) {}
 
   static open(dataDir: string, options: OpenOptions = {}): VmStore {
-    if (!existsSync(dataDir)) mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+    ensureDataDir(dataDir);
     const path = join(dataDir, "state.db");
+    // 0600 before SQLite opens it: its -wal and -shm files take the main file's mode.
+    ensurePrivateFile(path, [`${path}-wal`, `${path}-shm`]);
     let db: Database.Database;
     try {
       db = new Database(path, { timeout: options.busyTimeoutMs ?? 10_000 });

@@ -23,7 +23,6 @@ import {
   FrameType,
   HEADER_SIZE,
   hostProof,
-  INITIAL_WINDOW,
   MAX_PAYLOAD,
   u16,
   u32,
