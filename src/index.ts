@@ -12,6 +12,7 @@ export {
 export type { AgentInfo } from "./channel/agent-protocol.js";
 export type * from "./channel/types.js";
 export * from "./command.js";
+export { printable } from "./common/guest-text.js";
 export { dataDir } from "./common/paths.js";
 export * from "./errors.js";
 export {
