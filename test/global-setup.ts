@@ -4,7 +4,7 @@
  * then kills whatever the suite started and left running, found by the pidfiles under that root
  * and by command lines naming it, even when a test failed or a worker crashed; and removes the root.
  */
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { chmodSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -59,6 +59,8 @@ function kill(pid: number): void {
 
 export default function setup(): () => Promise<void> {
   const root = mkdtempSync(join(tmpdir(), "smolvm-suite-"));
+  // sshd reads the fixtures' AuthorizedKeysFile as the test user: it must be able to traverse.
+  chmodSync(root, 0o711);
   process.env[SUITE_ROOT_ENV] = root;
   process.env.TMPDIR = root;
   return async () => {

@@ -1436,7 +1436,8 @@ export class AgentChannel implements CommChannel {
       id,
       info: session.info,
       grant: (n) => session.grant(id, n),
-      control: (t, p) => session.control(t, id, p),
+      // CANCEL ends the call on the host side too: what the agent still sends is dropped.
+      control: (t, p) => (t === FrameType.CANCEL ? session.abandon(id) : session.control(t, id, p)),
       send: (data, waitCredit) => sendWithCredit(session, id, data, waitCredit),
     };
   }
