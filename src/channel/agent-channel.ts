@@ -492,25 +492,38 @@ class Session {
 
   /**
    * The call on stream `id` is over (deadline, signal, cancel, a callback threw): CANCEL it and
-   * from now on drop whatever the agent still sends for it, without buffering or callbacks.
+   * from now on drop whatever output the agent still sends for it, without buffering or
+   * callbacks, and without holding anything of the call. With `reportEnd` (a caller that waits
+   * for the agent to confirm, like closing a watch) the end is still reported, once.
    * Credit flows back for a bounded drain (an agent flushes what the killed command's pipes held
-   * before its EXIT), then stops, so an agent that ignores CANCEL is held to one window more.
+   * before its EXIT), then stops, so an agent that ignores CANCEL is held to one window more; an
+   * agent that leaves too many cancelled streams open loses the connection.
    */
-  abandon(id: number): void {
+  abandon(id: number, reportEnd = false): void {
     const st = this.streams.get(id);
     if (!st || st.abandoned) return;
     st.abandoned = true;
     this.write(encodeFrame(FrameType.CANCEL, id));
     let drained = 0;
+    const { kind, onEnd, onFail } = st.handler;
     st.handler = {
-      kind: st.handler.kind,
+      kind,
       onData: (_fd, data) => {
         drained += data.length;
         if (drained <= ABANDONED_DRAIN_BYTES) this.grant(id, data.length);
       },
-      onEnd: () => {},
-      onFail: () => {},
+      onEnd: reportEnd ? onEnd : () => {},
+      onFail: reportEnd ? onFail : () => {},
     };
+    let open = 0;
+    for (const s of this.streams.values()) if (s.abandoned) open++;
+    if (open > MAX_ABANDONED_STREAMS) {
+      this.fail(
+        new ProtocolError(
+          `${this.name} left ${open} cancelled streams open: it ignores CANCEL. The connection was reset.`,
+        ),
+      );
+    }
   }
 
   /**
@@ -651,6 +664,8 @@ export class Notifier {
 const GRANT_AT = INITIAL_WINDOW / 4;
 /** After a call ended, the agent may flush this much more output for it (credit still flows). */
 const ABANDONED_DRAIN_BYTES = 4 * INITIAL_WINDOW;
+/** Cancelled streams the agent may leave unanswered before the connection is reset. */
+const MAX_ABANDONED_STREAMS = 256;
 
 // ---------------------------------------------------------------- shell commands
 
@@ -800,6 +815,7 @@ export class AgentChannel implements CommChannel {
       const session = await this.getSession(deadline);
       const credit = new Notifier();
       let id = 0;
+      let over = false;
       const result = new Promise<CommandResult<string> | CommandResult<Buffer>>((resolve, reject) => {
         id = session.open(
           FrameType.EXEC,
@@ -814,6 +830,7 @@ export class AgentChannel implements CommChannel {
                 collector.push(fd === 1 ? "stdout" : "stderr", data);
               } catch (err) {
                 // The caller's onStdout/onStderr threw: stop the command, the channel is fine.
+                over = true;
                 session.abandon(id);
                 reject(err);
                 return;
@@ -823,6 +840,7 @@ export class AgentChannel implements CommChannel {
             onCredit: () => credit.notify(),
             onEnd: (m) => {
               credit.notify();
+              if (over) return; // already settled: build no result nobody receives
               if (m.type === "error") return reject(agentError(m, what));
               if (m.type !== "exit") return reject(new ProtocolError("exec ended without EXIT."));
               const r = collector.result(m.exitCode, m.signal, deadline.elapsedMs, encoding);
@@ -846,6 +864,7 @@ export class AgentChannel implements CommChannel {
       } catch (err) {
         if (deadline.expired) {
           // Kill the whole process group now; what the agent still sends for it is dropped.
+          over = true;
           session.abandon(id);
           throw deadlineError(deadline, collector.result(null, null, deadline.elapsedMs, encoding));
         }
@@ -1437,7 +1456,7 @@ export class AgentChannel implements CommChannel {
       info: session.info,
       grant: (n) => session.grant(id, n),
       // CANCEL ends the call on the host side too: what the agent still sends is dropped.
-      control: (t, p) => (t === FrameType.CANCEL ? session.abandon(id) : session.control(t, id, p)),
+      control: (t, p) => (t === FrameType.CANCEL ? session.abandon(id, true) : session.control(t, id, p)),
       send: (data, waitCredit) => sendWithCredit(session, id, data, waitCredit),
     };
   }
