@@ -442,6 +442,7 @@ describe("ports, info, readiness", () => {
       "fs",
       "watch",
       "proc",
+      "identity",
     ]);
     expect(info.startUptimeS).toBeGreaterThan(0);
     expect(info.milestones).toBe("kernel 0.100\ninit 0.200\n");
