@@ -344,7 +344,9 @@ export class SmolVM implements AsyncDisposable {
         await writeFile(vmFiles(vmDir).agentSecret, agentSecret, { mode: 0o600 });
         try {
           await vm.bootOrFallBack(image, deadline, accel, opts, t0);
-          if (template) await vm.leaveTemplate(template.dir, deadline);
+          // A template is keyed by the accelerator it runs under: none when the boot fell back.
+          if (template && vm.record.config.accel === accel.accel)
+            await vm.leaveTemplate(template.dir, deadline);
         } finally {
           template?.release();
         }
