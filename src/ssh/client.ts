@@ -1,8 +1,9 @@
 /**
  * SSHClient: runs commands over one lazily opened, shared, self-healing SSH connection.
  * Concurrent first calls share one connect; a dead transport is replaced on the next call; a
- * command that never reached the server (its channel was not opened) is retried once on the new
- * connection, a command that did start is never silently re-run.
+ * command that never reached the server (no exec request went out) is retried on the new
+ * connection while its deadline has time, a command that did start is never silently re-run
+ * (it fails with ConnectionLostError, details.commandStarted true).
  */
 import * as net from "node:net";
 import {
@@ -29,6 +30,9 @@ import { type ConnectOptions, type ExecExtras, SSHConnection, validateShellKind 
 import type { EventSink } from "./events.js";
 import type { HostKeyOptions } from "./hostkeys.js";
 import { resolveKeepalive } from "./keepalive.js";
+
+/** Reconnects one run() may make for a command that never reached the server. */
+const MAX_RECONNECTS = 5;
 
 export interface SSHClientOptions {
   host: string;
@@ -176,9 +180,17 @@ export class SSHClient implements AsyncDisposable {
         try {
           return await conn.execWithin(command, opts, deadline);
         } catch (e) {
-          // The transport died before the command reached the server: safe to run it on a new one.
-          if (attempt === 0 && e instanceof ConnectionLostError && e.details.commandStarted === false)
+          // The transport died before the command reached the server: safe to run it on a new
+          // one, as long as the deadline has time (a server dying under load may need a few).
+          if (
+            attempt < MAX_RECONNECTS &&
+            e instanceof ConnectionLostError &&
+            e.details.commandStarted === false &&
+            !deadline.expired
+          ) {
+            if (attempt > 0) await sleep(Math.min(20 * 2 ** attempt, 500), deadline.signal);
             continue;
+          }
           throw e;
         }
       }
