@@ -198,6 +198,16 @@ export class SSHConnection implements AsyncDisposable {
   // Channel limiter: adapts to the server's session limit (learned from refusals).
   private inFlight = 0;
   private limit = INITIAL_CHANNEL_LIMIT;
+  /** A ceiling for servers known to break with overlapping sessions (see serverQuirks). */
+  private maxLimit = Number.POSITIVE_INFINITY;
+  /** The server's known limits (from its identification). */
+  quirks: ServerQuirks = serverQuirks(undefined);
+  private sessionsStarted = 0;
+  /**
+   * Where kill sweeps go when this connection cannot open another session for them (a server
+   * with one session per connection): SSHClient sets it to run the sweep on a new connection.
+   */
+  sweeper: ((script: string) => void) | undefined;
   private opensSinceRefusal = 0;
   private readonly waiters: Array<{ grant: () => void; signal: AbortSignal; onAbort: () => void }> = [];
 
@@ -386,6 +396,9 @@ export class SSHConnection implements AsyncDisposable {
       timings.authMs = timings.totalMs - timings.tcpMs - timings.handshakeMs;
       conn.timings = timings;
       conn.serverVersion = (c as unknown as { _remoteVer?: string })._remoteVer;
+      conn.quirks = serverQuirks(conn.serverVersion);
+      conn.maxLimit = conn.quirks.maxSessions;
+      conn.limit = Math.min(conn.limit, conn.maxLimit);
       opts.events?.emit("CONNECT", {
         host: opts.host,
         port,
@@ -502,7 +515,23 @@ export class SSHConnection implements AsyncDisposable {
         this.release();
         throw this.lostError("before the command started");
       }
+      if (this.sessionsStarted >= this.quirks.sessionsPerConnection) {
+        // The server closes this connection after the session it has: ask on another one.
+        this.release();
+        throw new ConnectionLostError(
+          `SSH server ${this.host}:${this.port} serves ${this.quirks.sessionsPerConnection} session per connection and this one is used: run the command on a new connection.`,
+          {
+            details: {
+              host: this.host,
+              port: this.port,
+              commandStarted: false,
+              reason: "sessions_per_connection",
+            },
+          },
+        );
+      }
       let ch: ExecChannel;
+      this.sessionsStarted++;
       try {
         ch = await this.requestExec(command, signal, pty, runId);
       } catch (e) {
@@ -527,17 +556,24 @@ export class SSHConnection implements AsyncDisposable {
             host: this.host,
             request: openRefused ? "open" : "exec",
           });
+          // Let I/O run before asking again (a dying transport's close must get through).
+          await new Promise((r) => setImmediate(r));
           continue;
         }
         throw this.lostError("before the command started", e);
       }
-      if (this.inFlight >= this.limit && ++this.opensSinceRefusal >= 32) {
+      if (this.inFlight >= this.limit && this.limit < this.maxLimit && ++this.opensSinceRefusal >= 32) {
         // Probe upward now and then: the limit may have been transient.
         this.limit++;
         this.opensSinceRefusal = 0;
       }
       return ch;
     }
+  }
+
+  /** Alive and able to open another session (false once a one-session server used its one). */
+  get reusable(): boolean {
+    return this.isAlive && this.sessionsStarted < this.quirks.sessionsPerConnection;
   }
 
   /** Channels this connection holds or waits for (its limiter's count), for diagnostics. */
@@ -626,15 +662,24 @@ export class SSHConnection implements AsyncDisposable {
           return localId;
         };
       }
-      try {
-        if (pty) this.client.exec(command, { pty: true, env }, cb);
-        else this.client.exec(command, { env }, cb);
-      } catch (e) {
+      let inCall = true;
+      const syncFail = (e: unknown) =>
         settle(() => {
           free();
-          reject(e);
+          // ssh2 fails synchronously only for local reasons (socket no longer writable, no
+          // channel ids): the transport is gone even if its close event has not run yet.
+          this.client.destroy();
+          reject(this.lostError("before the command started", e));
         });
+      const cbOnce = (err: Error | undefined, channel: ClientChannel) =>
+        inCall && err ? syncFail(err) : cb(err, channel);
+      try {
+        if (pty) this.client.exec(command, { pty: true, env }, cbOnce);
+        else this.client.exec(command, { env }, cbOnce);
+      } catch (e) {
+        syncFail(e);
       } finally {
+        inCall = false;
         if (mgr && add) mgr.add = add;
       }
     });
@@ -711,7 +756,12 @@ export class SSHConnection implements AsyncDisposable {
     st.terminated = true;
     killChannel(st.channel);
     // A kill sweep that is itself abandoned is not swept again.
-    if (!this.isAlive || !/^[0-9a-f]{16}$/.test(st.runId)) return;
+    if (!/^[0-9a-f]{16}$/.test(st.runId)) return;
+    if (this.quirks.sessionsPerConnection <= 1) {
+      this.sweeper?.(killByRunIdScript(st.runId));
+      return;
+    }
+    if (!this.isAlive) return;
     const signal = AbortSignal.timeout(KILL_SWEEP_TIMEOUT_MS);
     this.openExec(killByRunIdScript(st.runId), signal, false, `kill-${st.runId}`).then(
       (k) => {
@@ -901,6 +951,31 @@ export function killChannel(ch: ClientChannel): void {
   try {
     ch.close();
   } catch {}
+}
+
+/** What one server allows per connection, from its identification (see serverQuirks). */
+export interface ServerQuirks {
+  /** Sessions that may be open at once. */
+  maxSessions: number;
+  /** Sessions the server serves before it closes the connection (tinysshd: one). */
+  sessionsPerConnection: number;
+}
+
+/**
+ * Known limits by server identification. dropbear before 2024.86 can close a session that is
+ * open but not yet exec'd when another session's command exits in that window (dropbear issue
+ * #321): the exec is then refused, or it runs and the connection process dies on
+ * `!channel->sent_close`, taking every session with it; one session at a time avoids the
+ * window, so commands to those servers queue. tinysshd serves one session per connection and
+ * then exits: SSHClient opens a connection per command for it.
+ */
+export function serverQuirks(serverVersion: string | undefined): ServerQuirks {
+  const v = serverVersion ?? "";
+  const none = { maxSessions: Number.POSITIVE_INFINITY, sessionsPerConnection: Number.POSITIVE_INFINITY };
+  const m = /^dropbear_(\d{4})\.(\d+)/.exec(v);
+  if (m && Number(m[1]) * 100 + Number(m[2]) < 2024_86) return { ...none, maxSessions: 1 };
+  if (/^tinyssh_/.test(v)) return { maxSessions: 1, sessionsPerConnection: 1 };
+  return none;
 }
 
 function ourLists(algorithms: ConnectConfig["algorithms"] | undefined): AlgorithmLists {
