@@ -412,7 +412,7 @@ export class SSHConnection implements AsyncDisposable {
         ok: true,
         authMs: round(timings.authMs),
       });
-      if (keepalive) conn.startKeepalive(keepalive);
+      if (keepalive) conn.startKeepalive(keepalive, sock);
       return conn;
     } catch (e) {
       cleanupTimers();
@@ -428,8 +428,14 @@ export class SSHConnection implements AsyncDisposable {
     }
   }
 
-  private startKeepalive(k: KeepaliveConfig): void {
+  private startKeepalive(k: KeepaliveConfig, sock: Duplex): void {
     if (!this.isAlive) return;
+    if (!this.quirks.answersKeepalive) {
+      // Unanswered requests would read as a dead link: let the kernel probe the TCP peer.
+      if (sock instanceof net.Socket) sock.setKeepAlive(true, k.intervalMs);
+      this.events?.emit("KEEPALIVE", { phase: "tcp_fallback", host: this.host, port: this.port });
+      return;
+    }
     this.keepaliveMonitor = new KeepaliveMonitor(this.client, {
       ...k,
       events: this.events,
@@ -518,17 +524,7 @@ export class SSHConnection implements AsyncDisposable {
       if (this.sessionsStarted >= this.quirks.sessionsPerConnection) {
         // The server closes this connection after the session it has: ask on another one.
         this.release();
-        throw new ConnectionLostError(
-          `SSH server ${this.host}:${this.port} serves ${this.quirks.sessionsPerConnection} session per connection and this one is used: run the command on a new connection.`,
-          {
-            details: {
-              host: this.host,
-              port: this.port,
-              commandStarted: false,
-              reason: "sessions_per_connection",
-            },
-          },
-        );
+        throw this.spentError();
       }
       let ch: ExecChannel;
       this.sessionsStarted++;
@@ -574,6 +570,29 @@ export class SSHConnection implements AsyncDisposable {
   /** Alive and able to open another session (false once a one-session server used its one). */
   get reusable(): boolean {
     return this.isAlive && this.sessionsStarted < this.quirks.sessionsPerConnection;
+  }
+
+  /**
+   * @internal Counts a session opened outside the exec limiter (SFTP, shell); throws the
+   * not-started ConnectionLostError when this server's sessions per connection are used up.
+   */
+  claimSession(): void {
+    if (this.sessionsStarted >= this.quirks.sessionsPerConnection) throw this.spentError();
+    this.sessionsStarted++;
+  }
+
+  private spentError(): ConnectionLostError {
+    return new ConnectionLostError(
+      `SSH server ${this.host}:${this.port} serves ${this.quirks.sessionsPerConnection} session per connection and this one is used: run the command on a new connection.`,
+      {
+        details: {
+          host: this.host,
+          port: this.port,
+          commandStarted: false,
+          reason: "sessions_per_connection",
+        },
+      },
+    );
   }
 
   /** Channels this connection holds or waits for (its limiter's count), for diagnostics. */
@@ -959,6 +978,8 @@ export interface ServerQuirks {
   maxSessions: number;
   /** Sessions the server serves before it closes the connection (tinysshd: one). */
   sessionsPerConnection: number;
+  /** Whether it answers keepalive@openssh.com (global requests); tinysshd does not. */
+  answersKeepalive: boolean;
 }
 
 /**
@@ -967,14 +988,19 @@ export interface ServerQuirks {
  * #321): the exec is then refused, or it runs and the connection process dies on
  * `!channel->sent_close`, taking every session with it; one session at a time avoids the
  * window, so commands to those servers queue. tinysshd serves one session per connection and
- * then exits: SSHClient opens a connection per command for it.
+ * then exits (SSHClient opens a connection per command for it), and leaves keepalive@openssh.com
+ * unanswered: the SSH keepalive is off for it and TCP keepalive watches the link instead.
  */
 export function serverQuirks(serverVersion: string | undefined): ServerQuirks {
   const v = serverVersion ?? "";
-  const none = { maxSessions: Number.POSITIVE_INFINITY, sessionsPerConnection: Number.POSITIVE_INFINITY };
+  const none = {
+    maxSessions: Number.POSITIVE_INFINITY,
+    sessionsPerConnection: Number.POSITIVE_INFINITY,
+    answersKeepalive: true,
+  };
   const m = /^dropbear_(\d{4})\.(\d+)/.exec(v);
   if (m && Number(m[1]) * 100 + Number(m[2]) < 2024_86) return { ...none, maxSessions: 1 };
-  if (/^tinyssh_/.test(v)) return { maxSessions: 1, sessionsPerConnection: 1 };
+  if (/^tinyssh_/.test(v)) return { maxSessions: 1, sessionsPerConnection: 1, answersKeepalive: false };
   return none;
 }
 
