@@ -20,6 +20,8 @@ import { Deadline, sleep } from "../common/deadline.js";
 import {
   AuthenticationError,
   ConnectionLostError,
+  ConnectionRefusedError,
+  ConnectionTimeoutError,
   OperationTimeoutError,
   SmolVMError,
   SSHConnectionError,
@@ -192,10 +194,25 @@ export class SSHClient implements AsyncDisposable {
     try {
       for (let attempt = 0; ; attempt++) {
         const c = this.conn;
-        const { conn, done } =
-          c?.reusable || !this.onePerConnection
-            ? { conn: c?.reusable ? c : await this.connectWithin(deadline), done: undefined }
-            : await this.perCommandConnection(deadline);
+        let acquired: { conn: SSHConnection; done: (() => void) | undefined };
+        try {
+          acquired =
+            c?.reusable || !this.onePerConnection
+              ? { conn: c?.reusable ? c : await this.connectWithin(deadline), done: undefined }
+              : await this.perCommandConnection(deadline);
+        } catch (e) {
+          // Reopening after a lost connection (or, for a server that needs a connection per
+          // command, opening one more): a server that is restarting refuses for a moment.
+          const reopening = attempt > 0 || this.onePerConnection;
+          if (reopening && attempt < MAX_RECONNECTS && isTransient(e) && !deadline.expired) {
+            await sleep(Math.min(50 * 2 ** attempt, 1000), deadline.signal).catch(() => {
+              throw withEmptyPartial(deadline.reason!, deadline.elapsedMs);
+            });
+            continue;
+          }
+          throw e;
+        }
+        const { conn, done } = acquired;
         try {
           return await conn.execWithin(command, opts, deadline);
         } catch (e) {
@@ -382,6 +399,15 @@ export class SSHClient implements AsyncDisposable {
       { code: "SSH_CLIENT_CLOSED" },
     );
   }
+}
+
+/** Connect failures that a moment may fix (not auth, host keys or bad options). */
+function isTransient(e: unknown): boolean {
+  return (
+    e instanceof ConnectionRefusedError ||
+    e instanceof ConnectionTimeoutError ||
+    e instanceof ConnectionLostError
+  );
 }
 
 function authFromOptions(o: SSHClientOptions): AuthConfig | AuthConfig[] | undefined {

@@ -5,6 +5,7 @@
  */
 import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -142,6 +143,44 @@ export function serverSuite(kind: ServerKind): void {
       expect((await client.run("echo before")).stdout).toBe("before\n");
       await server.restart();
       expect((await client.run("echo after", { timeoutMs: 20_000 })).stdout).toBe("after\n");
+    });
+
+    it("a connection lost under load: unstarted calls run on a new one, started ones fail and never run twice", async () => {
+      const log = `/tmp/smolvm-matrix-${kind}-${process.pid}-load.txt`;
+      await client.run(`rm -f ${log}`);
+      // More calls than run at once (the server's or our limiter's limit), so some wait.
+      const n = Math.min(server.features.concurrentSessions, 64) + 8;
+      const calls = Array.from({ length: n }, (_, i) =>
+        client.run(`echo ${i} >> ${log}; sleep 0.4; echo done${i}`, { timeoutMs: 60_000 }),
+      );
+      // Restart once the first commands are running (their lines are in the log; the server
+      // runs on this host, so its /tmp is ours).
+      const until = performance.now() + 10_000;
+      while (!existsSync(log) && performance.now() < until) await new Promise((r) => setTimeout(r, 10));
+      await server.restart();
+      const rs = await Promise.allSettled(calls);
+      const ran = (await readFile(log, "utf8")).split("\n").filter(Boolean);
+      await rm(log, { force: true });
+      const counts = new Map<string, number>();
+      for (const i of ran) counts.set(i, (counts.get(i) ?? 0) + 1);
+      let ok = 0;
+      let lost = 0;
+      rs.forEach((r, i) => {
+        // Never re-run: each command's line is in the log at most once.
+        expect(counts.get(String(i)) ?? 0).toBeLessThanOrEqual(1);
+        if (r.status === "fulfilled") {
+          ok++;
+          expect(r.value.stdout).toBe(`done${i}\n`);
+          expect(counts.get(String(i))).toBe(1);
+        } else {
+          lost++;
+          expect(r.reason).toBeInstanceOf(ConnectionLostError);
+          expect(r.reason.details.commandStarted).toBe(true);
+        }
+      });
+      expect(lost).toBeGreaterThanOrEqual(1);
+      expect(ok).toBeGreaterThanOrEqual(1);
+      expect(ok + lost).toBe(n);
     });
 
     it("pins the host key: the right fingerprint connects, a wrong one or a wrong known_hosts is refused", async () => {
