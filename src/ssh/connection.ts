@@ -545,15 +545,15 @@ export class SSHConnection implements AsyncDisposable {
                 { cause: e, details: { host: this.host, port: this.port, reason: "exec_refused" } },
               );
             }
-            await sleep(Math.min(5 * 2 ** Math.min(attempt, 6), 200), signal);
           } else refusedAlone = 0;
           this.events?.emit("EXEC", {
             phase: "refused",
             host: this.host,
             request: openRefused ? "open" : "exec",
           });
-          // Let I/O run before asking again (a dying transport's close must get through).
-          await new Promise((r) => setImmediate(r));
+          // Back off before asking again (this also lets a dying transport's close get through);
+          // a refused open with others in flight waits for their slots as well.
+          await sleep(Math.min(5 * 2 ** Math.min(attempt, 6), 200), signal);
           continue;
         }
         throw this.lostError("before the command started", e);

@@ -150,15 +150,17 @@ export function serverSuite(kind: ServerKind): void {
       await client.run(`rm -f ${log}`);
       // More calls than run at once (the server's or our limiter's limit), so some wait.
       const n = Math.min(server.features.concurrentSessions, 64) + 8;
-      const calls = Array.from({ length: n }, (_, i) =>
-        client.run(`echo ${i} >> ${log}; sleep 0.4; echo done${i}`, { timeoutMs: 60_000 }),
+      const settled = Promise.allSettled(
+        Array.from({ length: n }, (_, i) =>
+          client.run(`echo ${i} >> ${log}; sleep 0.4; echo done${i}`, { timeoutMs: 60_000 }),
+        ),
       );
       // Restart once the first commands are running (their lines are in the log; the server
       // runs on this host, so its /tmp is ours).
       const until = performance.now() + 10_000;
       while (!existsSync(log) && performance.now() < until) await new Promise((r) => setTimeout(r, 10));
       await server.restart();
-      const rs = await Promise.allSettled(calls);
+      const rs = await settled;
       const ran = (await readFile(log, "utf8")).split("\n").filter(Boolean);
       await rm(log, { force: true });
       const counts = new Map<string, number>();
