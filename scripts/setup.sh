@@ -12,12 +12,17 @@ declare -A NEED=(
   [debootstrap]=debootstrap [gcc]=build-essential [make]=build-essential
   [zstd]=zstd [xz]=xz-utils [curl]=curl [ip]=iproute2 [socat]=socat
   [qemu-img]=qemu-utils
+  # the SSH server matrix the tests run (test/fixtures/ssh-servers.ts)
+  [dropbear]=dropbear-bin [dropbearkey]=dropbear-bin [tinysshd]=tinysshd [tcpserver]=ucspi-tcp
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
   PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
 done
 [ -e /usr/share/doc/busybox-static ] || missing+=(busybox-static)
+# asyncssh for the system python the matrix's asyncssh server runs on; sftp-server for tinysshd
+[ -e /usr/lib/python3/dist-packages/asyncssh ] || missing+=(python3-asyncssh)
+[ -x /usr/lib/openssh/sftp-server ] || missing+=(openssh-sftp-server)
 
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)

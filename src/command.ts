@@ -212,8 +212,8 @@ export function wrapCommand(command: string, options: WrapOptions = {}): Wrapped
   }
   if (kind === "cmd") {
     let script = "";
-    for (const n of names) script += `set "${n}=${env[n]}"&& `;
-    if (options.cwd) script += `cd /d "${options.cwd}"&& `;
+    for (const n of names) script += `set "${n}=${cmdQuotable(env[n]!, `environment variable ${n}`)}"&& `;
+    if (options.cwd) script += `cd /d "${cmdQuotable(options.cwd, "cwd")}"&& `;
     script += command;
     if (shell === "raw" && !names.length && !options.cwd) return { command };
     return { command: `cmd.exe /s /c "${script}"` };
@@ -234,6 +234,22 @@ export function wrapCommand(command: string, options: WrapOptions = {}): Wrapped
   if (shell === "raw") return { command: script, stdinPrefix, script };
   const tag = options.runId && /^[0-9a-f]+$/.test(options.runId) ? `SMOLVM_RUN_ID=${options.runId} ` : "";
   return { command: `${tag}exec "\${SHELL:-/bin/sh}" -lc ${quoteSh(script)}`, stdinPrefix, script };
+}
+
+/**
+ * cmd.exe has no quoting that holds for every string: `"` ends a quoted span (after which `&`,
+ * `|`, `<`, `>` run commands), `%...%` and `!...!` expand before quotes are parsed, and CR/LF end
+ * the command. A value with any of these is refused rather than passed through.
+ */
+function cmdQuotable(value: string, what: string): string {
+  if (/["%!\r\n]/.test(value)) {
+    throw new ValidationError(
+      `${what} contains a character cmd.exe cannot carry safely inside quotes (" % ! or a line break): ` +
+        'use shellKind "powershell", or pass the value another way (a file, stdin).',
+      { details: { what } },
+    );
+  }
+  return value;
 }
 
 export function encodePowerShell(script: string): string {

@@ -1,8 +1,9 @@
 /**
  * SSHClient: runs commands over one lazily opened, shared, self-healing SSH connection.
  * Concurrent first calls share one connect; a dead transport is replaced on the next call; a
- * command that never reached the server (its channel was not opened) is retried once on the new
- * connection, a command that did start is never silently re-run.
+ * command that never reached the server (no exec request went out) is retried on the new
+ * connection while its deadline has time, a command that did start is never silently re-run
+ * (it fails with ConnectionLostError, details.commandStarted true).
  */
 import * as net from "node:net";
 import {
@@ -19,6 +20,8 @@ import { Deadline, sleep } from "../common/deadline.js";
 import {
   AuthenticationError,
   ConnectionLostError,
+  ConnectionRefusedError,
+  ConnectionTimeoutError,
   OperationTimeoutError,
   SmolVMError,
   SSHConnectionError,
@@ -29,6 +32,16 @@ import { type ConnectOptions, type ExecExtras, SSHConnection, validateShellKind 
 import type { EventSink } from "./events.js";
 import type { HostKeyOptions } from "./hostkeys.js";
 import { resolveKeepalive } from "./keepalive.js";
+
+/** Reconnects one run() may make for a command that never reached the server. */
+const MAX_RECONNECTS = 20;
+/**
+ * Connections open at once for servers that serve one session per connection (tinysshd), where
+ * each command gets a connection of its own.
+ */
+export const PER_COMMAND_CONNECTIONS = 8;
+/** Bound on a kill sweep sent over a connection of its own. */
+const SWEEP_TIMEOUT_MS = 5_000;
 
 export interface SSHClientOptions {
   host: string;
@@ -77,6 +90,12 @@ export class SSHClient implements AsyncDisposable {
   private connecting: Promise<SSHConnection> | undefined;
   private isClosed = false;
   private readonly lifetime = new AbortController();
+  /** Learned from the first connection: the server serves one session per connection. */
+  private onePerConnection = false;
+  /** Connections still running a command after they stopped being the shared one. */
+  private readonly others = new Set<SSHConnection>();
+  private perCommandOpen = 0;
+  private readonly perCommandWaiters: Array<() => void> = [];
 
   constructor(options: SSHClientOptions) {
     if (!options || typeof options.host !== "string" || options.host === "") {
@@ -124,7 +143,7 @@ export class SSHClient implements AsyncDisposable {
   connection(options: { signal?: AbortSignal } = {}): Promise<SSHConnection> {
     if (this.isClosed) return Promise.reject(this.closedError());
     const c = this.conn;
-    if (c?.alive) return Promise.resolve(c);
+    if (c?.reusable) return Promise.resolve(c);
     this.connecting ??= SSHConnection.connectDirect(this.connectOptions).then(
       (conn) => {
         this.connecting = undefined;
@@ -132,6 +151,9 @@ export class SSHClient implements AsyncDisposable {
           void conn.close();
           throw this.closedError();
         }
+        const old = this.conn;
+        if (old?.alive) this.keep(old);
+        this.adopt(conn);
         this.conn = conn;
         return conn;
       },
@@ -172,18 +194,122 @@ export class SSHClient implements AsyncDisposable {
     try {
       for (let attempt = 0; ; attempt++) {
         const c = this.conn;
-        const conn = c?.alive ? c : await this.connectWithin(deadline);
+        let acquired: { conn: SSHConnection; done: (() => void) | undefined };
+        try {
+          acquired =
+            c?.reusable || !this.onePerConnection
+              ? { conn: c?.reusable ? c : await this.connectWithin(deadline), done: undefined }
+              : await this.perCommandConnection(deadline);
+        } catch (e) {
+          // Reopening after a lost connection (or, for a server that needs a connection per
+          // command, opening one more): a server that is restarting refuses for a moment.
+          const reopening = attempt > 0 || this.onePerConnection;
+          if (reopening && attempt < MAX_RECONNECTS && isTransient(e) && !deadline.expired) {
+            await sleep(Math.min(50 * 2 ** attempt, 1000), deadline.signal).catch(() => {
+              throw withEmptyPartial(deadline.reason!, deadline.elapsedMs);
+            });
+            continue;
+          }
+          throw e;
+        }
+        const { conn, done } = acquired;
         try {
           return await conn.execWithin(command, opts, deadline);
         } catch (e) {
-          // The transport died before the command reached the server: safe to run it on a new one.
-          if (attempt === 0 && e instanceof ConnectionLostError && e.details.commandStarted === false)
+          // The transport died before the command reached the server: safe to run it on a new
+          // one, as long as the deadline has time (a server dying under load may need a few).
+          if (
+            attempt < MAX_RECONNECTS &&
+            e instanceof ConnectionLostError &&
+            e.details.commandStarted === false &&
+            !deadline.expired
+          ) {
+            if (attempt > 1) await sleep(Math.min(10 * 2 ** attempt, 500), deadline.signal);
             continue;
+          }
           throw e;
+        } finally {
+          done?.();
         }
       }
     } finally {
       deadline.dispose();
+    }
+  }
+
+  /** Wires a new connection into the client (what it learned, where its kill sweeps go). */
+  private adopt(conn: SSHConnection): void {
+    if (conn.quirks.sessionsPerConnection <= 1) {
+      this.onePerConnection = true;
+      conn.sweeper = (script) => void this.sweep(script);
+    }
+  }
+
+  /** Tracks a connection that still runs a command until it closes (close() ends it too). */
+  private keep(conn: SSHConnection): void {
+    this.others.add(conn);
+    conn.onClose(() => this.others.delete(conn));
+  }
+
+  /**
+   * A connection of its own for one command (servers with one session per connection), at most
+   * PER_COMMAND_CONNECTIONS at once; `done` closes it once the command has ended.
+   */
+  private async perCommandConnection(deadline: Deadline): Promise<{ conn: SSHConnection; done: () => void }> {
+    if (this.perCommandOpen >= PER_COMMAND_CONNECTIONS) {
+      deadline.throwIfExpired();
+      await new Promise<void>((resolve, reject) => {
+        const granted = () => {
+          deadline.signal.removeEventListener("abort", onAbort);
+          resolve();
+        };
+        const onAbort = () => {
+          const i = this.perCommandWaiters.indexOf(granted);
+          if (i >= 0) this.perCommandWaiters.splice(i, 1);
+          reject(withEmptyPartial(deadline.reason!, deadline.elapsedMs));
+        };
+        deadline.signal.addEventListener("abort", onAbort, { once: true });
+        this.perCommandWaiters.push(granted);
+      });
+    } else this.perCommandOpen++;
+    const free = () => {
+      const next = this.perCommandWaiters.shift();
+      if (next) next();
+      else this.perCommandOpen--;
+    };
+    try {
+      const conn = await SSHConnection.connectDirect({
+        ...this.connectOptions,
+        signal: AbortSignal.any([this.lifetime.signal, deadline.signal]),
+      });
+      this.adopt(conn);
+      this.keep(conn);
+      return {
+        conn,
+        done: () => {
+          void conn.close().finally(free);
+        },
+      };
+    } catch (e) {
+      free();
+      if (deadline.expired) throw withEmptyPartial(deadline.reason!, deadline.elapsedMs);
+      throw this.isClosed ? this.closedError() : e;
+    }
+  }
+
+  /** Runs a kill sweep on a connection of its own (fire and forget, bounded). */
+  private async sweep(script: string): Promise<void> {
+    if (this.isClosed) return;
+    const signal = AbortSignal.any([this.lifetime.signal, AbortSignal.timeout(SWEEP_TIMEOUT_MS)]);
+    let conn: SSHConnection | undefined;
+    try {
+      conn = await SSHConnection.connectDirect({ ...this.connectOptions, signal });
+      this.keep(conn);
+      await conn.exec(script, { shell: "raw", signal, timeoutMs: SWEEP_TIMEOUT_MS });
+    } catch {
+      // Best effort: the command's own channel close already asked the server to stop it.
+    } finally {
+      await conn?.close();
     }
   }
 
@@ -259,7 +385,8 @@ export class SSHClient implements AsyncDisposable {
     await this.connecting?.catch(() => {});
     const c = this.conn;
     this.conn = undefined;
-    await c?.close();
+    await Promise.all([c?.close(), ...[...this.others].map((o) => o.close())]);
+    for (const w of this.perCommandWaiters.splice(0)) w();
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
@@ -272,6 +399,15 @@ export class SSHClient implements AsyncDisposable {
       { code: "SSH_CLIENT_CLOSED" },
     );
   }
+}
+
+/** Connect failures that a moment may fix (not auth, host keys or bad options). */
+function isTransient(e: unknown): boolean {
+  return (
+    e instanceof ConnectionRefusedError ||
+    e instanceof ConnectionTimeoutError ||
+    e instanceof ConnectionLostError
+  );
 }
 
 function authFromOptions(o: SSHClientOptions): AuthConfig | AuthConfig[] | undefined {

@@ -195,24 +195,50 @@ export interface TokenContext {
   homeDir: string;
 }
 
-/** Expands `%` tokens; unknown tokens are left as written. */
-export function expandTokens(s: string, ctx: TokenContext, allowed = "hprundilLCk%"): string {
+/**
+ * A host or user name substituted into a command that /bin/sh runs (ProxyCommand's %h %n %r):
+ * only characters with no meaning to the shell, and no leading "-" (it would read as an option).
+ * Anything else is refused, as OpenSSH does since CVE-2023-51385, rather than run.
+ */
+export function shellSafeToken(value: string, what: string): string {
+  if (!/^[A-Za-z0-9._:@%+][A-Za-z0-9._:@%+-]*$/.test(value)) {
+    throw new ValidationError(
+      `${what} ${JSON.stringify(value.slice(0, 80))} cannot go into ProxyCommand: it has characters ` +
+        "the shell would interpret (only letters, digits and . _ : @ % + - are allowed, no leading -). " +
+        "Use the host's plain name or address.",
+      { details: { what } },
+    );
+  }
+  return value;
+}
+
+/**
+ * Expands `%` tokens; unknown tokens are left as written. `forShell`: the result is a shell
+ * command, so substituted names must pass shellSafeToken.
+ */
+export function expandTokens(
+  s: string,
+  ctx: TokenContext,
+  allowed = "hprundilLCk%",
+  forShell = false,
+): string {
+  const name = (v: string, what: string) => (forShell ? shellSafeToken(v, what) : v);
   return s.replace(/%(.)/g, (m, t: string) => {
     if (!allowed.includes(t)) return m;
     switch (t) {
       case "%":
         return "%";
       case "h":
-        return ctx.hostName;
+        return name(ctx.hostName, "host name");
       case "p":
         return String(ctx.port);
       case "r":
-        return ctx.remoteUser;
+        return name(ctx.remoteUser, "user name");
       case "u":
-        return ctx.localUser;
+        return name(ctx.localUser, "local user name");
       case "n":
       case "k":
-        return ctx.originalHost;
+        return name(ctx.originalHost, "host");
       case "d":
         return ctx.homeDir;
       case "i":
@@ -607,7 +633,7 @@ function finish(st: ResolveState): ResolvedSshConfig {
   const pc = first("proxycommand");
   const pj = first("proxyjump");
   if (pc !== undefined && (pj === undefined || proxyCommandFirst(st))) {
-    if (!/^none$/i.test(pc)) out.proxyCommand = expandTokens(pc, ctx, "hnpr%");
+    if (!/^none$/i.test(pc)) out.proxyCommand = expandTokens(pc, ctx, "hnpr%", true);
   } else if (pj !== undefined && !/^none$/i.test(pj)) {
     out.proxyJump = pj;
   }

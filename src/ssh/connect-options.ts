@@ -6,7 +6,7 @@
  */
 import { ValidationError } from "../errors.js";
 import { type AuthConfig, createAgentAuth, createKeyAuth, getAgentAvailable } from "./auth.js";
-import { resolveSshConfig } from "./config.js";
+import { resolveSshConfig, shellSafeToken } from "./config.js";
 import type { ConnectOptions, SSHConnection } from "./connection.js";
 import { SSHConnection as Connection } from "./connection.js";
 import { EventCollector, type EventSink } from "./events.js";
@@ -50,9 +50,16 @@ function authFromIdentities(files: string[], identitiesOnly: boolean): AuthConfi
   return !identitiesOnly && getAgentAvailable() ? [createAgentAuth(), ...keys] : keys;
 }
 
+/** %h %p %r %% in a caller's ProxyCommand; names are refused unless shell-safe. */
 function expandProxyTokens(cmd: string, t: { host: string; port: number; user: string }): string {
   return cmd.replace(/%([hpr%])/g, (_m, c: string) =>
-    c === "h" ? t.host : c === "p" ? String(t.port) : c === "r" ? t.user : "%",
+    c === "h"
+      ? shellSafeToken(t.host, "host name")
+      : c === "p"
+        ? String(t.port)
+        : c === "r"
+          ? shellSafeToken(t.user, "user name")
+          : "%",
   );
 }
 
@@ -66,6 +73,7 @@ export function resolveSessionOptions(opts: SessionConnectOptions): ResolvedSess
   let target: ConnectOptions = { ...base, username: opts.username ?? "" };
   let jumpSpec = proxyJump;
   let command = proxyCommand;
+  let commandExpanded = false;
   const configPath = typeof sshConfig === "string" ? sshConfig : undefined;
   const resolveHost = (host: string, user?: string, port?: number) =>
     resolveSshConfig(host, { ...(configPath ? { configPath, systemConfigPath: false } : {}), user, port });
@@ -100,8 +108,11 @@ export function resolveSessionOptions(opts: SessionConnectOptions): ResolvedSess
           : undefined),
     };
     if (jumpSpec === undefined && c.proxyJump) jumpSpec = c.proxyJump;
-    if (command === undefined && c.proxyCommand && c.proxyCommand.toLowerCase() !== "none")
+    if (command === undefined && c.proxyCommand && c.proxyCommand.toLowerCase() !== "none") {
+      // Already expanded (and checked) by the config resolver: expanding again would re-read %.
       command = c.proxyCommand;
+      commandExpanded = true;
+    }
   }
   if (!target.username) target.username = localUser();
   for (const k of Object.keys(target) as Array<keyof ConnectOptions>)
@@ -147,7 +158,8 @@ export function resolveSessionOptions(opts: SessionConnectOptions): ResolvedSess
     hops.push(h);
   }
   const resolved: ResolvedSession = { target, jumps: hops, warnings };
-  if (command) {
+  if (command && commandExpanded) resolved.proxyCommand = command;
+  else if (command) {
     resolved.proxyCommand = expandProxyTokens(command, {
       host: target.host,
       port: target.port ?? 22,

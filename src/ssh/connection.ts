@@ -25,7 +25,7 @@ import {
   ConnectionLostError,
   OperationAbortedError,
   OperationTimeoutError,
-  type SmolVMError,
+  SmolVMError,
   SSHConnectionError,
   ValidationError,
 } from "../errors.js";
@@ -167,6 +167,14 @@ export function killByRunIdScript(runId: string): string {
 /** Grace for the server to confirm a killed channel closed before we report the timeout. */
 const KILL_GRACE_MS = 1000;
 const INITIAL_CHANNEL_LIMIT = 64;
+/** Refusals in a row with no other channel open before a refused exec request is final. */
+const REFUSED_ALONE_MAX = 5;
+
+/** The part of ssh2's channel manager we read: local id -> pending-open callback or channel. */
+interface ChannelTable {
+  _channels?: Record<number, unknown>;
+  add(v: unknown): number;
+}
 
 export class SSHConnection implements AsyncDisposable {
   readonly client: Client;
@@ -190,6 +198,16 @@ export class SSHConnection implements AsyncDisposable {
   // Channel limiter: adapts to the server's session limit (learned from refusals).
   private inFlight = 0;
   private limit = INITIAL_CHANNEL_LIMIT;
+  /** A ceiling for servers known to break with overlapping sessions (see serverQuirks). */
+  private maxLimit = Number.POSITIVE_INFINITY;
+  /** The server's known limits (from its identification). */
+  quirks: ServerQuirks = serverQuirks(undefined);
+  private sessionsStarted = 0;
+  /**
+   * Where kill sweeps go when this connection cannot open another session for them (a server
+   * with one session per connection): SSHClient sets it to run the sweep on a new connection.
+   */
+  sweeper: ((script: string) => void) | undefined;
   private opensSinceRefusal = 0;
   private readonly waiters: Array<{ grant: () => void; signal: AbortSignal; onAbort: () => void }> = [];
 
@@ -378,6 +396,9 @@ export class SSHConnection implements AsyncDisposable {
       timings.authMs = timings.totalMs - timings.tcpMs - timings.handshakeMs;
       conn.timings = timings;
       conn.serverVersion = (c as unknown as { _remoteVer?: string })._remoteVer;
+      conn.quirks = serverQuirks(conn.serverVersion);
+      conn.maxLimit = conn.quirks.maxSessions;
+      conn.limit = Math.min(conn.limit, conn.maxLimit);
       opts.events?.emit("CONNECT", {
         host: opts.host,
         port,
@@ -391,7 +412,7 @@ export class SSHConnection implements AsyncDisposable {
         ok: true,
         authMs: round(timings.authMs),
       });
-      if (keepalive) conn.startKeepalive(keepalive);
+      if (keepalive) conn.startKeepalive(keepalive, sock);
       return conn;
     } catch (e) {
       cleanupTimers();
@@ -407,8 +428,14 @@ export class SSHConnection implements AsyncDisposable {
     }
   }
 
-  private startKeepalive(k: KeepaliveConfig): void {
+  private startKeepalive(k: KeepaliveConfig, sock: Duplex): void {
     if (!this.isAlive) return;
+    if (!this.quirks.answersKeepalive) {
+      // Unanswered requests would read as a dead link: let the kernel probe the TCP peer.
+      if (sock instanceof net.Socket) sock.setKeepAlive(true, k.intervalMs);
+      this.events?.emit("KEEPALIVE", { phase: "tcp_fallback", host: this.host, port: this.port });
+      return;
+    }
     this.keepaliveMonitor = new KeepaliveMonitor(this.client, {
       ...k,
       events: this.events,
@@ -469,8 +496,14 @@ export class SSHConnection implements AsyncDisposable {
   // ------------------------------------------------------------ channel limiter
 
   /**
-   * Opens an exec channel, waiting for a free slot and retrying when the server refuses (its
-   * session limit). The returned channel's slot is released when it closes.
+   * Opens an exec channel, waiting for a free slot and retrying while the server refuses (its
+   * session limit): a refused channel open (OpenSSH MaxSessions) and a refused exec request
+   * (dropbear under load) both lower the adaptive limit and wait for a slot, so the call only
+   * fails when its deadline does. A request refused with nothing else open on the connection,
+   * REFUSED_ALONE_MAX times in a row, is the server's answer, not load: SSHConnectionError.
+   * The returned channel's slot is released when it closes. Whatever the server does (it may
+   * never answer the open or the exec request), the call ends when `signal` fires, releasing
+   * its slot; a channel that opens after that is closed and its command killed.
    */
   async openExec(
     command: string,
@@ -478,6 +511,7 @@ export class SSHConnection implements AsyncDisposable {
     pty = false,
     runId = newRunId(),
   ): Promise<ExecChannel> {
+    let refusedAlone = 0;
     for (let attempt = 0; ; attempt++) {
       if (!this.isAlive) throw this.lostError("before the command started");
       if (signal.aborted) throw signal.reason;
@@ -487,63 +521,208 @@ export class SSHConnection implements AsyncDisposable {
         this.release();
         throw this.lostError("before the command started");
       }
-      let ch: ExecChannel;
-      try {
-        ch = await new Promise<ExecChannel>((resolve, reject) => {
-          // Exit status and close can arrive in the same packet batch as the exec reply, before
-          // a promise continuation runs: record them synchronously here.
-          const cb = (err: Error | undefined, channel: ClientChannel) => {
-            if (err) return reject(err);
-            const st: ExecChannel = {
-              channel,
-              runId,
-              exitCode: null,
-              signal: null,
-              closed: false,
-              onClose: undefined,
-            };
-            channel.on("exit", (code: number | null, sig?: string) => {
-              if (code !== null && code !== undefined) st.exitCode = code;
-              else if (sig) st.signal = sig.startsWith("SIG") ? sig.slice(3) : sig;
-            });
-            channel.once("close", () => {
-              st.closed = true;
-              this.release();
-              st.onClose?.();
-            });
-            resolve(st);
-          };
-          // The env request is pipelined (no reply awaited): free where AcceptEnv allows it.
-          const env = { [RUN_ID_ENV]: runId };
-          if (pty) this.client.exec(command, { pty: true, env }, cb);
-          else this.client.exec(command, { env }, cb);
-        });
-      } catch (e) {
+      if (this.sessionsStarted >= this.quirks.sessionsPerConnection) {
+        // The server closes this connection after the session it has: ask on another one.
         this.release();
-        if (isChannelOpenRefused(e)) {
+        throw this.spentError();
+      }
+      let ch: ExecChannel;
+      this.sessionsStarted++;
+      try {
+        ch = await this.requestExec(command, signal, pty, runId);
+      } catch (e) {
+        if (e instanceof SmolVMError || e === signal.reason) throw e;
+        const openRefused = isChannelOpenRefused(e);
+        if (openRefused || this.isAlive) {
           // The server is at its limit: remember it (what is open now is what it allows).
           this.limit = Math.max(1, this.inFlight);
           this.opensSinceRefusal = 0;
-          if (this.inFlight === 0) await sleep(Math.min(5 * 2 ** Math.min(attempt, 6), 200), signal);
+          if (this.inFlight === 0) {
+            if (!openRefused && ++refusedAlone >= REFUSED_ALONE_MAX) {
+              throw new SSHConnectionError(
+                `SSH server ${this.host}:${this.port} would not run the command (it refused the exec ` +
+                  "request with no other session open): check that the account may run commands.",
+                { cause: e, details: { host: this.host, port: this.port, reason: "exec_refused" } },
+              );
+            }
+          } else refusedAlone = 0;
+          this.events?.emit("EXEC", {
+            phase: "refused",
+            host: this.host,
+            request: openRefused ? "open" : "exec",
+          });
+          // Back off before asking again (this also lets a dying transport's close get through);
+          // a refused open with others in flight waits for their slots as well.
+          await sleep(Math.min(5 * 2 ** Math.min(attempt, 6), 200), signal);
           continue;
         }
-        if (!this.isAlive) throw this.lostError("before the command started", e);
-        throw new SSHConnectionError(
-          `SSH server ${this.host}:${this.port} would not run the command: see the cause.`,
-          { cause: e },
-        );
+        throw this.lostError("before the command started", e);
       }
-      if (this.inFlight >= this.limit && ++this.opensSinceRefusal >= 32) {
+      if (this.inFlight >= this.limit && this.limit < this.maxLimit && ++this.opensSinceRefusal >= 32) {
         // Probe upward now and then: the limit may have been transient.
         this.limit++;
         this.opensSinceRefusal = 0;
       }
-      if (signal.aborted) {
-        this.terminate(ch);
-        throw signal.reason;
-      }
       return ch;
     }
+  }
+
+  /** Alive and able to open another session (false once a one-session server used its one). */
+  get reusable(): boolean {
+    return this.isAlive && this.sessionsStarted < this.quirks.sessionsPerConnection;
+  }
+
+  /**
+   * @internal Counts a session opened outside the exec limiter (SFTP, shell); throws the
+   * not-started ConnectionLostError when this server's sessions per connection are used up.
+   */
+  claimSession(): void {
+    if (this.sessionsStarted >= this.quirks.sessionsPerConnection) throw this.spentError();
+    this.sessionsStarted++;
+  }
+
+  private spentError(): ConnectionLostError {
+    return new ConnectionLostError(
+      `SSH server ${this.host}:${this.port} serves ${this.quirks.sessionsPerConnection} session per connection and this one is used: run the command on a new connection.`,
+      {
+        details: {
+          host: this.host,
+          port: this.port,
+          commandStarted: false,
+          reason: "sessions_per_connection",
+        },
+      },
+    );
+  }
+
+  /** Channels this connection holds or waits for (its limiter's count), for diagnostics. */
+  get channelsInFlight(): number {
+    return this.inFlight;
+  }
+
+  /**
+   * One session channel + exec request, holding one limiter slot (taken by the caller). Settles
+   * on the server's answer, on `signal` or on the transport's end, whichever comes first; the
+   * slot is released exactly once (on failure, on abandon, or when the channel closes). A
+   * transport lost after the exec request went out is a started command (it may have run).
+   */
+  private requestExec(
+    command: string,
+    signal: AbortSignal,
+    pty: boolean,
+    runId: string,
+  ): Promise<ExecChannel> {
+    let slotHeld = true;
+    const free = () => {
+      if (slotHeld) {
+        slotHeld = false;
+        this.release();
+      }
+    };
+    return new Promise<ExecChannel>((resolve, reject) => {
+      let settled = false;
+      let localId = -1;
+      const mgr = (this.client as unknown as { _chanMgr?: ChannelTable })._chanMgr;
+      /** Whether the server confirmed the channel, so our exec request went out. */
+      const execSent = (): boolean => {
+        const entry = localId >= 0 ? mgr?._channels?.[localId] : undefined;
+        return typeof entry === "object" && entry !== null;
+      };
+      const settle = (fn: () => void) => {
+        if (settled) return false;
+        settled = true;
+        signal.removeEventListener("abort", onAbort);
+        offClose();
+        fn();
+        return true;
+      };
+      const onAbort = () => {
+        const sent = execSent();
+        const pending = sent ? (mgr!._channels![localId] as unknown as ClientChannel) : undefined;
+        settle(() => {
+          free();
+          // The exec request may have started the command: close the channel and sweep by run id.
+          if (pending) this.terminate(this.execState(pending, runId));
+          reject(signal.reason);
+        });
+      };
+      // Runs before ssh2 fails its pending channels, so execSent() still sees their state.
+      const offClose = this.onClose(() => {
+        const started = execSent();
+        settle(() => {
+          free();
+          reject(this.lostError(started ? "after the command was sent" : "before the command started"));
+        });
+      });
+      const cb = (err: Error | undefined, channel: ClientChannel) => {
+        if (err) {
+          settle(() => {
+            free();
+            reject(err);
+          });
+          return;
+        }
+        // Exit status and close can arrive in the same packet batch as the exec reply, before a
+        // promise continuation runs: record them synchronously here.
+        channel.once("close", free);
+        const st = this.execState(channel, runId);
+        if (!settle(() => resolve(st))) {
+          // Abandoned (deadline or signal) before the server answered: stop what it started.
+          this.terminate(st);
+        }
+      };
+      signal.addEventListener("abort", onAbort, { once: true });
+      // The env request is pipelined (no reply awaited): free where AcceptEnv allows it.
+      const env = { [RUN_ID_ENV]: runId };
+      const add = mgr?.add;
+      if (mgr && add) {
+        mgr.add = function (this: ChannelTable, v: unknown) {
+          localId = add.call(this, v);
+          return localId;
+        };
+      }
+      let inCall = true;
+      const syncFail = (e: unknown) =>
+        settle(() => {
+          free();
+          // ssh2 fails synchronously only for local reasons (socket no longer writable, no
+          // channel ids): the transport is gone even if its close event has not run yet.
+          this.client.destroy();
+          reject(this.lostError("before the command started", e));
+        });
+      const cbOnce = (err: Error | undefined, channel: ClientChannel) =>
+        inCall && err ? syncFail(err) : cb(err, channel);
+      try {
+        if (pty) this.client.exec(command, { pty: true, env }, cbOnce);
+        else this.client.exec(command, { env }, cbOnce);
+      } catch (e) {
+        syncFail(e);
+      } finally {
+        inCall = false;
+        if (mgr && add) mgr.add = add;
+      }
+    });
+  }
+
+  /** Wraps an exec channel with its exit status and close, recorded from now on. */
+  private execState(channel: ClientChannel, runId: string): ExecChannel {
+    const st: ExecChannel = {
+      channel,
+      runId,
+      exitCode: null,
+      signal: null,
+      closed: false,
+      onClose: undefined,
+    };
+    channel.on("exit", (code: number | null, sig?: string) => {
+      if (code !== null && code !== undefined) st.exitCode = code;
+      else if (sig) st.signal = sig.startsWith("SIG") ? sig.slice(3) : sig;
+    });
+    channel.once("close", () => {
+      st.closed = true;
+      st.onClose?.();
+    });
+    return st;
   }
 
   private waitSlot(signal: AbortSignal): Promise<void> {
@@ -595,6 +774,12 @@ export class SSHConnection implements AsyncDisposable {
     if (st.terminated) return;
     st.terminated = true;
     killChannel(st.channel);
+    // A kill sweep that is itself abandoned is not swept again.
+    if (!/^[0-9a-f]{16}$/.test(st.runId)) return;
+    if (this.quirks.sessionsPerConnection <= 1) {
+      this.sweeper?.(killByRunIdScript(st.runId));
+      return;
+    }
     if (!this.isAlive) return;
     const signal = AbortSignal.timeout(KILL_SWEEP_TIMEOUT_MS);
     this.openExec(killByRunIdScript(st.runId), signal, false, `kill-${st.runId}`).then(
@@ -785,6 +970,38 @@ export function killChannel(ch: ClientChannel): void {
   try {
     ch.close();
   } catch {}
+}
+
+/** What one server allows per connection, from its identification (see serverQuirks). */
+export interface ServerQuirks {
+  /** Sessions that may be open at once. */
+  maxSessions: number;
+  /** Sessions the server serves before it closes the connection (tinysshd: one). */
+  sessionsPerConnection: number;
+  /** Whether it answers keepalive@openssh.com (global requests); tinysshd does not. */
+  answersKeepalive: boolean;
+}
+
+/**
+ * Known limits by server identification. dropbear before 2024.86 can close a session that is
+ * open but not yet exec'd when another session's command exits in that window (dropbear issue
+ * #321): the exec is then refused, or it runs and the connection process dies on
+ * `!channel->sent_close`, taking every session with it; one session at a time avoids the
+ * window, so commands to those servers queue. tinysshd serves one session per connection and
+ * then exits (SSHClient opens a connection per command for it), and leaves keepalive@openssh.com
+ * unanswered: the SSH keepalive is off for it and TCP keepalive watches the link instead.
+ */
+export function serverQuirks(serverVersion: string | undefined): ServerQuirks {
+  const v = serverVersion ?? "";
+  const none = {
+    maxSessions: Number.POSITIVE_INFINITY,
+    sessionsPerConnection: Number.POSITIVE_INFINITY,
+    answersKeepalive: true,
+  };
+  const m = /^dropbear_(\d{4})\.(\d+)/.exec(v);
+  if (m && Number(m[1]) * 100 + Number(m[2]) < 2024_86) return { ...none, maxSessions: 1 };
+  if (/^tinyssh_/.test(v)) return { maxSessions: 1, sessionsPerConnection: 1, answersKeepalive: false };
+  return none;
 }
 
 function ourLists(algorithms: ConnectConfig["algorithms"] | undefined): AlgorithmLists {

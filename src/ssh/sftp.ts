@@ -4,7 +4,7 @@
  * reader never sees half a file.
  */
 import type { SFTPWrapper } from "ssh2";
-import { Deadline } from "../common/deadline.js";
+import { Deadline, sleep } from "../common/deadline.js";
 import { downloadTo, validateMaxBytes } from "../common/safe-download.js";
 import { ConnectionLostError, SmolVMError, ValidationError } from "../errors.js";
 import type { SSHConnection } from "./connection.js";
@@ -19,6 +19,9 @@ export interface PutFileOptions extends TransferOptions {
   /** Mode of the remote file. Default 0o644. */
   mode?: number;
 }
+
+/** Retries of a refused SFTP session or subsystem request (a server at its session limit). */
+const SFTP_OPEN_RETRIES = 8;
 
 const SFTP_STATUS: Record<number, string> = {
   2: "no such file or directory",
@@ -57,7 +60,17 @@ export async function withSftp<T>(
   const deadline = new Deadline(options.timeoutMs ?? 120_000, options.signal, `SFTP ${what}`);
   let sftp: SFTPWrapper | undefined;
   try {
-    sftp = await deadline.race(call<SFTPWrapper>((cb) => conn.client.sftp(cb), "session"));
+    conn.claimSession();
+    // A refused session or subsystem request under load is waited out like a refused exec.
+    for (let attempt = 0; ; attempt++) {
+      try {
+        sftp = await deadline.race(call<SFTPWrapper>((cb) => conn.client.sftp(cb), "session"));
+        break;
+      } catch (e) {
+        if (!conn.alive || deadline.expired || attempt >= SFTP_OPEN_RETRIES) throw e;
+        await sleep(Math.min(20 * 2 ** attempt, 250), deadline.signal);
+      }
+    }
     return await deadline.race(body(sftp));
   } catch (e) {
     if (!conn.alive && !(e instanceof ConnectionLostError)) {

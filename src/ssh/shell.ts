@@ -129,6 +129,13 @@ export function openShell(conn: SSHConnection, options: ShellOptions = {}): Prom
         new OperationTimeoutError(`opening a shell on ${conn.host}:${conn.port} took over ${timeoutMs} ms.`),
       );
     }, timeoutMs);
+    try {
+      conn.claimSession();
+    } catch (e) {
+      clearTimeout(t);
+      reject(e);
+      return;
+    }
     conn.client.shell(pty, (err, ch) => {
       clearTimeout(t);
       if (done) {

@@ -89,4 +89,23 @@ describe("shellKind per run", () => {
     }
     expect(() => new SSHClient(clientOptions(bad))).toThrow(ValidationError);
   });
+
+  it("cmd: an env value or cwd cmd.exe cannot quote is refused before anything runs", async () => {
+    for (const value of ['s3cr3t"&whoami&"', "50%PATH%", "a!b!", "line\r\nwhoami"]) {
+      await expect(cmdClient.run("echo hi", { env: { K: value } })).rejects.toThrow(ValidationError);
+    }
+    await expect(cmdClient.run("dir", { cwd: 'C:\\x"&whoami&"' })).rejects.toThrow(ValidationError);
+    const conn = await SSHConnection.connect(sshdOptions(sshd()));
+    try {
+      expect(() => conn.streamExec("echo hi", { shellKind: "cmd", env: { K: 's3cr3t"&whoami&"' } })).toThrow(
+        ValidationError,
+      );
+    } finally {
+      await conn.close();
+    }
+    // A value cmd.exe can carry goes through inside the quotes, & and all.
+    expect((await cmdClient.run("echo hi", { env: { K: "a&b|c<d>e^f" } })).stdout).toBe(
+      'cmd.exe /s /c "set "K=a&b|c<d>e^f"&& echo hi"\n',
+    );
+  });
 });
