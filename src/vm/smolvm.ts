@@ -59,6 +59,14 @@ import { type CrashReport, CrashWatch } from "./crash-watch.js";
 import { type DoctorOptions, type DoctorReport, doctor } from "./doctor.js";
 import { renderEnvFile } from "./env-file.js";
 import { type ChannelAccess, VmFiles } from "./files.js";
+import {
+  prepareVmNetwork,
+  readNetworkLog,
+  sendPolicy,
+  startNetworkDaemon,
+  teardownVmNetwork,
+} from "./network/host.js";
+import { type NetworkLogEntry, type NetworkPolicy, normalizePolicy } from "./network/policy.js";
 import { leasePort, releasePorts } from "./ports.js";
 import { isQemuAlive, launchQemu, stopQemu } from "./process.js";
 import { VmProcesses } from "./processes.js";
@@ -121,6 +129,11 @@ export interface SmolVMCreateOptions {
    * the template. Every restored VM gets its own identity before its first command.
    */
   template?: boolean;
+  /**
+   * What the guest may reach (default "public": the internet, never the host, private ranges or
+   * link-local). "none": nothing. { allow, deny }: hostnames (`*.` wildcards) and CIDRs.
+   */
+  network?: NetworkPolicy;
 }
 
 /** Options of SmolVM.fromSnapshot(). */
@@ -327,6 +340,7 @@ export class SmolVM implements AsyncDisposable {
           hostPublicKey: hostKey.publicKey,
           clientKeyPath: clientKey.privateKeyPath,
           creatorPid: process.pid,
+          network: opts.network,
         },
       });
       const vm = new SmolVM(store, record, { owned: true, commChannel: opts.commChannel, dataDir: base });
@@ -533,6 +547,7 @@ export class SmolVM implements AsyncDisposable {
     // The pid in the store, not this handle's copy (another process may have restarted the VM).
     await stopVmProcesses(this.store, this.record, options);
     await rm(this.vmPaths.ramFile, { force: true });
+    await teardownVmNetwork(this.record.vmDir, this.id);
     releasePorts(this.store, this.id);
     this.update({ status: "stopped", pid: null, sshPort: null, ports: [] });
   }
@@ -1133,6 +1148,38 @@ export class SmolVM implements AsyncDisposable {
     );
   }
 
+  /** The network policy in force (see SmolVMCreateOptions.network). */
+  get network(): NetworkPolicy {
+    return (this.record.config.network as NetworkPolicy | undefined) ?? "public";
+  }
+
+  /**
+   * Changes the network policy of a running VM live (no reboot): new connections and DNS
+   * questions are decided under it at once. On a stopped VM it applies from the next start.
+   */
+  async setNetwork(
+    policy: NetworkPolicy,
+    options: { timeoutMs?: number; signal?: AbortSignal } = {},
+  ): Promise<void> {
+    const p = normalizePolicy(policy);
+    if (this.deleted) throw this.deletedError();
+    if (this.status === "running") {
+      await sendPolicy(this.record.vmDir, this.id, p, {
+        timeoutMs: options.timeoutMs ?? 5_000,
+        signal: options.signal,
+      });
+    }
+    this.update({ config: { ...this.record.config, network: p } });
+  }
+
+  /** The most recent network decisions (DNS and TCP), oldest first. Default limit 100. */
+  async networkLog(options: { limit?: number } = {}): Promise<NetworkLogEntry[]> {
+    const limit = options.limit ?? 100;
+    if (!Number.isInteger(limit) || limit < 1)
+      throw new ValidationError(`limit must be a positive integer, got ${String(limit)}.`);
+    return readNetworkLog(this.record.vmDir, limit);
+  }
+
   /** The address the host reaches the guest's forwarded ports on (user-mode networking). */
   getIp(): string {
     return "127.0.0.1";
@@ -1249,13 +1296,28 @@ export class SmolVM implements AsyncDisposable {
     buildQemuArgv(spec); // validates before anything is spawned
     await rm(spec.serialLogPath, { force: true });
     await rm(rotatedPath(spec.serialLogPath), { force: true });
-    const t0 = performance.now();
-    const launched = await launchQemu(spec, {
+    const net = prepareVmNetwork(this.record.vmDir, this.id, this.network);
+    const daemon = startNetworkDaemon(this.record.vmDir, this.id, {
       timeoutMs: deadline.remaining(30_000),
       signal: deadline.signal,
     });
+    daemon.catch(() => {});
+    const t0 = performance.now();
+    let launched: Awaited<ReturnType<typeof launchQemu>>;
+    try {
+      launched = await launchQemu(spec, {
+        timeoutMs: deadline.remaining(30_000),
+        signal: deadline.signal,
+        cgroupProcs: net.cgroupProcs,
+      });
+    } catch (e) {
+      await daemon.catch(() => {});
+      await teardownVmNetwork(this.record.vmDir, this.id);
+      throw e;
+    }
     const qemuStartMs = performance.now() - t0;
     this.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
+    await daemon; // on failure create() deletes the VM; until then its traffic stays blocked
     await this.closeChannel();
     const kind = this.plannedChannel();
     const watch = new CrashWatch({ pid: launched.pid, files: this.vmPaths, accel }, true);
@@ -1632,7 +1694,9 @@ function validateCreateOptions(o: SmolVMCreateOptions) {
   }
   if (o.timeoutMs !== undefined && !(o.timeoutMs > 0))
     throw new ValidationError("timeoutMs must be a positive number.");
+  const network = normalizePolicy(o.network);
   return {
+    network,
     image: o.image ?? "tiny",
     memoryMib,
     vcpus,
