@@ -19,7 +19,6 @@ import { lookup, Resolver } from "node:dns/promises";
 import { appendFileSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { createServer, connect as netConnect, type Server, type Socket } from "node:net";
 import { networkInterfaces } from "node:os";
-import { join } from "node:path";
 import { originalDestination } from "./conntrack.js";
 import { buildResponse, parseQuery, QTYPE_A, RCODE_NXDOMAIN, RCODE_SERVFAIL } from "./dns-wire.js";
 import { networkFiles } from "./files.js";
@@ -128,8 +127,8 @@ async function answerDns(msg: Buffer): Promise<Buffer | undefined> {
   }
   const exp = Date.now() + GRANT_MS;
   for (const ip of addrs) {
-    let m = grants.get(ip);
-    if (!m) grants.set(ip, (m = new Map()));
+    const m = grants.get(ip) ?? new Map<string, number>();
+    grants.set(ip, m);
     m.set(q.name, exp);
   }
   log({ proto: "dns", host: q.name, ip: addrs[0] ?? "", port: 53, verdict: "allow", rule: v.rule });
