@@ -1150,6 +1150,8 @@ export class SmolVM implements AsyncDisposable {
 
   /** The network policy in force (see SmolVMCreateOptions.network). */
   get network(): NetworkPolicy {
+    const fresh = this.deleted ? undefined : this.store.get(this.id);
+    if (fresh) this.record = fresh;
     return (this.record.config.network as NetworkPolicy | undefined) ?? "public";
   }
 

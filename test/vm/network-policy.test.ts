@@ -13,10 +13,12 @@ import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ValidationError } from "../../src/errors.js";
 import { cgroup2Mount, tableName } from "../../src/vm/network/firewall.js";
+import type { NetworkPolicy } from "../../src/vm/network/policy.js";
 import { SmolVM } from "../../src/vm/smolvm.js";
 import { createTestHosts, type TestHosts } from "../fixtures/test-hosts.js";
 
 const pexec = promisify(execFile);
+const CLI = join(import.meta.dirname, "../../src/cli/smolvm.ts");
 const ALLOWED_IP = "198.51.100.10";
 const DENIED_IP = "203.0.113.10";
 
@@ -145,7 +147,8 @@ describe("network policy on real microVMs", () => {
   });
 
   it("never reaches the host: 10.0.2.2, the host's own addresses, 169.254.169.254", async () => {
-    for (const policy of [{ allow: ["allowed.test", "0.0.0.0/0"] }, "public"] as const) {
+    const policies: NetworkPolicy[] = [{ allow: ["allowed.test", "0.0.0.0/0"] }, "public"];
+    for (const policy of policies) {
       await vm.setNetwork(policy);
       expect(await guestHttp(vm, "10.0.2.2", "localhost", loopbackPort)).toBe("");
       expect(await guestHttp(vm, "10.0.2.2", "localhost", wildcardPort)).toBe("");
@@ -180,6 +183,30 @@ describe("network policy on real microVMs", () => {
     expect(await guestHttp(vm, ALLOWED_IP, "allowed.test")).toBe("");
     const last = (await vm.networkLog({ limit: 1 }))[0]!;
     expect(last).toMatchObject({ proto: "tcp", ip: ALLOWED_IP, port: 80, verdict: "deny", rule: "none" });
+  });
+
+  it("the CLI sets a policy and prints the log", async () => {
+    const cli = (args: string[]) =>
+      pexec(process.execPath, ["--import", "tsx", CLI, ...args], {
+        env: { ...process.env, SMOLVM_DATA_DIR: dataDir },
+        timeout: 60_000,
+      });
+    await cli(["network", "set", vm.id, "allow=allowed.test,10.1.0.0/16;deny=bad.test"]);
+    expect(vm.network).toEqual({ allow: ["allowed.test", "10.1.0.0/16"], deny: ["bad.test"] });
+    expect(await guestHttp(vm, "allowed.test", "allowed.test")).toContain("name=allowed.test");
+    const { stdout } = await cli(["network", "log", vm.id, "--json", "--limit", "1"]);
+    expect(JSON.parse(stdout)).toEqual([
+      expect.objectContaining({
+        proto: "tcp",
+        host: "allowed.test",
+        ip: ALLOWED_IP,
+        port: 80,
+        verdict: "allow",
+      }),
+    ]);
+    const text = await cli(["network", "log", vm.id, "--limit", "1"]);
+    expect(text.stdout).toMatch(/ tcp allow allowed\.test \(198\.51\.100\.10\):80 allow:allowed\.test\n$/);
+    await expect(cli(["network", "set", vm.id, "everything"])).rejects.toMatchObject({ code: 2 }); // ValidationError
   });
 
   it("rejects malformed policies with ValidationError", async () => {
