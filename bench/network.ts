@@ -1,0 +1,169 @@
+/**
+ * `npm run bench:network`: what the network policy costs. One VM downloads 64 MiB over HTTP from
+ * a test host (a network namespace at 198.51.100.10, named bench.test) and opens BENCH_CONN_N
+ * short connections to it, in three arms in the same run:
+ *  - plain: the VM's own nftables table is told to let this host's traffic past the policy
+ *    daemon, so it is QEMU user networking exactly as without a policy;
+ *  - public: through the daemon, "public" policy (address checks only);
+ *  - allow: through the daemon, allow-list { allow: ["bench.test"] } (HTTP Host sniffed too).
+ * Targets: throughput >= 0.5x plain, connection setup p50 overhead < 5 ms. Timings are taken in
+ * the guest (date +%s%N), so the control channel is not in them. Writes bench/results/network.json.
+ * Needs root (network namespaces, nftables).
+ */
+import { execFileSync } from "node:child_process";
+import { ensureImage } from "../src/image/index.js";
+import { tableName } from "../src/vm/network/firewall.js";
+import type { NetworkPolicy } from "../src/vm/network/policy.js";
+import { SmolVM } from "../src/vm/smolvm.js";
+import { createTestHosts } from "../test/fixtures/test-hosts.js";
+import { printTable, type Stats, stats, writeResults } from "./lib/stats.js";
+
+const IP = "198.51.100.10";
+const BYTES = 64 * 1024 * 1024;
+const DOWNLOADS = Number(process.env.BENCH_DOWNLOADS ?? 3);
+const CONN_N = Number(process.env.BENCH_CONN_N ?? 40);
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+};
+const round = (n: number, d = 2) => Math.round(n * 10 ** d) / 10 ** d;
+
+async function guest(vm: SmolVM, script: string): Promise<string> {
+  const r = await vm.run(script, { timeoutMs: 300_000, shell: "raw" });
+  if (!r.ok) throw new Error(`guest script failed (${r.exitCode}): ${r.stderr}`);
+  return r.stdout;
+}
+
+/**
+ * A shell function printing the guest's monotonic clock in ns with builtins only (busybox date
+ * has no %N): /proc/timer_list's third line is "now at <ns> nsecs".
+ */
+const NOW = "now() { { read -r l; read -r l; read -r _ _ ns _; } < /proc/timer_list; echo $ns; }; ";
+
+/** MiB/s of one 64 MiB download, timed in the guest. */
+async function download(vm: SmolVM): Promise<number> {
+  const out = await guest(
+    vm,
+    `${NOW}t0=$(now); n=$(printf 'GET /bytes/${BYTES} HTTP/1.0\\r\\nHost: bench.test\\r\\n\\r\\n' | nc -w 30 ${IP} 80 | wc -c); t1=$(now); echo $n $(( (t1 - t0) / 1000 ))`,
+  );
+  const [n, us] = out.trim().split(" ").map(Number);
+  if (!n || n < BYTES) throw new Error(`download got ${n} bytes`);
+  return BYTES / 1024 / 1024 / (us! / 1e6);
+}
+
+/** Milliseconds per short HTTP request on a fresh connection (connect, request, response, close). */
+async function connections(vm: SmolVM): Promise<Stats> {
+  const out = await guest(
+    vm,
+    `${NOW}i=0; while [ $i -lt ${CONN_N + 5} ]; do t0=$(now); printf 'GET / HTTP/1.0\\r\\nHost: bench.test\\r\\n\\r\\n' | nc -w 5 ${IP} 80 >/dev/null; t1=$(now); echo $(( (t1 - t0) / 1000 )); i=$((i+1)); done`,
+  );
+  const us = out.trim().split("\n").map(Number).slice(5); // 5 warm-up connections
+  return stats(us.map((u) => u / 1000));
+}
+
+/** Lets the VM's traffic to IP:80 bypass the daemon (QEMU user networking as without policy). */
+function bypass(vmId: string): () => void {
+  const t = tableName(vmId);
+  const handles: Array<[string, number]> = [];
+  for (const chain of ["nat", "vm"]) {
+    const out = execFileSync("nft", [
+      "--echo",
+      "--handle",
+      "insert",
+      "rule",
+      "inet",
+      t,
+      chain,
+      "ip",
+      "daddr",
+      IP,
+      "tcp",
+      "dport",
+      "80",
+      "accept",
+    ]).toString();
+    handles.push([chain, Number(/# handle (\d+)/.exec(out)![1])]);
+  }
+  return () => {
+    for (const [chain, h] of handles)
+      execFileSync("nft", ["delete", "rule", "inet", t, chain, "handle", String(h)]);
+  };
+}
+
+await ensureImage("tiny");
+const hosts = await createTestHosts([["bench.test", IP]]);
+let vm: SmolVM | undefined;
+try {
+  vm = await SmolVM.create({ network: "public", memoryMib: 512 });
+  await guest(vm, "i=0; until ip route | grep -q default || [ $i -ge 300 ]; do sleep 0.1; i=$((i+1)); done");
+  await guest(vm, "nslookup bench.test >/dev/null"); // the allow arm admits IP only after this
+  const arms: Array<{ arm: string; policy: NetworkPolicy; plain: boolean }> = [
+    { arm: "plain", policy: "public", plain: true },
+    { arm: "public", policy: "public", plain: false },
+    { arm: "allow", policy: { allow: ["bench.test"] }, plain: false },
+  ];
+  const results: Record<string, { mibPerS: number[]; mibPerSMedian: number; conn: Stats }> = {};
+  // Interleave the arms per round so load drift on a shared host hits them alike.
+  for (let round_ = 0; round_ < DOWNLOADS; round_++) {
+    for (const a of arms) {
+      await vm.setNetwork(a.policy);
+      const undo = a.plain ? bypass(vm.id) : undefined;
+      try {
+        if (a.policy !== "public") await guest(vm, "nslookup bench.test >/dev/null");
+        const r = results[a.arm] ?? { mibPerS: [], mibPerSMedian: 0, conn: stats([]) };
+        results[a.arm] = r;
+        r.mibPerS.push(await download(vm));
+        if (round_ === 0) r.conn = await connections(vm);
+      } finally {
+        undo?.();
+      }
+    }
+  }
+  for (const r of Object.values(results)) r.mibPerSMedian = round(median(r.mibPerS), 1);
+  const plain = results.plain!;
+  const rows = Object.entries(results).map(([arm, r]) => ({
+    arm,
+    "64 MiB download (MiB/s, median)": r.mibPerSMedian.toFixed(1),
+    "vs plain": (r.mibPerSMedian / plain.mibPerSMedian).toFixed(2),
+    "conn p50 (ms)": r.conn.p50.toFixed(2),
+    "conn p90 (ms)": r.conn.p90.toFixed(2),
+    "p50 overhead (ms)": (r.conn.p50 - plain.conn.p50).toFixed(2),
+  }));
+  printTable(rows);
+  const verdicts = Object.fromEntries(
+    ["public", "allow"].map((arm) => {
+      const r = results[arm]!;
+      const ratio = round(r.mibPerSMedian / plain.mibPerSMedian);
+      const overhead = round(r.conn.p50 - plain.conn.p50);
+      return [
+        arm,
+        {
+          throughputRatio: ratio,
+          throughputPass: ratio >= 0.5,
+          connSetupP50OverheadMs: overhead,
+          connSetupPass: overhead < 5,
+        },
+      ];
+    }),
+  );
+  for (const [arm, v] of Object.entries(verdicts)) {
+    console.log(
+      `${arm}: throughput ${v.throughputRatio}x plain (>= 0.5x: ${v.throughputPass ? "PASS" : "FAIL"}), connection setup p50 +${v.connSetupP50OverheadMs} ms (< 5 ms: ${v.connSetupPass ? "PASS" : "FAIL"})`,
+    );
+  }
+  const accel = (vm as unknown as { record: { config: { accel: string } } }).record.config.accel;
+  const file = writeResults("network", {
+    accel,
+    bytes: BYTES,
+    downloads: DOWNLOADS,
+    connections: CONN_N,
+    results,
+    verdicts,
+  });
+  console.log(`results: ${file}`);
+} finally {
+  await vm?.delete().catch(() => {});
+  hosts.cleanup();
+}
