@@ -385,6 +385,7 @@ async function main(): Promise<void> {
   let seen = false;
   const started = Date.now();
   const watch = setInterval(() => {
+    for (const ip of grants.keys()) if (grantedNames(ip).length === 0) grants.delete(ip);
     const empty = cgroupEmpty(cg);
     if (!empty) seen = true;
     if ((seen && empty) || (!seen && Date.now() - started > 120_000)) shutdown(0);
