@@ -4,7 +4,7 @@
  * SO_ORIGINAL_DST, so the daemon reads it from /proc/net/nf_conntrack (one small text file per
  * network namespace).
  */
-import { readFileSync } from "node:fs";
+import { closeSync, openSync, readSync } from "node:fs";
 
 export interface OriginalDestination {
   ip: string;
@@ -41,11 +41,31 @@ export function originalDestination(
   peer: { address: string; port: number },
   localPort: number,
 ): OriginalDestination | undefined {
-  let text = "";
+  let fd: number;
   try {
-    text = readFileSync("/proc/net/nf_conntrack", "utf8");
+    fd = openSync("/proc/net/nf_conntrack", "r");
   } catch {
     return undefined;
   }
-  return findOriginalDestination(text, peer, localPort);
+  try {
+    let len = 0;
+    for (;;) {
+      if (len === buf.length) {
+        const bigger = Buffer.allocUnsafe(buf.length * 2);
+        buf.copy(bigger, 0, 0, len);
+        buf = bigger;
+      }
+      const n = readSync(fd, buf, len, buf.length - len, null);
+      if (n === 0) break;
+      len += n;
+    }
+    return findOriginalDestination(buf.toString("latin1", 0, len), peer, localPort);
+  } catch {
+    return undefined;
+  } finally {
+    closeSync(fd);
+  }
 }
+
+/** Reused between reads (the file reports size 0, so readFileSync grows a buffer every time). */
+let buf = Buffer.allocUnsafe(256 * 1024);

@@ -29,6 +29,8 @@ export interface CompiledRules {
   names: string[];
   cidrs: string[];
   list: BlockList;
+  /** One list per CIDR rule, in order, to name the rule that matched. */
+  each: Array<[string, BlockList]>;
 }
 
 export interface CompiledPolicy {
@@ -64,6 +66,7 @@ function compileRules(rules: readonly string[], what: string): CompiledRules {
   const names: string[] = [];
   const cidrs: string[] = [];
   const list = new BlockList();
+  const each: Array<[string, BlockList]> = [];
   for (const raw of rules) {
     if (typeof raw !== "string" || !raw.trim()) {
       throw new ValidationError(
@@ -75,6 +78,7 @@ function compileRules(rules: readonly string[], what: string): CompiledRules {
     if (cidr) {
       list.addSubnet(cidr.addr, cidr.prefix, cidr.family);
       cidrs.push(r);
+      each.push([r, subnetList(r)]);
       continue;
     }
     const bare = r.startsWith("*.") ? r.slice(2) : r;
@@ -85,7 +89,14 @@ function compileRules(rules: readonly string[], what: string): CompiledRules {
     }
     names.push(r);
   }
-  return { names, cidrs, list };
+  return { names, cidrs, list, each };
+}
+
+function subnetList(cidr: string): BlockList {
+  const r = parseCidr(cidr)!;
+  const one = new BlockList();
+  one.addSubnet(r.addr, r.prefix, r.family);
+  return one;
 }
 
 /** Validates a policy and returns its canonical form (what `vm.network` shows). */
@@ -161,14 +172,9 @@ export function matchName(names: readonly string[], host: string): string | unde
 /** The first CIDR rule that contains `ip`, if any. */
 export function matchCidr(rules: CompiledRules, ip: string): string | undefined {
   const v = isIP(ip);
-  if (!v || !rules.list.check(ip, v === 4 ? "ipv4" : "ipv6")) return undefined;
-  for (const c of rules.cidrs) {
-    const r = parseCidr(c)!;
-    const one = new BlockList();
-    one.addSubnet(r.addr, r.prefix, r.family);
-    if (one.check(ip, v === 4 ? "ipv4" : "ipv6")) return c;
-  }
-  return undefined;
+  const family = v === 4 ? "ipv4" : "ipv6";
+  if (!v || !rules.list.check(ip, family)) return undefined;
+  return rules.each.find(([, one]) => one.check(ip, family))?.[0];
 }
 
 /** May the guest resolve `host`? Returns the deciding rule. */
@@ -214,17 +220,15 @@ const ALWAYS_BLOCKED = new Set([
   "public:unspecified",
 ]);
 
+const RANGE_LISTS = NON_PUBLIC_RANGES.map(
+  ([cidr, rule]) => [subnetList(cidr), rule, parseCidr(cidr)!.family] as const,
+);
+
 function rangeOf(ip: string): string | undefined {
   const v = isIP(ip);
   if (!v) return "public:invalid";
-  for (const [cidr, rule] of NON_PUBLIC_RANGES) {
-    const r = parseCidr(cidr)!;
-    if ((r.family === "ipv4") !== (v === 4)) continue;
-    const one = new BlockList();
-    one.addSubnet(r.addr, r.prefix, r.family);
-    if (one.check(ip, r.family)) return rule;
-  }
-  return undefined;
+  const family = v === 4 ? "ipv4" : "ipv6";
+  return RANGE_LISTS.find(([one, , f]) => f === family && one.check(ip, family))?.[1];
 }
 
 export interface ConnectionFacts {
