@@ -30,13 +30,6 @@ export {
 export { SSHClient, type SSHClientOptions, type WaitForSshOptions } from "./ssh/client.js";
 export { type AccelVerdict, type DetectOptions, detectAccelerator } from "./vm/accel.js";
 export type { DoctorCheck, DoctorOptions, DoctorReport } from "./vm/doctor.js";
-export { type NetworkMechanisms, networkMechanisms } from "./vm/network/firewall.js";
-export {
-  type NetworkLogEntry,
-  type NetworkPolicy,
-  normalizePolicy,
-  parsePolicyArg,
-} from "./vm/network/policy.js";
 export {
   type FileEntry,
   type FileType,
@@ -46,6 +39,13 @@ export {
   type Watcher,
   type WriteOptions,
 } from "./vm/files.js";
+export { type NetworkMechanisms, networkMechanisms } from "./vm/network/firewall.js";
+export {
+  type NetworkLogEntry,
+  type NetworkPolicy,
+  normalizePolicy,
+  parsePolicyArg,
+} from "./vm/network/policy.js";
 export {
   type ProcessConnectOptions,
   ProcessHandle,
