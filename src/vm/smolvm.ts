@@ -1298,6 +1298,8 @@ export class SmolVM implements AsyncDisposable {
     buildQemuArgv(spec); // validates before anything is spawned
     await rm(spec.serialLogPath, { force: true });
     await rm(rotatedPath(spec.serialLogPath), { force: true });
+    // A daemon left from a QEMU that just died would otherwise outlive it into this boot.
+    await teardownVmNetwork(this.record.vmDir, this.id);
     const net = prepareVmNetwork(this.record.vmDir, this.id, this.network);
     const daemon = startNetworkDaemon(this.record.vmDir, this.id, {
       timeoutMs: deadline.remaining(30_000),

@@ -35,6 +35,10 @@ async function guestLookup(vm: SmolVM, name: string): Promise<string> {
   return (await vm.run(`nslookup ${name} 2>&1; true`, { timeoutMs: 30_000 })).stdout;
 }
 
+async function nftTables(): Promise<string> {
+  return (await pexec("nft", ["list", "tables"])).stdout;
+}
+
 function hostGet(port: number): Promise<string> {
   return new Promise((resolve, reject) => {
     const req = get({ host: "127.0.0.1", port, path: "/index.html", timeout: 5_000 }, (res) => {
@@ -224,12 +228,26 @@ describe("network policy on real microVMs", () => {
       expect(await hostGet(port)).toBe("served\n");
       await quiet.unexposeLocal(port);
       expect(await guestHttp(quiet, "denied.test", "denied.test")).toBe("");
+
+      // QEMU killed: its daemon removes the table and cgroup; start() sets both up again.
+      const pid = (await SmolVM.list({ dataDir })).find((r) => r.id === quiet.id)!.pid!;
+      process.kill(pid, "SIGKILL");
+      const gone = Date.now() + 10_000;
+      while ((await nftTables()).includes(tableName(quiet.id)) && Date.now() < gone) {
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      expect(await nftTables()).not.toContain(tableName(quiet.id));
+      expect(existsSync(join(cgroup2Mount()!, "smolvm", quiet.id))).toBe(false);
+      await quiet.start();
+      expect(await nftTables()).toContain(tableName(quiet.id));
+      expect(quiet.network).toBe("none");
+      expect(await guestLookup(quiet, "allowed.test")).toContain("NXDOMAIN");
+      expect((await quiet.run("echo again")).stdout).toBe("again\n");
     } finally {
       await quiet.delete();
     }
     // Its cgroup and nftables table are gone with it.
-    const { stdout } = await pexec("nft", ["list", "tables"]);
-    expect(stdout).not.toContain(tableName(quiet.id));
+    expect(await nftTables()).not.toContain(tableName(quiet.id));
     expect(existsSync(join(cgroup2Mount()!, "smolvm", quiet.id))).toBe(false);
   }, 120_000);
 });

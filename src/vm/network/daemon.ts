@@ -16,15 +16,7 @@
 
 import { createSocket, type Socket as UdpSocket } from "node:dgram";
 import { lookup, Resolver } from "node:dns/promises";
-import {
-  createWriteStream,
-  readFileSync,
-  renameSync,
-  rmSync,
-  statSync,
-  type WriteStream,
-  writeFileSync,
-} from "node:fs";
+import { appendFileSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { createServer, connect as netConnect, type Server, type Socket } from "node:net";
 import { networkInterfaces, setPriority } from "node:os";
 import { originalDestination } from "./conntrack.js";
@@ -73,22 +65,20 @@ let policy: CompiledPolicy = compilePolicy(
 /** ip -> (allowed name -> expiry) */
 const grants = new Map<string, Map<string, number>>();
 
-/** Decisions go out through an append stream (no sync I/O on a connection's path), rotated at 1 MiB. */
-let logStream: WriteStream | undefined;
-let logBytes = 0;
+/**
+ * Appends one decision, synchronously: a refused connection is in the log before the guest sees
+ * its reset, so `networkLog()` right after a failed request shows why. Rotated at 1 MiB.
+ */
+let logBytes = -1;
 function log(e: Omit<NetworkLogEntry, "time">): void {
   const line = `${JSON.stringify({ time: new Date().toISOString(), ...e })}\n`;
   try {
-    if (!logStream || logBytes > LOG_MAX_BYTES) {
-      if (logStream) {
-        logStream.end();
-        renameSync(files.log, `${files.log}.1`);
-      }
-      logBytes = statSync(files.log, { throwIfNoEntry: false })?.size ?? 0;
-      logStream = createWriteStream(files.log, { flags: "a", mode: 0o600 });
-      logStream.on("error", () => {});
+    if (logBytes < 0) logBytes = statSync(files.log, { throwIfNoEntry: false })?.size ?? 0;
+    if (logBytes > LOG_MAX_BYTES) {
+      renameSync(files.log, `${files.log}.1`);
+      logBytes = 0;
     }
-    logStream.write(line);
+    appendFileSync(files.log, line, { mode: 0o600 });
     logBytes += line.length;
   } catch {
     /* the VM directory is going away */
@@ -221,19 +211,14 @@ async function handleConnection(sock: Socket, proxyPort: number): Promise<void> 
     hostAddresses: hostAddresses(),
   });
   const host = sniffed ?? names[0];
-  log({
-    proto: "tcp",
-    ...(host ? { host } : {}),
-    ip: dst.ip,
-    port: dst.port,
-    verdict: v.verdict,
-    rule: v.rule,
-  });
+  const entry = { proto: "tcp" as const, ...(host ? { host } : {}), ip: dst.ip, port: dst.port, ...v };
   if (v.verdict === "deny" || sock.destroyed) {
+    log(entry);
     sock.resetAndDestroy();
     return;
   }
   const up = netConnect({ host: dst.ip, port: dst.port, noDelay: true, allowHalfOpen: true });
+  log(entry); // the connect is under way
   up.setTimeout(CONNECT_MS, () => up.destroy());
   up.once("connect", () => {
     up.setTimeout(0);
