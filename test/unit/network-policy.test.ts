@@ -259,8 +259,14 @@ describe("conntrack and nftables", () => {
       expect(closed).not.toContain("dnat");
       const open = renderRuleset(id, cg, { tcp: 41000, dns: 41001 });
       expect(open).toContain("udp dport 53 dnat ip to 127.0.0.1:41001");
-      expect(open).toContain("ct state new dnat ip to 127.0.0.1:41000");
-      for (const text of [closed, open]) execFileSync("nft", ["-c", "-f", "-"], { input: text });
+      expect(open).toContain("meta l4proto tcp dnat ip to 127.0.0.1:41000");
+      expect(open).not.toContain("fib daddr type unicast accept");
+      // "public": the kernel passes public unicast addresses itself; the rest goes to the daemon.
+      const pub = renderRuleset(id, cg, { tcp: 41000, dns: 41001 }, "public");
+      expect(pub).toContain("fib daddr type local dnat ip to 127.0.0.1:41000");
+      expect(pub).toMatch(/ip daddr \{ [^}]*169\.254\.0\.0\/16[^}]* \} dnat ip to 127\.0\.0\.1:41000/);
+      expect(pub).toMatch(/ip daddr != \{ [^}]*127\.0\.0\.0\/8[^}]* \} fib daddr type unicast accept/);
+      for (const text of [closed, open, pub]) execFileSync("nft", ["-c", "-f", "-"], { input: text });
     } finally {
       removeCgroup(cg);
     }

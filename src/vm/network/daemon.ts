@@ -327,6 +327,7 @@ async function main(): Promise<void> {
   });
   u.on("error", () => {});
 
+  const ports = { tcp: proxyPort, dns: dnsPort };
   rmSync(files.control, { force: true });
   const control = createServer((c) => {
     c.on("error", () => {});
@@ -343,6 +344,8 @@ async function main(): Promise<void> {
           if (req.op === "set") {
             const next = normalizePolicy(req.policy);
             policy = compilePolicy(next);
+            // "public" lets the kernel pass public addresses directly: the rules follow the mode.
+            applyRuleset(renderRuleset(vmId, cg, ports, policy.mode));
             writeFileSync(files.policy, JSON.stringify({ policy: next }), { mode: 0o600 });
           }
           c.write(`${JSON.stringify({ ok: true })}\n`);
@@ -363,7 +366,7 @@ async function main(): Promise<void> {
     () => control.close(),
   );
 
-  applyRuleset(renderRuleset(vmId, cg, { tcp: proxyPort, dns: dnsPort }));
+  applyRuleset(renderRuleset(vmId, cg, ports, policy.mode));
   writeFileSync(files.pid, String(process.pid), { mode: 0o600 });
 
   // Exit with the VM: once QEMU has joined the cgroup, an empty cgroup means it is gone.

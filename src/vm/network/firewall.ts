@@ -85,22 +85,65 @@ export interface DaemonPorts {
   dns: number;
 }
 
+/** IPv4 ranges "public" never reaches (policy.ts NON_PUBLIC_RANGES, the IPv4 part). */
+const NON_PUBLIC_V4 = [
+  "0.0.0.0/8",
+  "10.0.0.0/8",
+  "100.64.0.0/10",
+  "127.0.0.0/8",
+  "169.254.0.0/16",
+  "172.16.0.0/12",
+  "192.168.0.0/16",
+  "224.0.0.0/4",
+  "240.0.0.0/4",
+];
+
 /**
  * The VM's nftables ruleset, as one `nft -f` transaction that (re)places the table atomically.
  * Without `ports` (before the daemon listens) it drops every connection the guest starts.
+ *
+ * With `mode: "public"`, TCP to a public unicast address that is not one of the host's own
+ * (`fib daddr type local`, evaluated per packet, so new host addresses are covered at once) goes
+ * straight out through QEMU's user networking: the kernel is the whole check, at no cost. Only
+ * connections to the ranges "public" refuses go to the daemon, which logs and resets them. In
+ * "none" and allow-list modes every new TCP connection goes to the daemon.
  */
-export function renderRuleset(vmId: string, cg: VmCgroup, ports?: DaemonPorts): string {
+export function renderRuleset(
+  vmId: string,
+  cg: VmCgroup,
+  ports?: DaemonPorts,
+  mode: "public" | "none" | "allow" = "none",
+): string {
   const t = tableName(vmId);
   const match = `socket cgroupv2 level ${cg.level} ${JSON.stringify(cg.nftPath)}`;
+  const v4 = "meta nfproto ipv4";
+  const nonPublic = `{ ${NON_PUBLIC_V4.join(", ")} }`;
+  const tcpToDaemon =
+    mode === "public"
+      ? [
+          `${match} ${v4} meta l4proto tcp ip daddr ${nonPublic} dnat ip to 127.0.0.1:${ports?.tcp}`,
+          `${match} ${v4} meta l4proto tcp fib daddr type != unicast dnat ip to 127.0.0.1:${ports?.tcp}`,
+          `${match} ${v4} meta l4proto tcp fib daddr type local dnat ip to 127.0.0.1:${ports?.tcp}`,
+        ]
+      : [`${match} ${v4} meta l4proto tcp dnat ip to 127.0.0.1:${ports?.tcp}`];
   const nat = ports
     ? `  chain nat {
     type nat hook output priority -100; policy accept;
-    ${match} meta nfproto ipv4 udp dport 53 dnat ip to 127.0.0.1:${ports.dns}
-    ${match} meta nfproto ipv4 tcp dport 53 dnat ip to 127.0.0.1:${ports.dns}
-    ${match} meta nfproto ipv4 meta l4proto tcp ct state new dnat ip to 127.0.0.1:${ports.tcp}
+    ${match} ${v4} udp dport 53 dnat ip to 127.0.0.1:${ports.dns}
+    ${match} ${v4} tcp dport 53 dnat ip to 127.0.0.1:${ports.dns}
+    ${tcpToDaemon.join("\n    ")}
   }
 `
     : "";
+  const accepts = ports
+    ? [
+        `ct status dnat ip daddr 127.0.0.1 tcp dport { ${ports.tcp}, ${ports.dns} } accept`,
+        `ct status dnat ip daddr 127.0.0.1 udp dport ${ports.dns} accept`,
+        ...(mode === "public"
+          ? [`${v4} meta l4proto tcp ip daddr != ${nonPublic} fib daddr type unicast accept`]
+          : []),
+      ]
+    : [];
   return `table inet ${t}
 delete table inet ${t}
 table inet ${t} {
@@ -110,7 +153,7 @@ ${nat}  chain out {
   }
   chain vm {
     ct state established,related accept
-    ${ports ? `ct status dnat ip daddr 127.0.0.1 tcp dport { ${ports.tcp}, ${ports.dns} } accept\n    ct status dnat ip daddr 127.0.0.1 udp dport ${ports.dns} accept` : ""}
+    ${accepts.join("\n    ")}
     counter drop
   }
 }
