@@ -4,7 +4,7 @@
  * short connections to it, in three arms in the same run:
  *  - plain: the VM's own nftables table is told to let this host's traffic past the policy
  *    daemon, so it is QEMU user networking exactly as without a policy;
- *  - public: through the daemon, "public" policy (address checks only);
+ *  - public: the default policy (the kernel passes public addresses itself, see firewall.ts);
  *  - allow: through the daemon, allow-list { allow: ["bench.test"] } (HTTP Host sniffed too).
  * Targets: throughput >= 0.5x plain, connection setup p50 overhead < 5 ms. Guest timings are taken
  * in the guest (/proc/timer_list), so the control channel is not in them; a host probe (curl from
