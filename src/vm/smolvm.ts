@@ -68,7 +68,7 @@ import {
 } from "./network/host.js";
 import { type NetworkLogEntry, type NetworkPolicy, normalizePolicy } from "./network/policy.js";
 import { leasePort, releasePorts } from "./ports.js";
-import { isQemuAlive, launchQemu, stopQemu } from "./process.js";
+import { isQemuAlive, type LaunchedQemu, launchQemu, stopQemu } from "./process.js";
 import { VmProcesses } from "./processes.js";
 import { claimStart, type PruneResult, pruneDataDir, qemuPidsWith, stopVmProcesses } from "./prune.js";
 import { VmPty } from "./pty.js";
@@ -148,6 +148,8 @@ export interface FromSnapshotOptions {
   timeoutMs?: number;
   signal?: AbortSignal;
   dataDir?: string;
+  /** Default: the policy the snapshot's VM had (see SmolVMCreateOptions.network). */
+  network?: NetworkPolicy;
 }
 
 export interface ListOptions {
@@ -613,7 +615,14 @@ export class SmolVM implements AsyncDisposable {
       const dir = join(snapshotsDir(this.dataDir), meta.id);
       const made = await Promise.allSettled(
         Array.from({ length: count }, () =>
-          SmolVM.restore(this.dataDir, dir, meta, { commChannel: this.commChannel }, "snapshot", deadline),
+          SmolVM.restore(
+            this.dataDir,
+            dir,
+            meta,
+            { commChannel: this.commChannel, network: this.network },
+            "snapshot",
+            deadline,
+          ),
         ),
       );
       const ok = made.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
@@ -821,6 +830,9 @@ export class SmolVM implements AsyncDisposable {
           hostPublicKey: hostKey.publicKey,
           clientKeyPath: clientKey.privateKeyPath,
           restoredFrom: { kind: source, id: meta.id, dir, ephemeral: meta.ephemeral || undefined },
+          // A template serves every policy: create() always names one. A snapshot or fork keeps
+          // its VM's, unless the caller names another.
+          network: normalizePolicy(o.network ?? meta.config.network),
         },
       });
       vm = new SmolVM(store, record, { owned: true, commChannel, dataDir: base });
@@ -896,10 +908,7 @@ export class SmolVM implements AsyncDisposable {
       spec.rootfsPath = overlay;
     }
     const t0 = performance.now();
-    const launched = await launchQemu(spec, {
-      timeoutMs: deadline.remaining(30_000),
-      signal: deadline.signal,
-    });
+    const launched = await this.launchWithPolicy(spec, deadline);
     const qemuStartMs = performance.now() - t0;
     this.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
     const watch = new CrashWatch({ pid: launched.pid, files: this.vmPaths, accel }, false);
@@ -1298,30 +1307,10 @@ export class SmolVM implements AsyncDisposable {
     buildQemuArgv(spec); // validates before anything is spawned
     await rm(spec.serialLogPath, { force: true });
     await rm(rotatedPath(spec.serialLogPath), { force: true });
-    // A daemon left from a QEMU that just died would otherwise outlive it into this boot.
-    await teardownVmNetwork(this.record.vmDir, this.id);
-    const net = prepareVmNetwork(this.record.vmDir, this.id, this.network);
-    const daemon = startNetworkDaemon(this.record.vmDir, this.id, {
-      timeoutMs: deadline.remaining(30_000),
-      signal: deadline.signal,
-    });
-    daemon.catch(() => {});
     const t0 = performance.now();
-    let launched: Awaited<ReturnType<typeof launchQemu>>;
-    try {
-      launched = await launchQemu(spec, {
-        timeoutMs: deadline.remaining(30_000),
-        signal: deadline.signal,
-        cgroupProcs: net.cgroupProcs,
-      });
-    } catch (e) {
-      await daemon.catch(() => {});
-      await teardownVmNetwork(this.record.vmDir, this.id);
-      throw e;
-    }
+    const launched = await this.launchWithPolicy(spec, deadline);
     const qemuStartMs = performance.now() - t0;
     this.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
-    await daemon; // on failure create() deletes the VM; until then its traffic stays blocked
     await this.closeChannel();
     const kind = this.plannedChannel();
     const watch = new CrashWatch({ pid: launched.pid, files: this.vmPaths, accel }, true);
@@ -1451,6 +1440,46 @@ export class SmolVM implements AsyncDisposable {
       await this.ssh().waitForSsh({ timeoutMs: deadline.remaining(), signal: deadline.signal });
       this.chan = new SshChannel(this.ssh());
     }
+  }
+
+  /**
+   * Starts QEMU inside the VM's network policy: its cgroup and a closed nftables table first, the
+   * policy daemon alongside QEMU, and resolves once both run (network/host.ts). If the daemon
+   * fails, QEMU is killed: a guest never runs without its policy.
+   */
+  private async launchWithPolicy(spec: VmLaunchSpec, deadline: Deadline): Promise<LaunchedQemu> {
+    const dir = this.record.vmDir;
+    // A daemon left from a QEMU that just died would otherwise outlive it into this boot.
+    await teardownVmNetwork(dir, this.id);
+    const net = prepareVmNetwork(dir, this.id, this.network);
+    const daemon = startNetworkDaemon(dir, this.id, {
+      timeoutMs: deadline.remaining(30_000),
+      signal: deadline.signal,
+    });
+    daemon.catch(() => {});
+    let launched: LaunchedQemu;
+    try {
+      launched = await launchQemu(spec, {
+        timeoutMs: deadline.remaining(30_000),
+        signal: deadline.signal,
+        cgroupProcs: net.cgroupProcs,
+      });
+    } catch (e) {
+      await daemon.catch(() => {});
+      await teardownVmNetwork(dir, this.id);
+      throw e;
+    }
+    try {
+      await daemon;
+    } catch (e) {
+      try {
+        process.kill(launched.pid, "SIGKILL");
+      } catch {
+        /* already gone */
+      }
+      throw e;
+    }
+    return launched;
   }
 
   /** Copy-on-write disk over the image's rootfs, so the image itself is never written. */

@@ -217,6 +217,9 @@ describe("network policy on real microVMs", () => {
     const quiet = await SmolVM.create({ dataDir, network: "none" });
     try {
       expect(quiet.network).toBe("none");
+      // The first VM of this file left the image's template: this one is restored from it, under
+      // its own policy.
+      expect(quiet.bootTimings!.source).toBe("template");
       expect(quiet.bootTimings!.channel).toBe("agent");
       expect((await quiet.run("echo via-agent")).stdout).toBe("via-agent\n");
       await quiet.waitForSsh({ timeoutMs: 60_000 });
@@ -228,6 +231,16 @@ describe("network policy on real microVMs", () => {
       expect(await hostGet(port)).toBe("served\n");
       await quiet.unexposeLocal(port);
       expect(await guestHttp(quiet, "denied.test", "denied.test")).toBe("");
+
+      // A fork keeps its parent's policy.
+      const [child] = await quiet.fork({ timeoutMs: 120_000 });
+      try {
+        expect(child!.network).toBe("none");
+        expect(await guestLookup(child!, "allowed.test")).toContain("NXDOMAIN");
+        expect(await guestHttp(child!, ALLOWED_IP, "allowed.test")).toBe("");
+      } finally {
+        await child!.delete();
+      }
 
       // QEMU killed: its daemon removes the table and cgroup; start() sets both up again.
       const pid = (await SmolVM.list({ dataDir })).find((r) => r.id === quiet.id)!.pid!;
