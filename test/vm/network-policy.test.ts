@@ -241,6 +241,8 @@ describe("network policy on real microVMs", () => {
       } finally {
         await child!.delete();
       }
+      expect(await nftTables()).not.toContain(tableName(child!.id));
+      expect(existsSync(join(cgroup2Mount()!, "smolvm", child!.id))).toBe(false);
 
       // QEMU killed: its daemon removes the table and cgroup; start() sets both up again.
       const pid = (await SmolVM.list({ dataDir })).find((r) => r.id === quiet.id)!.pid!;

@@ -57,12 +57,19 @@ export function createCgroup(cg: VmCgroup): void {
   mkdirSync(cg.dir, { recursive: true });
 }
 
-/** Removes the VM's cgroup once no process is left in it (a no-op when it is gone). */
+/**
+ * Removes the VM's cgroup once no process is left in it (a no-op when it is gone). A task that
+ * just exited can keep it busy for a moment, so EBUSY is retried for up to a second.
+ */
 export function removeCgroup(cg: VmCgroup): void {
-  try {
-    rmdirSync(cg.dir);
-  } catch {
-    /* busy or gone: the next start or the daemon's exit retries */
+  for (let i = 0; i < 50; i++) {
+    try {
+      rmdirSync(cg.dir);
+      return;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EBUSY") return; // gone, or not ours to remove
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20);
+    }
   }
 }
 
