@@ -10,7 +10,7 @@ declare -A NEED=(
   [sshd]=openssh-server [ssh]=openssh-client [ssh-keygen]=openssh-client
   [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [mkfs.ext4]=e2fsprogs
   [debootstrap]=debootstrap [gcc]=build-essential [make]=build-essential
-  [zstd]=zstd [xz]=xz-utils [curl]=curl [ip]=iproute2 [socat]=socat
+  [zstd]=zstd [xz]=xz-utils [curl]=curl [ip]=iproute2 [socat]=socat [nft]=nftables
   [qemu-img]=qemu-utils
   # the SSH server matrix the tests run (test/fixtures/ssh-servers.ts)
   [dropbear]=dropbear-bin [dropbearkey]=dropbear-bin [tinysshd]=tinysshd [tcpserver]=ucspi-tcp

@@ -39,6 +39,13 @@ export {
   type Watcher,
   type WriteOptions,
 } from "./vm/files.js";
+export { type NetworkMechanisms, networkMechanisms } from "./vm/network/firewall.js";
+export {
+  type NetworkLogEntry,
+  type NetworkPolicy,
+  normalizePolicy,
+  parsePolicyArg,
+} from "./vm/network/policy.js";
 export {
   type ProcessConnectOptions,
   ProcessHandle,

@@ -1,13 +1,14 @@
 /**
- * `smolvm create|list|run|ssh|stop|start|rm|prune|env|file|expose|unexpose|logs` and the sandbox
- * verbs `shell|ps|attach|kill|fs`: thin wrappers over the SmolVM facade. Parsing and printing
- * only; every behaviour lives in the SDK.
+ * `smolvm create|list|run|ssh|stop|start|rm|prune|env|file|expose|unexpose|network|logs` and the
+ * sandbox verbs `shell|ps|attach|kill|fs`: thin wrappers over the SmolVM facade. Parsing and
+ * printing only; every behaviour lives in the SDK.
  */
 import { spawnSync } from "node:child_process";
 import type { Command } from "commander";
 import { quoteSh } from "../command.js";
 import { printable } from "../common/guest-text.js";
 import { ValidationError } from "../errors.js";
+import { parsePolicyArg } from "../vm/network/policy.js";
 import type { SignalName } from "../vm/processes.js";
 import { type CommChannelChoice, SmolVM, type VmStatus } from "../vm/smolvm.js";
 import { parseDuration } from "../vm/ttl.js";
@@ -66,9 +67,11 @@ export function registerVmCommands(program: Command): void {
     .option("--disk <mib>", "writable disk size in MiB (debian image)", int)
     .option("--from-snapshot <snap>", "restore a snapshot (id or name) instead of booting an image")
     .option("--no-template", "boot cold instead of restoring the image's template")
+    .option("--network <policy>", "none | public | allow=host,*.domain,10.0.0.0/8[;deny=...]", "public")
     .option("--json", "print the VM record as JSON")
     .action(async (o) => {
       const common = {
+        network: parsePolicyArg(o.network),
         name: o.name,
         env: collectEnv(o.env, o.envFile, o.envStdin),
         commChannel: o.commChannel,
@@ -78,6 +81,7 @@ export function registerVmCommands(program: Command): void {
       const vm = o.fromSnapshot
         ? await SmolVM.fromSnapshot(o.fromSnapshot, common)
         : await SmolVM.create({
+            network: common.network,
             image: o.image,
             memoryMib: o.memory,
             vcpus: o.vcpus,
@@ -286,6 +290,30 @@ export function registerVmCommands(program: Command): void {
     .action(async (id: string, hostPort: string) =>
       withVm(id, undefined, (vm) => vm.unexposeLocal(int(hostPort))),
     );
+
+  const network = program.command("network").description("what the sandbox may reach");
+  network
+    .command("set <vm> <policy>")
+    .description("change the policy live: none | public | allow=host,*.domain,10.0.0.0/8[;deny=...]")
+    .action(async (id: string, policy: string) => {
+      const p = parsePolicyArg(policy);
+      await withVm(id, undefined, (vm) => vm.setNetwork(p));
+    });
+  network
+    .command("log <vm>")
+    .description("recent network decisions (DNS and TCP), oldest first")
+    .option("--limit <n>", "how many", int, 100)
+    .option("--json", "print JSON")
+    .action(async (id: string, o: { limit: number; json?: boolean }) => {
+      const log = await withVm(id, undefined, (vm) => vm.networkLog({ limit: o.limit }));
+      if (o.json) return console.log(JSON.stringify(log, null, 2));
+      for (const e of log) {
+        const what = e.host ? `${e.host} (${e.ip || "-"})` : e.ip || "-";
+        console.log(
+          [e.time, e.proto.padEnd(3), e.verdict.padEnd(5), `${what}:${e.port}`, e.rule ?? ""].join(" "),
+        );
+      }
+    });
 
   program
     .command("shell <vm>")

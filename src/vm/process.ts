@@ -23,6 +23,8 @@ export interface LaunchOptions {
   signal?: AbortSignal;
   /** QEMU's own stdout/stderr. Default: qemu.log next to the pidfile. */
   logPath?: string;
+  /** A cgroup's `cgroup.procs`: QEMU joins it before it opens any socket (network policy). */
+  cgroupProcs?: string;
 }
 
 export interface LaunchedQemu {
@@ -77,9 +79,11 @@ export async function launchQemu(spec: VmLaunchSpec, options: LaunchOptions = {}
   let child: ReturnType<typeof spawn>;
   try {
     // umask 077: the QMP and agent sockets, serial log and pidfile are created private.
-    child = spawn("/bin/sh", ["-c", 'umask 077 && exec "$@"', "sh", ...argv], {
+    const joinCgroup = options.cgroupProcs ? 'echo $$ > "$SMOLVM_CGROUP_PROCS" && ' : "";
+    child = spawn("/bin/sh", ["-c", `${joinCgroup}umask 077 && exec "$@"`, "sh", ...argv], {
       detached: true,
       stdio: ["ignore", logFd, logFd],
+      env: options.cgroupProcs ? { ...process.env, SMOLVM_CGROUP_PROCS: options.cgroupProcs } : process.env,
     });
   } finally {
     closeSync(logFd);

@@ -59,8 +59,16 @@ import { type CrashReport, CrashWatch } from "./crash-watch.js";
 import { type DoctorOptions, type DoctorReport, doctor } from "./doctor.js";
 import { renderEnvFile } from "./env-file.js";
 import { type ChannelAccess, VmFiles } from "./files.js";
+import {
+  prepareVmNetwork,
+  readNetworkLog,
+  sendPolicy,
+  startNetworkDaemon,
+  teardownVmNetwork,
+} from "./network/host.js";
+import { type NetworkLogEntry, type NetworkPolicy, normalizePolicy } from "./network/policy.js";
 import { leasePort, releasePorts } from "./ports.js";
-import { isQemuAlive, launchQemu, stopQemu } from "./process.js";
+import { isQemuAlive, type LaunchedQemu, launchQemu, stopQemu } from "./process.js";
 import { VmProcesses } from "./processes.js";
 import { claimStart, type PruneResult, pruneDataDir, qemuPidsWith, stopVmProcesses } from "./prune.js";
 import { VmPty } from "./pty.js";
@@ -121,6 +129,11 @@ export interface SmolVMCreateOptions {
    * the template. Every restored VM gets its own identity before its first command.
    */
   template?: boolean;
+  /**
+   * What the guest may reach (default "public": the internet, never the host, private ranges or
+   * link-local). "none": nothing. { allow, deny }: hostnames (`*.` wildcards) and CIDRs.
+   */
+  network?: NetworkPolicy;
 }
 
 /** Options of SmolVM.fromSnapshot(). */
@@ -135,6 +148,8 @@ export interface FromSnapshotOptions {
   timeoutMs?: number;
   signal?: AbortSignal;
   dataDir?: string;
+  /** Default: the policy the snapshot's VM had (see SmolVMCreateOptions.network). */
+  network?: NetworkPolicy;
 }
 
 export interface ListOptions {
@@ -327,6 +342,7 @@ export class SmolVM implements AsyncDisposable {
           hostPublicKey: hostKey.publicKey,
           clientKeyPath: clientKey.privateKeyPath,
           creatorPid: process.pid,
+          network: opts.network,
         },
       });
       const vm = new SmolVM(store, record, { owned: true, commChannel: opts.commChannel, dataDir: base });
@@ -535,6 +551,7 @@ export class SmolVM implements AsyncDisposable {
     // The pid in the store, not this handle's copy (another process may have restarted the VM).
     await stopVmProcesses(this.store, this.record, options);
     await rm(this.vmPaths.ramFile, { force: true });
+    await teardownVmNetwork(this.record.vmDir, this.id);
     releasePorts(this.store, this.id);
     this.update({ status: "stopped", pid: null, sshPort: null, ports: [] });
   }
@@ -600,7 +617,14 @@ export class SmolVM implements AsyncDisposable {
       const dir = join(snapshotsDir(this.dataDir), meta.id);
       const made = await Promise.allSettled(
         Array.from({ length: count }, () =>
-          SmolVM.restore(this.dataDir, dir, meta, { commChannel: this.commChannel }, "snapshot", deadline),
+          SmolVM.restore(
+            this.dataDir,
+            dir,
+            meta,
+            { commChannel: this.commChannel, network: this.network },
+            "snapshot",
+            deadline,
+          ),
         ),
       );
       const ok = made.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
@@ -808,6 +832,9 @@ export class SmolVM implements AsyncDisposable {
           hostPublicKey: hostKey.publicKey,
           clientKeyPath: clientKey.privateKeyPath,
           restoredFrom: { kind: source, id: meta.id, dir, ephemeral: meta.ephemeral || undefined },
+          // A template serves every policy: create() always names one. A snapshot or fork keeps
+          // its VM's, unless the caller names another.
+          network: normalizePolicy(o.network ?? meta.config.network),
         },
       });
       vm = new SmolVM(store, record, { owned: true, commChannel, dataDir: base });
@@ -883,10 +910,7 @@ export class SmolVM implements AsyncDisposable {
       spec.rootfsPath = overlay;
     }
     const t0 = performance.now();
-    const launched = await launchQemu(spec, {
-      timeoutMs: deadline.remaining(30_000),
-      signal: deadline.signal,
-    });
+    const launched = await this.launchWithPolicy(spec, deadline);
     const qemuStartMs = performance.now() - t0;
     this.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
     const watch = new CrashWatch({ pid: launched.pid, files: this.vmPaths, accel }, false);
@@ -1135,6 +1159,40 @@ export class SmolVM implements AsyncDisposable {
     );
   }
 
+  /** The network policy in force (see SmolVMCreateOptions.network). */
+  get network(): NetworkPolicy {
+    const fresh = this.deleted ? undefined : this.store.get(this.id);
+    if (fresh) this.record = fresh;
+    return (this.record.config.network as NetworkPolicy | undefined) ?? "public";
+  }
+
+  /**
+   * Changes the network policy of a running VM live (no reboot): new connections and DNS
+   * questions are decided under it at once. On a stopped VM it applies from the next start.
+   */
+  async setNetwork(
+    policy: NetworkPolicy,
+    options: { timeoutMs?: number; signal?: AbortSignal } = {},
+  ): Promise<void> {
+    const p = normalizePolicy(policy);
+    if (this.deleted) throw this.deletedError();
+    if (this.status === "running") {
+      await sendPolicy(this.record.vmDir, this.id, p, {
+        timeoutMs: options.timeoutMs ?? 5_000,
+        signal: options.signal,
+      });
+    }
+    this.update({ config: { ...this.record.config, network: p } });
+  }
+
+  /** The most recent network decisions (DNS and TCP), oldest first. Default limit 100. */
+  async networkLog(options: { limit?: number } = {}): Promise<NetworkLogEntry[]> {
+    const limit = options.limit ?? 100;
+    if (!Number.isInteger(limit) || limit < 1)
+      throw new ValidationError(`limit must be a positive integer, got ${String(limit)}.`);
+    return readNetworkLog(this.record.vmDir, limit);
+  }
+
   /** The address the host reaches the guest's forwarded ports on (user-mode networking). */
   getIp(): string {
     return "127.0.0.1";
@@ -1252,10 +1310,7 @@ export class SmolVM implements AsyncDisposable {
     await rm(spec.serialLogPath, { force: true });
     await rm(rotatedPath(spec.serialLogPath), { force: true });
     const t0 = performance.now();
-    const launched = await launchQemu(spec, {
-      timeoutMs: deadline.remaining(30_000),
-      signal: deadline.signal,
-    });
+    const launched = await this.launchWithPolicy(spec, deadline);
     const qemuStartMs = performance.now() - t0;
     this.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
     await this.closeChannel();
@@ -1387,6 +1442,46 @@ export class SmolVM implements AsyncDisposable {
       await this.ssh().waitForSsh({ timeoutMs: deadline.remaining(), signal: deadline.signal });
       this.chan = new SshChannel(this.ssh());
     }
+  }
+
+  /**
+   * Starts QEMU inside the VM's network policy: its cgroup and a closed nftables table first, the
+   * policy daemon alongside QEMU, and resolves once both run (network/host.ts). If the daemon
+   * fails, QEMU is killed: a guest never runs without its policy.
+   */
+  private async launchWithPolicy(spec: VmLaunchSpec, deadline: Deadline): Promise<LaunchedQemu> {
+    const dir = this.record.vmDir;
+    // A daemon left from a QEMU that just died would otherwise outlive it into this boot.
+    await teardownVmNetwork(dir, this.id);
+    const net = prepareVmNetwork(dir, this.id, this.network);
+    const daemon = startNetworkDaemon(dir, this.id, {
+      timeoutMs: deadline.remaining(30_000),
+      signal: deadline.signal,
+    });
+    daemon.catch(() => {});
+    let launched: LaunchedQemu;
+    try {
+      launched = await launchQemu(spec, {
+        timeoutMs: deadline.remaining(30_000),
+        signal: deadline.signal,
+        cgroupProcs: net.cgroupProcs,
+      });
+    } catch (e) {
+      await daemon.catch(() => {});
+      await teardownVmNetwork(dir, this.id);
+      throw e;
+    }
+    try {
+      await daemon;
+    } catch (e) {
+      try {
+        process.kill(launched.pid, "SIGKILL");
+      } catch {
+        /* already gone */
+      }
+      throw e;
+    }
+    return launched;
   }
 
   /** Copy-on-write disk over the image's rootfs, so the image itself is never written. */
@@ -1634,7 +1729,9 @@ function validateCreateOptions(o: SmolVMCreateOptions) {
   }
   if (o.timeoutMs !== undefined && !(o.timeoutMs > 0))
     throw new ValidationError("timeoutMs must be a positive number.");
+  const network = normalizePolicy(o.network);
   return {
+    network,
     image: o.image ?? "tiny",
     memoryMib,
     vcpus,
