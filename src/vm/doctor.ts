@@ -9,6 +9,7 @@ import { delimiter, join } from "node:path";
 import { dataDir as defaultDataDir } from "../common/paths.js";
 import { listImages } from "../image/index.js";
 import { detectAccelerator, findQemu, qemuVersion } from "./accel.js";
+import { networkMechanisms } from "./network/firewall.js";
 import { VmStore } from "./store.js";
 
 export interface DoctorCheck {
@@ -159,6 +160,15 @@ export async function doctor(options: DoctorOptions = {}): Promise<DoctorReport>
   checks.push(tool("cpio", ["cpio"], "cpio", env));
   checks.push(tool("C compiler", ["cc", "gcc"], "build-essential (builds the guest agent)", env));
   checks.push(userNamespaces());
+  const net = networkMechanisms();
+  checks.push({
+    name: "network policy",
+    ok: net.mechanism !== null,
+    detail: net.mechanism
+      ? `${net.mechanism} (nftables, cgroup v2 at ${net.cgroup2}, conntrack)`
+      : `unavailable, so create() refuses to start VMs: ${net.problems.join("; ")}`,
+    required: true,
+  });
   checks.push(...(await dataDirCheck(base)));
 
   const images = await listImages({ dataDir: base });

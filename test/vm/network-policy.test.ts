@@ -158,6 +158,23 @@ describe("network policy on real microVMs", () => {
     );
   });
 
+  it("a network command can be the very first command after create(), cold or from the template", async () => {
+    for (const template of [false, true]) {
+      await using fresh = await SmolVM.create({ dataDir, template });
+      expect(fresh.bootTimings?.source).toBe(template ? "template" : "cold");
+      // Nothing run before it: create() returned with lo and eth0 up, a route and a resolver.
+      const r = await fresh.run("wget -qO- http://allowed.test/", { timeoutMs: 30_000 });
+      expect(r.exitCode).toBe(0);
+      expect(r.stdout).toBe("host=allowed.test name=allowed.test\n");
+      if (!template) {
+        const m = fresh.bootTimings!;
+        expect(m.networkMs).toBeGreaterThan(0);
+        expect(m.agentMs).toBeGreaterThan(0);
+        expect(m.milestones?.["network-up"]).toBe(m.networkMs);
+      }
+    }
+  }, 120_000);
+
   it('"public" reaches internet hosts by name and by address', async () => {
     await vm.setNetwork("public");
     expect(vm.network).toBe("public");
