@@ -877,31 +877,19 @@ export class SmolVM implements AsyncDisposable {
       );
     }
     deadline.phase = "starting QEMU";
-    const sshPort = await leasePort(this.store, this.id, "ssh");
-    await writeFile(this.knownHostsPath, knownHostsLine("127.0.0.1", sshPort, id.hostKey.publicKey), {
-      mode: 0o600,
-    });
     const accel = cfg.accel as "kvm" | "tcg";
     const ramInState = existsSync(f.memory) === false;
     const spec: VmLaunchSpec = {
-      name: this.id,
-      qemuPath: findQemu(),
-      accel,
-      memoryMib: cfg.memoryMib as number,
-      vcpus: cfg.vcpus as number,
+      ...(await this.launchBase(id.hostKey.publicKey)),
       kernelPath,
       initrdPath: f.initrd,
       kernelAppend: cfg.kernelCmdline as string,
-      tscKhz: accel === "tcg" ? hostTscKhz() : undefined,
-      qmpSocketPath: this.vmPaths.qmpSocket,
-      serialLogPath: this.vmPaths.serialLog,
-      pidfilePath: this.vmPaths.pidfile,
-      sshHostPort: sshPort,
       agentSocketPath: this.vmPaths.agentSocket,
       // Clones map the snapshot's RAM privately: its pages are shared until a clone writes one.
       memoryFile: ramInState ? { path: this.vmPaths.ramFile, share: true } : { path: f.memory, share: false },
       incomingDefer: true,
     };
+    const sshPort = spec.sshHostPort;
     this.update({ config: { ...cfg, ramInFile: ramInState } });
     if (existsSync(f.disk)) {
       const overlay = join(this.record.vmDir, "rootfs.qcow2");
@@ -996,6 +984,33 @@ export class SmolVM implements AsyncDisposable {
       await this.waitForMilestone("sshd-rekeyed", deadline);
       this.chan = undefined;
     }
+  }
+
+  /**
+   * What every launch of this VM shares: its name, size, accelerator, files, and a freshly leased
+   * SSH port whose known_hosts line pins `hostPublicKey`.
+   */
+  private async launchBase(
+    hostPublicKey: string,
+  ): Promise<Omit<VmLaunchSpec, "kernelPath" | "initrdPath" | "kernelAppend">> {
+    const cfg = this.record.config;
+    const accel = cfg.accel as "kvm" | "tcg";
+    const sshPort = await leasePort(this.store, this.id, "ssh");
+    await writeFile(this.knownHostsPath, knownHostsLine("127.0.0.1", sshPort, hostPublicKey), {
+      mode: 0o600,
+    });
+    return {
+      name: this.id,
+      qemuPath: findQemu(),
+      accel,
+      memoryMib: cfg.memoryMib as number,
+      vcpus: cfg.vcpus as number,
+      tscKhz: accel === "tcg" ? hostTscKhz() : undefined,
+      qmpSocketPath: this.vmPaths.qmpSocket,
+      serialLogPath: this.vmPaths.serialLog,
+      pidfilePath: this.vmPaths.pidfile,
+      sshHostPort: sshPort,
+    };
   }
 
   /** Runs `fn` with a QMP connection to this VM. */
@@ -1282,25 +1297,12 @@ export class SmolVM implements AsyncDisposable {
   private async boot(image: ImageManifest, deadline: Deadline): Promise<void> {
     const cfg = this.record.config;
     deadline.phase = "starting QEMU";
-    const sshPort = await leasePort(this.store, this.id, "ssh");
-    await writeFile(this.knownHostsPath, knownHostsLine("127.0.0.1", sshPort, cfg.hostPublicKey as string), {
-      mode: 0o600,
-    });
     const accel = cfg.accel as "kvm" | "tcg";
     const spec: VmLaunchSpec = {
-      name: this.id,
-      qemuPath: findQemu(),
-      accel,
-      memoryMib: cfg.memoryMib as number,
-      vcpus: cfg.vcpus as number,
+      ...(await this.launchBase(cfg.hostPublicKey as string)),
       kernelPath: image.kernelPath,
       initrdPath: join(this.record.vmDir, "initrd.img"),
       kernelAppend: image.kernelCmdline,
-      tscKhz: accel === "tcg" ? hostTscKhz() : undefined,
-      qmpSocketPath: this.vmPaths.qmpSocket,
-      serialLogPath: this.vmPaths.serialLog,
-      pidfilePath: this.vmPaths.pidfile,
-      sshHostPort: sshPort,
       agentSocketPath: image.capabilities.agent ? this.vmPaths.agentSocket : undefined,
       // RAM in a shared tmpfs file, so snapshot() can copy it while the vCPUs are stopped.
       memoryFile: { path: this.vmPaths.ramFile, share: true },
@@ -1312,7 +1314,7 @@ export class SmolVM implements AsyncDisposable {
     const t0 = performance.now();
     const launched = await this.launchWithPolicy(spec, deadline);
     const qemuStartMs = performance.now() - t0;
-    this.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
+    this.update({ status: "running", pid: launched.pid, sshPort: spec.sshHostPort, ports: [] });
     await this.closeChannel();
     const kind = this.plannedChannel();
     const watch = new CrashWatch({ pid: launched.pid, files: this.vmPaths, accel }, true);

@@ -38,36 +38,22 @@ export interface VmRecord {
   updatedAt: string;
 }
 
-export type NewVm = Pick<VmRecord, "id" | "name" | "image" | "vmDir"> &
-  Partial<
-    Pick<
-      VmRecord,
-      | "status"
-      | "config"
-      | "pid"
-      | "sshPort"
-      | "ports"
-      | "channel"
-      | "hostKeyFingerprint"
-      | "labels"
-      | "expiresAt"
-    >
-  >;
+/** The fields a caller may set; the rest (timestamps) the store keeps itself. */
+type SettableField =
+  | "status"
+  | "config"
+  | "pid"
+  | "sshPort"
+  | "ports"
+  | "channel"
+  | "hostKeyFingerprint"
+  | "labels"
+  | "expiresAt";
 
-export type VmPatch = Partial<
-  Pick<
-    VmRecord,
-    | "status"
-    | "config"
-    | "pid"
-    | "sshPort"
-    | "ports"
-    | "channel"
-    | "hostKeyFingerprint"
-    | "labels"
-    | "expiresAt"
-  >
->;
+export type NewVm = Pick<VmRecord, "id" | "name" | "image" | "vmDir"> &
+  Partial<Pick<VmRecord, SettableField>>;
+
+export type VmPatch = Partial<Pick<VmRecord, SettableField>>;
 
 export interface PortLease {
   port: number;
