@@ -1,13 +1,14 @@
 /**
  * `npm run bench:snapshot`: in one run on the tiny image, a sandbox from its template versus a
  * cold boot (create to first command, BENCH_CREATES each, default 10), fork({ count: 4 }) of a
- * running VM (until all four answered), the extra host memory of each clone (QEMU's private
- * resident memory), warm run("true") in a clone versus in a cold-booted VM, and how long a
+ * running VM (until all four answered), the extra host memory of each clone (the private
+ * resident memory of its QEMU and of its network-policy daemon), warm run("true") in a clone versus in a cold-booted VM, and how long a
  * snapshot of a running VM pauses it. Writes bench/results/snapshot.json.
  */
 import { readFileSync } from "node:fs";
 import { dataDir as defaultDataDir } from "../src/common/paths.js";
 import { ensureImage } from "../src/image/index.js";
+import { networkFiles } from "../src/vm/network/files.js";
 import { SmolVM } from "../src/vm/smolvm.js";
 import { VmStore } from "../src/vm/store.js";
 import { measure, printTable, type Stats, stats, writeResults } from "./lib/stats.js";
@@ -31,14 +32,32 @@ async function createToFirst(template: boolean): Promise<{ ms: number; vm: SmolV
   return { ms: performance.now() - t0, vm };
 }
 
-/** QEMU's private resident memory (what a clone adds; shared snapshot pages are not counted). */
-function privateRssMib(vm: SmolVM): number {
+/** Private resident memory of a process (anonymous + shmem), MiB; 0 when it is gone. */
+function privateMib(pid: number | undefined): number {
+  try {
+    const status = readFileSync(`/proc/${pid}/status`, "utf8");
+    const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, "m").exec(status)?.[1] ?? 0);
+    return (kb("RssAnon") + kb("RssShmem")) / 1024;
+  } catch {
+    return 0;
+  }
+}
+
+/**
+ * What one VM adds to the host: its QEMU's private memory (shared snapshot pages are not
+ * counted) plus its network-policy daemon's.
+ */
+function vmPrivateMib(vm: SmolVM): number {
   const store = VmStore.open(defaultDataDir());
-  const pid = store.get(vm.id)?.pid;
+  const rec = store.get(vm.id);
   store.close();
-  const status = readFileSync(`/proc/${pid}/status`, "utf8");
-  const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, "m").exec(status)?.[1] ?? 0);
-  return (kb("RssAnon") + kb("RssShmem")) / 1024;
+  let daemon: number | undefined;
+  try {
+    daemon = Number(readFileSync(networkFiles(rec!.vmDir).pid, "utf8").trim());
+  } catch {
+    daemon = undefined;
+  }
+  return privateMib(rec?.pid ?? undefined) + privateMib(daemon);
 }
 
 const round = (n: number) => Math.round(n * 10) / 10;
@@ -93,8 +112,8 @@ try {
   for (const k of kids) owned.add(k);
   await Promise.all(kids.map((k) => k.run("cat /root/f")));
   const forkMs = performance.now() - forkT0;
-  const rss = kids.map(privateRssMib);
-  const coldRss = privateRssMib(coldVm!);
+  const rss = kids.map(vmPrivateMib);
+  const coldRss = vmPrivateMib(coldVm!);
 
   const rows = [
     {
@@ -119,7 +138,7 @@ try {
       target: "<= 1000 ms",
     },
     {
-      measure: "private host memory per clone (MiB, max)",
+      measure: "host memory per clone: QEMU + policy daemon, private (MiB, max)",
       smolvm: round(Math.max(...rss)),
       "instead: cold boot": round(coldRss),
       ratio: round(Math.max(...rss) / coldRss).toFixed(2),

@@ -898,19 +898,25 @@ export class SmolVM implements AsyncDisposable {
       spec.rootfsPath = overlay;
     }
     const t0 = performance.now();
-    const launched = await this.launchWithPolicy(spec, deadline);
+    const { launched, networkReady } = await this.launchWithPolicy(spec, deadline);
     const qemuStartMs = performance.now() - t0;
     this.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
     const watch = new CrashWatch({ pid: launched.pid, files: this.vmPaths, accel }, false);
-    await this.untilCrash(watch, 250, async () => {
-      deadline.phase = "loading the snapshot";
-      // Connected before the devices load: the port's "host connected" state then matches the
-      // snapshot's, so the guest agent sees no hang-up and answers the HELLO at once.
-      this.pendingAgentSocket = await connectUnix(this.vmPaths.agentSocket, deadline.signal);
-      await restoreFrom(this.vmPaths.qmpSocket, f.state, !ramInState, deadline);
-      deadline.phase = "giving the VM its own identity";
-      await this.becomeItself(deadline, id);
-    });
+    await this.untilCrash(watch, 250, () =>
+      // The policy daemon's failure ends the restore at once, with its own error.
+      Promise.all([
+        (async () => {
+          deadline.phase = "loading the snapshot";
+          // Connected before the devices load: the port's "host connected" state then matches
+          // the snapshot's, so the guest agent sees no hang-up and answers the HELLO at once.
+          this.pendingAgentSocket = await connectUnix(this.vmPaths.agentSocket, deadline.signal);
+          await restoreFrom(this.vmPaths.qmpSocket, f.state, !ramInState, deadline);
+          deadline.phase = "giving the VM its own identity";
+          await this.becomeItself(deadline, id);
+        })(),
+        deadline.race(networkReady),
+      ]),
+    );
     this.qemuLogSeen = watch.logSize;
     deadline.phase = undefined;
     const total = Math.round(performance.now() - id.t0);
@@ -1312,7 +1318,7 @@ export class SmolVM implements AsyncDisposable {
     await rm(spec.serialLogPath, { force: true });
     await rm(rotatedPath(spec.serialLogPath), { force: true });
     const t0 = performance.now();
-    const launched = await this.launchWithPolicy(spec, deadline);
+    const { launched, networkReady } = await this.launchWithPolicy(spec, deadline);
     const qemuStartMs = performance.now() - t0;
     this.update({ status: "running", pid: launched.pid, sshPort: spec.sshHostPort, ports: [] });
     await this.closeChannel();
@@ -1320,14 +1326,20 @@ export class SmolVM implements AsyncDisposable {
     const watch = new CrashWatch({ pid: launched.pid, files: this.vmPaths, accel }, true);
     this.qemuLogSeen = 0;
     try {
-      await this.untilCrash(watch, 250, async () => {
-        if (kind === "ssh") {
-          deadline.phase = "waiting for SSH";
-          await this.ssh().waitForSsh({ timeoutMs: deadline.remaining(), signal: deadline.signal });
-        } else await this.waitForAgent(kind === "auto", deadline);
-        deadline.phase = "waiting for the guest network";
-        await this.waitForMilestone("network-up", deadline);
-      });
+      await this.untilCrash(watch, 250, () =>
+        // The policy daemon's failure ends the wait at once, with its own error.
+        Promise.all([
+          (async () => {
+            if (kind === "ssh") {
+              deadline.phase = "waiting for SSH";
+              await this.ssh().waitForSsh({ timeoutMs: deadline.remaining(), signal: deadline.signal });
+            } else await this.waitForAgent(kind === "auto", deadline);
+            deadline.phase = "waiting for the guest network";
+            await this.waitForMilestone("network-up", deadline);
+          })(),
+          deadline.race(networkReady),
+        ]),
+      );
       this.qemuLogSeen = watch.logSize;
     } catch (e) {
       if (e instanceof VMStateError && e.code === "VM_CRASHED") throw e;
@@ -1451,7 +1463,15 @@ export class SmolVM implements AsyncDisposable {
    * policy daemon alongside QEMU, and resolves once both run (network/host.ts). If the daemon
    * fails, QEMU is killed: a guest never runs without its policy.
    */
-  private async launchWithPolicy(spec: VmLaunchSpec, deadline: Deadline): Promise<LaunchedQemu> {
+  /**
+   * Starts QEMU inside the VM's network policy. The policy daemon starts beside it; `networkReady`
+   * settles once it serves (QEMU is killed when it cannot), so a caller overlaps that start with
+   * the guest's own and awaits it before handing the VM out.
+   */
+  private async launchWithPolicy(
+    spec: VmLaunchSpec,
+    deadline: Deadline,
+  ): Promise<{ launched: LaunchedQemu; networkReady: Promise<void> }> {
     const dir = this.record.vmDir;
     // A daemon left from a QEMU that just died would otherwise outlive it into this boot.
     await teardownVmNetwork(dir, this.id);
@@ -1473,17 +1493,19 @@ export class SmolVM implements AsyncDisposable {
       await teardownVmNetwork(dir, this.id);
       throw e;
     }
-    try {
-      await daemon;
-    } catch (e) {
-      try {
-        process.kill(launched.pid, "SIGKILL");
-      } catch {
-        /* already gone */
-      }
-      throw e;
-    }
-    return launched;
+    const networkReady = daemon.then(
+      () => undefined,
+      (e) => {
+        try {
+          process.kill(launched.pid, "SIGKILL");
+        } catch {
+          /* already gone */
+        }
+        throw e;
+      },
+    );
+    networkReady.catch(() => {});
+    return { launched, networkReady };
   }
 
   /** Copy-on-write disk over the image's rootfs, so the image itself is never written. */
