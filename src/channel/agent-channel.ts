@@ -724,6 +724,8 @@ export class AgentChannel implements CommChannel {
       const p = this.connectOnce(deadline).finally(() => {
         if (this.connecting === p) this.connecting = undefined;
       });
+      // Each caller races it with its own deadline; one that already expired never looks.
+      p.catch(() => {});
       this.connecting = p;
     }
     return deadline.race(this.connecting);

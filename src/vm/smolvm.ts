@@ -27,7 +27,6 @@ import {
   AuthenticationError,
   CommandExecutionUnavailableError,
   ConnectionLostError,
-  OperationTimeoutError,
   SmolVMError,
   SSHConnectionError,
   ValidationError,
@@ -1351,8 +1350,8 @@ export class SmolVM implements AsyncDisposable {
           cause: e,
         });
       }
-      // The caller's own deadline or signal: keep its class so callers can tell it apart.
-      if (e instanceof OperationTimeoutError && deadline.expired) throw e;
+      // The caller's own deadline or signal: its own error, naming the phase that was running.
+      if (deadline.expired) throw deadline.reason;
       if (e instanceof SmolVMError) {
         throw new VMStateError(
           `VM ${this.id} did not answer on ${kind === "ssh" ? "SSH" : "its agent"} while booting (${e.message}). Serial console tail:\n${log}`,
@@ -1448,10 +1447,12 @@ export class SmolVM implements AsyncDisposable {
       await agent.waitReady({ timeoutMs: budget, signal: deadline.signal });
       this.chan = agent;
     } catch (e) {
-      // The agent's wait ran to the end of the caller's deadline: that is the caller's timeout.
+      // The agent's wait ran to the end of the caller's deadline, or the caller aborted: the
+      // caller's own error, naming the phase.
+      if (deadline.expired) throw deadline.reason;
       if (deadline.remainingMs < 50) deadline.expire();
       // An agent that fails authentication means the VM cannot be trusted: never fall back.
-      if (!fallback || deadline.expired || e instanceof AuthenticationError) throw e;
+      if (!fallback || e instanceof AuthenticationError) throw e;
       deadline.phase = "waiting for SSH";
       await this.ssh().waitForSsh({ timeoutMs: deadline.remaining(), signal: deadline.signal });
       this.chan = new SshChannel(this.ssh());
