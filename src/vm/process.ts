@@ -136,7 +136,7 @@ export async function launchQemu(spec: VmLaunchSpec, options: LaunchOptions = {}
       if (exited) await fail(`exited during start (${exited.signal ?? `code ${exited.code}`})`);
       if (await socketAccepts(spec.qmpSocketPath)) break;
       if (deadline.expired) break;
-      await sleep(20, deadline.signal).catch(() => {});
+      await sleep(5, deadline.signal).catch(() => {});
     }
     if (deadline.expired) {
       killQuietly(child.pid);

@@ -5,14 +5,13 @@
  * decision log; and teardown once QEMU is gone.
  */
 import { spawn } from "node:child_process";
-import { closeSync, existsSync, openSync, readFileSync, writeFileSync } from "node:fs";
+import { closeSync, openSync, readFileSync, writeFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
-import { createRequire } from "node:module";
 import { connect } from "node:net";
-import { dirname, join } from "node:path";
-import { fileURLToPath, pathToFileURL } from "node:url";
+import { join } from "node:path";
 import { Deadline, sleep } from "../../common/deadline.js";
 import { HostDependencyError, SmolVMError, VMStateError } from "../../errors.js";
+import { daemonArgv } from "./daemon-bundle.js";
 import { networkFiles } from "./files.js";
 import {
   applyRuleset,
@@ -50,32 +49,6 @@ export function prepareVmNetwork(vmDir: string, vmId: string, policy: NetworkPol
   return { cgroupProcs: join(cg.dir, "cgroup.procs") };
 }
 
-function packageRoot(): string {
-  let d = dirname(fileURLToPath(import.meta.url));
-  for (let i = 0; i < 6; i++) {
-    if (existsSync(join(d, "package.json"))) {
-      try {
-        if (JSON.parse(readFileSync(join(d, "package.json"), "utf8")).name === "smolvm") return d;
-      } catch {
-        /* keep looking */
-      }
-    }
-    d = dirname(d);
-  }
-  throw new SmolVMError("cannot find the smolvm package directory to start the network daemon.");
-}
-
-/** argv for the daemon: the built file, or the source through tsx in a checkout. */
-function daemonArgv(): string[] {
-  const root = packageRoot();
-  const built = join(root, "dist", "vm", "network", "daemon.js");
-  const src = join(root, "src", "vm", "network", "daemon.ts");
-  const fromSource = fileURLToPath(import.meta.url).startsWith(join(root, "src"));
-  if (!fromSource && existsSync(built)) return [process.execPath, built];
-  const tsx = createRequire(join(root, "package.json")).resolve("tsx");
-  return [process.execPath, "--import", pathToFileURL(tsx).href, src];
-}
-
 /**
  * Starts the VM's network daemon (detached: it lives as long as the VM) and resolves when it has
  * taken over the VM's nftables table.
@@ -86,7 +59,7 @@ export async function startNetworkDaemon(
   options: { timeoutMs: number; signal?: AbortSignal },
 ): Promise<void> {
   const files = networkFiles(vmDir);
-  const [cmd, ...args] = daemonArgv();
+  const [cmd, ...args] = await daemonArgv();
   const logFd = openSync(files.daemonLog, "w", 0o600);
   const child = spawn(cmd!, [...args, vmDir, vmId], {
     detached: true,
