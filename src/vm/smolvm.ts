@@ -1342,6 +1342,8 @@ export class SmolVM implements AsyncDisposable {
       this.qemuLogSeen = watch.logSize;
     } catch (e) {
       if (e instanceof VMStateError && e.code === "VM_CRASHED") throw e;
+      // The policy daemon failed and took QEMU down with it: its own error says why.
+      if (e instanceof SmolVMError && e.code === "NETWORK_DAEMON_FAILED") throw e;
       const log = await tailFile(spec.serialLogPath, 1500);
       if (!isQemuAlive(launched.pid, this.vmPaths.marker)) {
         this.update({ status: "crashed", pid: null });

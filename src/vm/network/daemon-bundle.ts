@@ -8,7 +8,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { mkdir, rename, rm } from "node:fs/promises";
 import { createRequire } from "node:module";
-import { dirname, join } from "node:path";
+import { dirname, join, relative } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { cacheDir } from "../../common/paths.js";
 import { SmolVMError } from "../../errors.js";
@@ -37,7 +37,7 @@ function sourceVersion(srcDir: string): string {
       if (e.isDirectory()) walk(p);
       else if (e.name.endsWith(".ts")) {
         const st = statSync(p);
-        h.update(`${p}\0${st.size}\0${st.mtimeMs}\n`);
+        h.update(`${relative(srcDir, p)}\0${st.size}\0${st.mtimeMs}\n`);
       }
     }
   };
@@ -45,11 +45,25 @@ function sourceVersion(srcDir: string): string {
   return h.digest("hex").slice(0, 16);
 }
 
-let bundling: Promise<string> | undefined;
+let version: string | undefined;
+/** Bundles made or being made by this process, by output path. */
+const bundling = new Map<string, Promise<string>>();
 
-async function bundle(root: string): Promise<string> {
-  const out = join(cacheDir(), "network-daemon", `daemon-${sourceVersion(join(root, "src"))}.mjs`);
-  if (existsSync(out)) return out;
+/** The bundle for this source version in the current cache dir, made when missing. */
+function bundle(root: string): Promise<string> {
+  version ??= sourceVersion(join(root, "src"));
+  const out = join(cacheDir(), "network-daemon", `daemon-${version}.mjs`);
+  let p = bundling.get(out);
+  // A cache dir that was emptied under us (or a failed build) is built again.
+  if (!p || !existsSync(out)) {
+    p = existsSync(out) ? Promise.resolve(out) : build(root, out);
+    bundling.set(out, p);
+    p.catch(() => bundling.delete(out));
+  }
+  return p;
+}
+
+async function build(root: string, out: string): Promise<string> {
   const esbuild = (await import(
     pathToFileURL(createRequire(join(root, "package.json")).resolve("esbuild")).href
   )) as typeof import("esbuild");
@@ -78,9 +92,5 @@ export async function daemonArgv(): Promise<string[]> {
   const built = join(root, "dist", "vm", "network", "daemon.js");
   const fromSource = fileURLToPath(import.meta.url).startsWith(join(root, "src"));
   if (!fromSource && existsSync(built)) return [process.execPath, built];
-  bundling ??= bundle(root);
-  bundling.catch(() => {
-    bundling = undefined;
-  });
-  return [process.execPath, await bundling];
+  return [process.execPath, await bundle(root)];
 }
