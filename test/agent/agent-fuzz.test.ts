@@ -30,7 +30,7 @@ import {
   u32,
 } from "../../src/channel/agent-protocol.js";
 import { ProtocolError, SmolVMError } from "../../src/errors.js";
-import { FloodingAgent } from "./fake-agents.js";
+import { floodingChannel } from "./fake-agents.js";
 import { startAgent, type TestAgent } from "./helpers.js";
 
 const FRAMES = Number(process.env.SMOLVM_FUZZ_FRAMES ?? 1_000_000);
@@ -332,16 +332,7 @@ describe("AgentChannel against a flooding guest that ignores CANCEL", () => {
     // callback, or stream cancel, at random points; none may leave a stream that still buffers.
     const target = Math.max(2_000, Math.floor(FRAMES / 500));
     const r = rng(0xf100d);
-    const secret = randomBytes(32);
-    const peers: FloodingAgent[] = [];
-    const ch = new AgentChannel({
-      connect: async () => {
-        const p = new FloodingAgent(secret);
-        peers.push(p);
-        return p;
-      },
-      secret,
-    });
+    const { ch, peers } = floodingChannel();
     const outcomes = new Map<string, number>();
     let lateCallbacks = 0;
     gc();

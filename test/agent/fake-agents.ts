@@ -4,6 +4,7 @@
  */
 import { randomBytes } from "node:crypto";
 import { Duplex } from "node:stream";
+import { AgentChannel } from "../../src/channel/agent-channel.js";
 import {
   agentProof,
   encodeFields,
@@ -73,4 +74,19 @@ export class FloodingAgent extends Duplex {
       this.credit.set(stream, 0);
     });
   }
+}
+
+/** An agent channel whose every connection is a FloodingAgent; `peers` collects them. */
+export function floodingChannel(): { ch: AgentChannel; peers: FloodingAgent[] } {
+  const secret = randomBytes(32);
+  const peers: FloodingAgent[] = [];
+  const ch = new AgentChannel({
+    connect: async () => {
+      const p = new FloodingAgent(secret);
+      peers.push(p);
+      return p;
+    },
+    secret,
+  });
+  return { ch, peers };
 }

@@ -17,22 +17,8 @@ import {
 } from "../../src/channel/agent-protocol.js";
 import { OperationAbortedError, OperationTimeoutError, SmolVMError } from "../../src/errors.js";
 import { DEFAULT_MAX_OUTPUT_BYTES } from "../../src/index.js";
-import { FloodingAgent } from "./fake-agents.js";
+import { FloodingAgent, floodingChannel } from "./fake-agents.js";
 import { startAgent, type TestAgent } from "./helpers.js";
-
-function floodingChannel() {
-  const secret = randomBytes(32);
-  const peers: FloodingAgent[] = [];
-  const ch = new AgentChannel({
-    connect: async () => {
-      const p = new FloodingAgent(secret);
-      peers.push(p);
-      return p;
-    },
-    secret,
-  });
-  return { ch, peers };
-}
 
 const settle = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
