@@ -13,7 +13,13 @@ import {
   ProtocolError,
   SmolVMError,
 } from "../errors.js";
-import { type AgentChannel, agentError, Notifier, type RawStream } from "./agent-channel.js";
+import {
+  type AgentChannel,
+  agentError,
+  Notifier,
+  type RawStream,
+  type StreamHandler,
+} from "./agent-channel.js";
 import {
   type AgentInfo,
   type AgentMessage,
@@ -210,31 +216,51 @@ export function decodeProcesses(payload: Buffer): ProcessInfo[] {
 
 // ---------------------------------------------------------------- one-shot requests
 
-function simple(
+/** What a request's handlers may do: settle it, and reach its stream (for credit). */
+interface RequestControl<T> {
+  resolve(value: T): void;
+  reject(err: unknown): void;
+  raw(): RawStream | undefined;
+}
+
+/**
+ * One request on its own stream: opens it, lets the handlers settle it, races the deadline, and
+ * sends CANCEL when the caller gave up before the agent answered. Every bounded request here
+ * goes through it.
+ */
+function request<T>(
   ch: AgentChannel,
   type: number,
   payload: (info: AgentInfo) => Buffer,
   deadline: Deadline,
-  onError: (m: Extract<AgentMessage, { type: "error" }>) => Error,
-): Promise<Buffer> {
+  h: {
+    kind: StreamHandler["kind"];
+    onData?: (data: Buffer, ctl: RequestControl<T>) => void;
+    onEnd: (m: Parameters<StreamHandler["onEnd"]>[0], ctl: RequestControl<T>) => void;
+  },
+): Promise<T> {
   let raw: RawStream | undefined;
   let finished = false;
-  const result = new Promise<Buffer>((resolve, reject) => {
+  const result = new Promise<T>((resolve, reject) => {
+    const ctl: RequestControl<T> = {
+      resolve: (v) => {
+        finished = true;
+        resolve(v);
+      },
+      reject: (e) => {
+        finished = true;
+        reject(e);
+      },
+      raw: () => raw,
+    };
     ch.openRaw(
       type,
       payload,
       {
-        kind: "simple",
-        onEnd: (m) => {
-          finished = true;
-          if (m.type === "ok") resolve(m.payload);
-          else if (m.type === "error") reject(onError(m));
-          else reject(new ProtocolError("a file or process request ended with EXIT."));
-        },
-        onFail: (err) => {
-          finished = true;
-          reject(err);
-        },
+        kind: h.kind,
+        ...(h.onData ? { onData: (_fd: number, data: Buffer) => h.onData!(data, ctl) } : {}),
+        onEnd: (m) => h.onEnd(m, ctl),
+        onFail: (err) => ctl.reject(err),
       },
       deadline,
     ).then((r) => {
@@ -245,6 +271,23 @@ function simple(
   return deadline.race(result).catch((err) => {
     if (!finished) raw?.control(FrameType.CANCEL);
     throw err;
+  });
+}
+
+function simple(
+  ch: AgentChannel,
+  type: number,
+  payload: (info: AgentInfo) => Buffer,
+  deadline: Deadline,
+  onError: (m: Extract<AgentMessage, { type: "error" }>) => Error,
+): Promise<Buffer> {
+  return request<Buffer>(ch, type, payload, deadline, {
+    kind: "simple",
+    onEnd: (m, ctl) => {
+      if (m.type === "ok") ctl.resolve(m.payload);
+      else if (m.type === "error") ctl.reject(onError(m));
+      else ctl.reject(new ProtocolError("a file or process request ended with EXIT."));
+    },
   });
 }
 
@@ -297,66 +340,50 @@ export function listDir(
 ): Promise<FileEntry[]> {
   const entries: FileEntry[] = [];
   let pending: Buffer = Buffer.alloc(0);
-  let raw: RawStream | undefined;
-  let finished = false;
-  const result = new Promise<FileEntry[]>((resolve, reject) => {
-    ch.openRaw(
-      FrameType.LIST,
-      (info) => {
-        requireCapability(info, "fs", "file operations");
-        return encodeFields([
-          [Field.PATH, path],
-          [Field.DEPTH, Buffer.from([depth])],
-        ]);
-      },
-      {
-        kind: "get",
-        onData: (_fd, data) => {
-          try {
-            pending = pending.length ? Buffer.concat([pending, data]) : data;
-            let off = 0;
-            while (pending.length - off >= 4) {
-              const len = pending.readUInt32BE(off);
-              if (len > 16_384) throw new ProtocolError("agent list record is too long.");
-              if (pending.length - off - 4 < len) break;
-              entries.push(decodeEntry(pending.subarray(off + 4, off + 4 + len)));
-              off += 4 + len;
-            }
-            pending = Buffer.from(pending.subarray(off));
-            raw?.grant(data.length);
-          } catch (err) {
-            finished = true;
-            raw?.control(FrameType.CANCEL);
-            reject(err);
+  return request<FileEntry[]>(
+    ch,
+    FrameType.LIST,
+    (info) => {
+      requireCapability(info, "fs", "file operations");
+      return encodeFields([
+        [Field.PATH, path],
+        [Field.DEPTH, Buffer.from([depth])],
+      ]);
+    },
+    deadline,
+    {
+      kind: "get",
+      onData: (data, ctl) => {
+        try {
+          pending = pending.length ? Buffer.concat([pending, data]) : data;
+          let off = 0;
+          while (pending.length - off >= 4) {
+            const len = pending.readUInt32BE(off);
+            if (len > 16_384) throw new ProtocolError("agent list record is too long.");
+            if (pending.length - off - 4 < len) break;
+            entries.push(decodeEntry(pending.subarray(off + 4, off + 4 + len)));
+            off += 4 + len;
           }
-        },
-        onEnd: (m) => {
-          finished = true;
-          if (m.type === "error") return reject(fileError(m, `list of ${path}`, path));
-          if (m.type !== "ok" || m.payload.length !== 4)
-            return reject(new ProtocolError("agent LIST reply is malformed."));
-          if (pending.length || m.payload.readUInt32BE(0) !== entries.length) {
-            return reject(
-              new ProtocolError("agent LIST sent a different number of entries than it counted."),
-            );
-          }
-          resolve(entries);
-        },
-        onFail: (err) => {
-          finished = true;
-          reject(err);
-        },
+          pending = Buffer.from(pending.subarray(off));
+          ctl.raw()?.grant(data.length);
+        } catch (err) {
+          ctl.raw()?.control(FrameType.CANCEL);
+          ctl.reject(err);
+        }
       },
-      deadline,
-    ).then((r) => {
-      raw = r;
-    }, reject);
-  });
-  result.catch(() => {});
-  return deadline.race(result).catch((err) => {
-    if (!finished) raw?.control(FrameType.CANCEL);
-    throw err;
-  });
+      onEnd: (m, ctl) => {
+        if (m.type === "error") return ctl.reject(fileError(m, `list of ${path}`, path));
+        if (m.type !== "ok" || m.payload.length !== 4)
+          return ctl.reject(new ProtocolError("agent LIST reply is malformed."));
+        if (pending.length || m.payload.readUInt32BE(0) !== entries.length) {
+          return ctl.reject(
+            new ProtocolError("agent LIST sent a different number of entries than it counted."),
+          );
+        }
+        ctl.resolve(entries);
+      },
+    },
+  );
 }
 
 // ---------------------------------------------------------------- watch
