@@ -60,6 +60,7 @@ export class CrashWatch {
       (s) => s.size,
       () => 0,
     );
+    if (size < this.logSize) this.logSize = 0; // rotated: what follows is new
     if (size > this.logSize) {
       this.logSize = size;
       const log = await tailFile(files.qemuLog, 4096);

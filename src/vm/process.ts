@@ -7,7 +7,7 @@
  * lives, Node reaps QEMU when it exits; afterwards init does. A zombie counts as dead.
  */
 import { spawn } from "node:child_process";
-import { closeSync, openSync, readFileSync } from "node:fs";
+import { closeSync, constants, openSync, readFileSync } from "node:fs";
 import { chmod, readFile, rm, stat } from "node:fs/promises";
 import { connect as netConnect } from "node:net";
 import { basename, dirname, join } from "node:path";
@@ -73,7 +73,13 @@ export async function launchQemu(spec: VmLaunchSpec, options: LaunchOptions = {}
   await Promise.all(
     [spec.qmpSocketPath, spec.pidfilePath, spec.agentSocketPath].map((p) => p && rm(p, { force: true })),
   );
-  const logFd = openSync(logPath, "w", 0o600);
+  // Append mode: the log can then be rotated by truncation while QEMU keeps writing (see
+  // rotateSerialLog), so what QEMU prints stays bounded however long the VM lives.
+  const logFd = openSync(
+    logPath,
+    constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC | constants.O_APPEND,
+    0o600,
+  );
   let exited: { code: number | null; signal: NodeJS.Signals | null } | undefined;
   let spawnError: Error | undefined;
   let child: ReturnType<typeof spawn>;

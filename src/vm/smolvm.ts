@@ -1559,6 +1559,7 @@ export class SmolVM implements AsyncDisposable {
     }
     this.requireRunning("run commands");
     await rotateSerialLog(this.vmPaths.serialLog);
+    await rotateSerialLog(this.vmPaths.qemuLog);
     if (this.chan) return this.chan;
     const kind = this.plannedChannel();
     if (kind === "ssh") this.chan = new SshChannel(this.ssh());
