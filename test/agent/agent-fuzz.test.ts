@@ -6,13 +6,11 @@
  */
 import { randomBytes } from "node:crypto";
 import { connect, type Socket } from "node:net";
-import { Duplex } from "node:stream";
 import { setFlagsFromString } from "node:v8";
 import { runInNewContext } from "node:vm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AgentChannel } from "../../src/channel/agent-channel.js";
 import {
-  agentProof,
   decodeAgentFrame,
   encodeExec,
   encodeFields,
@@ -30,7 +28,7 @@ import {
   u32,
 } from "../../src/channel/agent-protocol.js";
 import { ProtocolError, SmolVMError } from "../../src/errors.js";
-import { floodingChannel } from "./fake-agents.js";
+import { AuthenticatingFakeAgent, floodingChannel } from "./fake-agents.js";
 import { startAgent, type TestAgent } from "./helpers.js";
 
 const FRAMES = Number(process.env.SMOLVM_FUZZ_FRAMES ?? 1_000_000);
@@ -202,43 +200,17 @@ describe("decoder fuzz", () => {
  * so this is the one place a fake peer stands in: it authenticates correctly, then answers every
  * request with random and mutated frames.
  */
-class HostileGuest extends Duplex {
-  private readonly decoder = new FrameDecoder();
-  private hostNonce = Buffer.alloc(0);
-  private readonly agentNonce = randomBytes(32);
-
+class HostileGuest extends AuthenticatingFakeAgent {
   constructor(
-    private readonly secret: Buffer,
+    secret: Buffer,
     private readonly r: Rng,
     private readonly budget: { frames: number },
   ) {
-    super();
+    super(secret);
   }
 
-  override _read(): void {}
-
-  override _write(chunk: Buffer, _enc: BufferEncoding, cb: (err?: Error | null) => void): void {
-    try {
-      for (const f of this.decoder.push(chunk)) this.onFrame(f.type, f.stream, f.payload);
-    } catch {
-      this.destroy();
-    }
-    cb();
-  }
-
-  private onFrame(type: number, stream: number, payload: Buffer): void {
-    if (type === FrameType.HELLO) {
-      this.hostNonce = Buffer.from(payload.subarray(4));
-      this.push(encodeFrame(FrameType.CHALLENGE, 0, Buffer.concat([u16(1), u16(0), this.agentNonce])));
-    } else if (type === FrameType.AUTH) {
-      const proof = agentProof(this.secret, this.hostNonce, this.agentNonce);
-      const info = encodeFields([
-        [Field.VERSION, "0.1.0"],
-        [Field.CAPS, "exec"],
-        [Field.START_UPTIME, "0.5"],
-      ]);
-      this.push(encodeFrame(FrameType.AUTH_OK, 0, Buffer.concat([proof, info])));
-    } else if (stream > 0 && type !== FrameType.CREDIT && type !== FrameType.EOF && type !== FrameType.DATA) {
+  protected onRequest(type: number, stream: number, _payload: Buffer): void {
+    if (stream > 0 && type !== FrameType.CREDIT && type !== FrameType.EOF && type !== FrameType.DATA) {
       // Reply asynchronously, like a real peer, with a burst of hostile frames.
       setImmediate(() => {
         const n = 1 + this.r.int(12);

@@ -17,16 +17,15 @@ import {
   u16,
 } from "../../src/channel/agent-protocol.js";
 
-/** Authenticates, then answers EXEC with endless stdout within credit; CANCEL is ignored. */
-export class FloodingAgent extends Duplex {
+/**
+ * The part every fake agent shares: it proves the secret like the real agent (HELLO,
+ * CHALLENGE, AUTH, AUTH_OK), then hands every later frame to `onRequest`. Input it cannot
+ * decode ends the connection.
+ */
+export abstract class AuthenticatingFakeAgent extends Duplex {
   private readonly decoder = new FrameDecoder();
   private hostNonce = Buffer.alloc(0);
   private readonly agentNonce = randomBytes(32);
-  private credit = new Map<number, number>();
-  private readonly chunk = Buffer.alloc(MAX_PAYLOAD, 0x41);
-  /** Bytes of DATA sent so far, and CANCELs received. */
-  sent = 0;
-  cancels = 0;
 
   constructor(private readonly secret: Buffer) {
     super();
@@ -35,7 +34,11 @@ export class FloodingAgent extends Duplex {
   override _read(): void {}
 
   override _write(chunk: Buffer, _enc: BufferEncoding, cb: (err?: Error | null) => void): void {
-    for (const f of this.decoder.push(chunk)) this.onFrame(f.type, f.stream, f.payload);
+    try {
+      for (const f of this.decoder.push(chunk)) this.onFrame(f.type, f.stream, f.payload);
+    } catch {
+      this.destroy();
+    }
     cb();
   }
 
@@ -51,7 +54,23 @@ export class FloodingAgent extends Duplex {
         [Field.START_UPTIME, "0.5"],
       ]);
       this.push(encodeFrame(FrameType.AUTH_OK, 0, Buffer.concat([proof, info])));
-    } else if (type === FrameType.EXEC) {
+    } else this.onRequest(type, stream, payload);
+  }
+
+  /** Every frame after the handshake. */
+  protected abstract onRequest(type: number, stream: number, payload: Buffer): void;
+}
+
+/** Authenticates, then answers EXEC with endless stdout within credit; CANCEL is ignored. */
+export class FloodingAgent extends AuthenticatingFakeAgent {
+  private credit = new Map<number, number>();
+  private readonly chunk = Buffer.alloc(MAX_PAYLOAD, 0x41);
+  /** Bytes of DATA sent so far, and CANCELs received. */
+  sent = 0;
+  cancels = 0;
+
+  protected onRequest(type: number, stream: number, payload: Buffer): void {
+    if (type === FrameType.EXEC) {
       this.credit.set(stream, INITIAL_WINDOW);
       this.flood(stream);
     } else if (type === FrameType.CREDIT) {
