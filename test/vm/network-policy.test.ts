@@ -6,7 +6,7 @@
  */
 import { execFile } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
-import { createServer, get, type Server } from "node:http";
+import { createServer, type Server } from "node:http";
 import { networkInterfaces, tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -15,6 +15,7 @@ import { ValidationError } from "../../src/errors.js";
 import { cgroup2Mount, tableName } from "../../src/vm/network/firewall.js";
 import type { NetworkPolicy } from "../../src/vm/network/policy.js";
 import { SmolVM } from "../../src/vm/smolvm.js";
+import { httpGet } from "../fixtures/http-get.js";
 import { createTestHosts, type TestHosts } from "../fixtures/test-hosts.js";
 
 const pexec = promisify(execFile);
@@ -37,18 +38,6 @@ async function guestLookup(vm: SmolVM, name: string): Promise<string> {
 
 async function nftTables(): Promise<string> {
   return (await pexec("nft", ["list", "tables"])).stdout;
-}
-
-function hostGet(port: number): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const req = get({ host: "127.0.0.1", port, path: "/index.html", timeout: 5_000 }, (res) => {
-      let body = "";
-      res.on("data", (d) => (body += d));
-      res.on("end", () => resolve(body));
-    });
-    req.on("error", reject);
-    req.on("timeout", () => req.destroy(new Error("timeout")));
-  });
 }
 
 function hostAddresses(): string[] {
@@ -245,7 +234,7 @@ describe("network policy on real microVMs", () => {
       await ssh.close();
       await quiet.run("mkdir -p /srv && echo served > /srv/index.html && (httpd -p 0.0.0.0:8080 -h /srv &)");
       const port = await quiet.exposeLocal(8080);
-      expect(await hostGet(port)).toBe("served\n");
+      expect(await httpGet(port)).toBe("served\n");
       await quiet.unexposeLocal(port);
       expect(await guestHttp(quiet, "denied.test", "denied.test")).toBe("");
 

@@ -5,7 +5,6 @@
 import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { get } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -19,22 +18,11 @@ import {
 } from "../../src/errors.js";
 import { SmolVM } from "../../src/vm/smolvm.js";
 import { VmStore } from "../../src/vm/store.js";
+import { httpGet } from "../fixtures/http-get.js";
 import { pgrepF } from "../fixtures/pgrep.js";
 
 const pexec = promisify(execFile);
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
-
-function httpGet(port: number): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const req = get({ host: "127.0.0.1", port, path: "/index.html", timeout: 5_000 }, (res) => {
-      let body = "";
-      res.on("data", (d) => (body += d));
-      res.on("end", () => resolve(body));
-    });
-    req.on("error", reject);
-    req.on("timeout", () => req.destroy(new Error("timeout")));
-  });
-}
 
 describe("SmolVM on a real microVM", () => {
   let dataDir: string;
