@@ -765,13 +765,8 @@ export class SmolVM implements AsyncDisposable {
     deadline.phase = "capturing the template";
     const t0 = performance.now();
     try {
-      const meta = await this.captureTo(
-        dir,
-        { id: newSnapshotId(), name: "template", ephemeral: false },
-        deadline,
-      );
+      await this.captureTo(dir, { id: newSnapshotId(), name: "template", ephemeral: false }, deadline);
       if (this.bootTimings) this.bootTimings.templateCaptureMs = Math.round(performance.now() - t0);
-      void meta;
     } catch (e) {
       if (deadline.expired) throw e;
     }
