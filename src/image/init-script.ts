@@ -120,6 +120,24 @@ mkdir -p /etc/profile.d
 ( umask 077; [ -f ${cfg}/env ] && cp ${cfg}/env /etc/profile.d/smolvm_env.sh; touch /etc/profile.d/smolvm_env.sh )
 chmod 600 /etc/profile.d/smolvm_env.sh
 
+# The SSH host key and authorized_keys too: a VM restored from a snapshot taken once the agent
+# ran gets its own over the agent, and nothing after this point may overwrite them.
+umask 077
+mkdir -p /root/.ssh /etc/ssh /run/sshd
+chmod 700 /root /root/.ssh
+chmod 755 /run/sshd
+if [ -s ${cfg}/ssh_host_ed25519_key ]; then
+  cp ${cfg}/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key
+  rm -f ${cfg}/ssh_host_ed25519_key
+else
+  echo "smolvm: warning no host key delivered, generating one (it cannot be pinned)"
+  ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
+fi
+chmod 600 /etc/ssh/ssh_host_ed25519_key
+[ -f ${cfg}/authorized_keys ] && cp ${cfg}/authorized_keys /root/.ssh/authorized_keys
+chmod 600 /root/.ssh/authorized_keys 2>/dev/null
+umask 022
+
 # ---- smolvm guest agent hook: started before networking and sshd when the image ships it,
 # the runtime attached its virtio-serial port and delivered a secret (which it then unlinks).
 if [ -x ${AGENT_PATH} ] && [ -e /dev/virtio-ports/${AGENT_PORT_NAME} ] && [ -s ${cfg}/agent_secret ]; then
@@ -144,21 +162,6 @@ ip route add default via 10.0.2.2
 echo "nameserver 10.0.2.3" > /etc/resolv.conf
 milestone network-up
 
-umask 077
-mkdir -p /root/.ssh /etc/ssh /etc/profile.d /run/sshd
-chmod 700 /root /root/.ssh
-chmod 755 /run/sshd
-if [ -s ${cfg}/ssh_host_ed25519_key ]; then
-  cp ${cfg}/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key
-  rm -f ${cfg}/ssh_host_ed25519_key
-else
-  echo "smolvm: warning no host key delivered, generating one (it cannot be pinned)"
-  ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
-fi
-chmod 600 /etc/ssh/ssh_host_ed25519_key
-[ -f ${cfg}/authorized_keys ] && cp ${cfg}/authorized_keys /root/.ssh/authorized_keys
-chmod 600 /root/.ssh/authorized_keys 2>/dev/null
-umask 022
 /usr/sbin/sshd -D -E /var/log/sshd.log &
 # "started" means listening: wait for :22 (0x0016) in LISTEN (0A) state.
 i=0

@@ -223,12 +223,18 @@ const AUTO_AGENT_PROBE_MS = 2_000;
  * A restored VM's sshd still holds the snapshot's host key: once the init's sshd is up, replace
  * it with one that loads the VM's own key (written just before), and log a milestone on the
  * console. The agent starts it in the background at the lowest priority (sshd itself is set
- * back to normal), so the first commands do not wait for it.
+ * back to normal), so the first commands do not wait for it. Under load the old sshd may be slow
+ * to go and free port 22: it is killed outright after 5 s, and the new one retried until it binds.
  */
-const REKEY_SSHD = `i=0; while [ $i -lt 200 ] && ! grep -q ' sshd-started' /run/smolvm/milestones 2>/dev/null; do sleep 0.05; i=$((i + 1)); done
-p=$(pidof sshd || true); [ -n "$p" ] && kill $p
-i=0; while [ $i -lt 100 ] && pidof sshd >/dev/null; do sleep 0.02; i=$((i + 1)); done
-/usr/sbin/sshd -E /var/log/sshd.log && renice 0 -p "$(cat /run/sshd.pid)"
+const REKEY_SSHD = `i=0; while [ $i -lt 1200 ] && ! grep -q ' sshd-started' /run/smolvm/milestones 2>/dev/null; do sleep 0.05; i=$((i + 1)); done
+p=$(pidof sshd || true)
+if [ -n "$p" ]; then
+  kill $p
+  i=0; while [ $i -lt 250 ] && pidof sshd >/dev/null; do sleep 0.02; i=$((i + 1)); done
+  kill -9 $p 2>/dev/null
+fi
+i=0; until /usr/sbin/sshd -E /var/log/sshd.log || [ $i -ge 100 ]; do sleep 0.1; i=$((i + 1)); done
+renice 0 -p "$(cat /run/sshd.pid)"
 read up _ < /proc/uptime; echo "smolvm: \${up%.*}\${up#*.}0 sshd-rekeyed" > /dev/console`;
 
 /** How often a call in flight checks that the guest is still alive. */
