@@ -9,6 +9,7 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
+import { progressLine } from "../src/cli/progress-line.js";
 import { ensureImage } from "../src/image/index.js";
 import { detectAccelerator } from "../src/vm/accel.js";
 import { SmolVM } from "../src/vm/smolvm.js";
@@ -47,16 +48,18 @@ export async function main(opts: StartOptions = {}): Promise<StartSummary> {
   const signal = opts.signal;
   const warmRuns = opts.warmRuns ?? 20;
 
-  // The builder draws its own progress line on a TTY; here we only learn whether it was cached.
+  // A progress line on a TTY while the image builds; and whether it was cached.
   let imageState = "cached";
   const t0 = performance.now();
+  const line = progressLine();
   await ensureImage("tiny", {
     dataDir: opts.dataDir,
     signal,
     onProgress: (p) => {
+      line.onProgress(p);
       if (p.done) imageState = p.step === "cached" ? "cached" : p.step;
     },
-  });
+  }).finally(() => line.close());
   log(`image tiny: ${imageState} (${ms(performance.now() - t0)})`);
   const verdict = await detectAccelerator({ dataDir: opts.dataDir, signal });
   log(

@@ -2,6 +2,7 @@
 import type { Command } from "commander";
 import { ValidationError } from "../errors.js";
 import { buildImage, type ImageName, listImages, removeImage } from "../image/index.js";
+import { progressLine } from "./progress-line.js";
 
 const NAMES = ["tiny", "debian"];
 
@@ -29,7 +30,12 @@ export function registerImageCommands(program: Command): void {
       const timeoutMs = o.timeout === undefined ? undefined : Number(o.timeout) * 1000;
       if (timeoutMs !== undefined && !(timeoutMs > 0))
         throw new ValidationError("--timeout must be a positive number of seconds.");
-      const m = await buildImage(imageName(name), { force: o.force, timeoutMs });
+      const line = progressLine();
+      const m = await buildImage(imageName(name), {
+        force: o.force,
+        timeoutMs,
+        onProgress: line.onProgress,
+      }).finally(() => line.close());
       process.stdout.write(`${m.name} ${m.fingerprint.slice(0, 16)} ${m.dir}\n`);
     });
 

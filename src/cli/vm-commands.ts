@@ -13,6 +13,7 @@ import type { SignalName } from "../vm/processes.js";
 import { type CommChannelChoice, SmolVM, type VmStatus } from "../vm/smolvm.js";
 import { parseDuration } from "../vm/ttl.js";
 import { collectEnv } from "./env-input.js";
+import { progressLine } from "./progress-line.js";
 
 const collect = (v: string, acc: string[]) => [...acc, v];
 
@@ -78,9 +79,10 @@ export function registerVmCommands(program: Command): void {
         ttlMs: o.ttl === undefined ? undefined : parseDuration(o.ttl),
         labels: parseLabels(o.label),
       };
-      const vm = o.fromSnapshot
-        ? await SmolVM.fromSnapshot(o.fromSnapshot, common)
-        : await SmolVM.create({
+      const line = progressLine();
+      const vm = await (o.fromSnapshot
+        ? SmolVM.fromSnapshot(o.fromSnapshot, common)
+        : SmolVM.create({
             network: common.network,
             image: o.image,
             memoryMib: o.memory,
@@ -92,7 +94,9 @@ export function registerVmCommands(program: Command): void {
             labels: parseLabels(o.label),
             diskMib: o.disk,
             template: o.template,
-          });
+            onProgress: line.onProgress,
+          })
+      ).finally(() => line.close());
       // The VM outlives this process: close our connection, do not dispose (that deletes).
       await vm.close();
       if (o.json)

@@ -199,7 +199,6 @@ async function buildOnce(name: ImageName, opts: BuildImageOptions): Promise<Imag
     if (e instanceof SmolVMError) throw e;
     throw new ImageBuildError(`building image ${name} failed: ${(e as Error).message}`, { cause: e });
   } finally {
-    progress.stop();
     deadline.dispose();
   }
 }

@@ -1,6 +1,6 @@
 /**
- * Build progress: an `onProgress` callback for SDK users, and on a TTY a single updating
- * stderr line with the step and elapsed time. Silent when stderr is not a TTY.
+ * Build progress as `onProgress` events: the step, its index and the elapsed time. The library
+ * never draws; the CLI turns these into a line on a TTY (cli/progress-line.ts).
  */
 
 export interface ImageBuildProgress {
@@ -19,22 +19,12 @@ export class ProgressReporter {
   private readonly started = performance.now();
   private index = 0;
   private step = "starting";
-  private timer: NodeJS.Timeout | undefined;
-  private readonly tty: boolean;
 
   constructor(
     private readonly image: string,
     private readonly total: number,
     private readonly onProgress?: (p: ImageBuildProgress) => void,
-    stream: NodeJS.WriteStream = process.stderr,
-    private readonly out = stream,
-  ) {
-    this.tty = Boolean(stream.isTTY);
-    if (this.tty) {
-      this.timer = setInterval(() => this.draw(), 250);
-      this.timer.unref();
-    }
-  }
+  ) {}
 
   begin(step: string): void {
     this.index = Math.min(this.index + 1, this.total);
@@ -52,13 +42,6 @@ export class ProgressReporter {
     this.step = step;
     this.index = this.total;
     this.emit(true);
-    this.stop();
-    if (this.tty) this.out.write("\n");
-  }
-
-  stop(): void {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = undefined;
   }
 
   private emit(done: boolean): void {
@@ -71,12 +54,5 @@ export class ProgressReporter {
       elapsedMs: Math.round(performance.now() - this.started),
       done,
     });
-    this.draw();
-  }
-
-  private draw(): void {
-    if (!this.tty) return;
-    const s = ((performance.now() - this.started) / 1000).toFixed(1);
-    this.out.write(`\r\x1b[2Ksmolvm image ${this.image}: [${this.index}/${this.total}] ${this.step} (${s}s)`);
   }
 }

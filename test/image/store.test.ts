@@ -11,6 +11,7 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
+import { progressLine } from "../../src/cli/progress-line.js";
 import { ImageBuildError } from "../../src/errors.js";
 import { ensureClientKey, generateHostKey } from "../../src/image/keys.js";
 import { acquireLock } from "../../src/image/lock.js";
@@ -185,19 +186,19 @@ describe("progress display", () => {
     };
   }
 
-  it("draws one updating line on a TTY and calls onProgress for each step", () => {
+  it("reports each step through onProgress; the CLI draws them as one updating line on a TTY", () => {
     const { stream, writes } = sink(true);
+    const line = progressLine(stream);
     const seen: string[] = [];
-    const p = new ProgressReporter(
-      "tiny",
-      3,
-      (e) => seen.push(`${e.index}/${e.total} ${e.step} ${e.done}`),
-      stream,
-    );
+    const p = new ProgressReporter("tiny", 3, (e) => {
+      seen.push(`${e.index}/${e.total} ${e.step} ${e.done}`);
+      line.onProgress(e);
+    });
     p.begin("resolving");
     p.begin("unpacking");
     p.detail("unpacking: busybox");
     p.finish("built");
+    line.close();
     expect(seen).toEqual([
       "1/3 resolving false",
       "2/3 unpacking false",
@@ -209,11 +210,13 @@ describe("progress display", () => {
     expect(writes.at(-1)).toBe("\n");
   });
 
-  it("is silent when stderr is not a TTY", () => {
+  it("the progress line is silent when stderr is not a TTY", () => {
     const { stream, writes } = sink(false);
-    const p = new ProgressReporter("tiny", 2, undefined, stream);
+    const line = progressLine(stream);
+    const p = new ProgressReporter("tiny", 2, line.onProgress);
     p.begin("a");
     p.finish();
+    line.close();
     expect(writes).toEqual([]);
   });
 });
