@@ -162,13 +162,26 @@ ip route add default via 10.0.2.2
 echo "nameserver 10.0.2.3" > /etc/resolv.conf
 milestone network-up
 
-/usr/sbin/sshd -D -E /var/log/sshd.log &
-# "started" means listening: wait for :22 (0x0016) in LISTEN (0A) state.
-i=0
-while [ $i -lt 500 ] && ! grep -q ':0016 00000000:0000 0A' /proc/net/tcp 2>/dev/null; do
-  sleep 0.01; i=$((i + 1))
-done
-milestone sshd-started
+# sshd starts at the lowest priority: nothing the user waits for by default needs it, and a VM
+# restored from a template resumes here, where its first commands must not queue behind it.
+# Once it listens it gets normal priority back.
+(
+  read -r me _ < /proc/self/stat
+  renice 19 -p "$me" >/dev/null 2>&1
+  exec /usr/sbin/sshd -D -E /var/log/sshd.log
+) &
+sshd_pid=$!
+(
+  read -r me _ < /proc/self/stat
+  renice 19 -p "$me" >/dev/null 2>&1
+  # "started" means listening: wait for :22 (0x0016) in LISTEN (0A) state.
+  i=0
+  while [ $i -lt 500 ] && ! grep -q ':0016 00000000:0000 0A' /proc/net/tcp 2>/dev/null; do
+    sleep 0.01; i=$((i + 1))
+  done
+  renice 0 -p "$sshd_pid" >/dev/null 2>&1
+  milestone sshd-started
+) &
 
 # PID 1 stays here: waiting reaps every child, including orphans; SIGTERM powers off.
 trap 'poweroff -f 2>/dev/null || echo o > /proc/sysrq-trigger' TERM USR2
