@@ -50,7 +50,9 @@ export interface VmConfig {
 
 /** The config fields every launch of a VM needs. */
 export type LaunchConfig = VmConfig &
-  Required<Pick<VmConfig, "memoryMib" | "vcpus" | "accel" | "kernelPath" | "kernelCmdline">>;
+  Required<
+    Pick<VmConfig, "memoryMib" | "vcpus" | "accel" | "kernelPath" | "kernelCmdline" | "hostPublicKey">
+  >;
 
 type Check = (v: unknown) => boolean;
 
@@ -138,19 +140,20 @@ export function parseVmConfig(json: string, owner: string): VmConfig {
 
 /** The config of a VM about to launch: every field a launch needs, or VM_RECORD_DAMAGED. */
 export function launchConfig(config: VmConfig, owner: string): LaunchConfig {
-  const { memoryMib, vcpus, accel, kernelPath, kernelCmdline } = config;
+  const { memoryMib, vcpus, accel, kernelPath, kernelCmdline, hostPublicKey } = config;
   if (
     memoryMib === undefined ||
     vcpus === undefined ||
     accel === undefined ||
     kernelPath === undefined ||
-    kernelCmdline === undefined
+    kernelCmdline === undefined ||
+    hostPublicKey === undefined
   ) {
-    const need = { memoryMib, vcpus, accel, kernelPath, kernelCmdline };
+    const need = { memoryMib, vcpus, accel, kernelPath, kernelCmdline, hostPublicKey };
     const missing = Object.entries(need)
       .filter(([, v]) => v === undefined)
       .map(([k]) => k);
     throw damaged(owner, `config lacks ${missing.join(", ")} (the VM was never fully created)`);
   }
-  return { ...config, memoryMib, vcpus, accel, kernelPath, kernelCmdline };
+  return { ...config, memoryMib, vcpus, accel, kernelPath, kernelCmdline, hostPublicKey };
 }
