@@ -107,7 +107,10 @@ function damaged(owner: string, what: string, remedy = VM_REMEDY): VMStateError 
 }
 
 function isVmConfig(v: unknown, owner: string, remedy?: string): v is VmConfig {
-  if (!isObj(v)) throw damaged(owner, `config is ${v === null ? "null" : typeof v}, not an object`, remedy);
+  if (!isObj(v)) {
+    const kind = Array.isArray(v) ? "an array" : v === null ? "null" : `a ${typeof v}`;
+    throw damaged(owner, `config is ${kind}, not an object`, remedy);
+  }
   for (const [key, [check, shape]] of Object.entries(FIELDS)) {
     const value = v[key];
     if (value !== undefined && !check(value)) {
