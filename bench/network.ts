@@ -212,7 +212,7 @@ try {
       `${arm}: throughput ${v.throughputRatio}x plain (>= 0.5x: ${v.throughputPass ? "PASS" : "FAIL"}), connection setup p50 in the guest ${v.connSetupP50OverheadMs} ms (< 5 ms: ${v.connSetupPass ? "PASS" : "FAIL"}), host probe ${v.hostProbeP50OverheadMs} ms (< 5 ms: ${v.hostProbePass ? "PASS" : "FAIL"})`,
     );
   }
-  const accel = (vm as unknown as { record: { config: { accel: string } } }).record.config.accel;
+  const accel = vm.bootTimings?.accel ?? "unknown";
   const file = writeResults("network", {
     accel,
     bytes: BYTES,

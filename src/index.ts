@@ -59,14 +59,17 @@ export { type PtyCreateOptions, Terminal, VmPty } from "./vm/pty.js";
 export {
   type AccelProgress,
   type BootTimings,
+  type BoundedOptions,
   type CommChannelChoice,
   type FromIdOptions,
   type FromSnapshotOptions,
   type ListOptions,
+  type RestoredFrom,
   SmolVM,
   type SmolVMCreateOptions,
   type SmolVMProgress,
   type SshCommands,
+  type VmConfig,
   type VmRecord,
   type VmStatus,
 } from "./vm/smolvm.js";

@@ -4,6 +4,7 @@
  * untrusted, so parsing is strict and the tail is capped and stripped of control bytes.
  */
 import { open, rename, writeFile } from "node:fs/promises";
+import { sleep } from "../common/deadline.js";
 import { printable } from "../common/guest-text.js";
 
 /** Kept for modules that import it from here; the one implementation is common/guest-text.ts. */
@@ -22,6 +23,22 @@ export function serialMilestones(log: string): Record<string, number> {
 }
 
 /** The last `bytes` of a file as printable text (empty when missing). */
+/**
+ * Waits until the guest's init logged milestone `name` in the serial log at `path` (create()
+ * returns a VM whose network is configured, not just one whose agent answers).
+ */
+export async function waitForMilestone(
+  path: string,
+  name: string,
+  deadline: { signal: AbortSignal },
+): Promise<void> {
+  for (;;) {
+    const log = await tailFile(path, 65536);
+    if (serialMilestones(log)[name] !== undefined) return;
+    await sleep(10, deadline.signal);
+  }
+}
+
 export async function tailFile(path: string, bytes = 2048): Promise<string> {
   return printable((await tailBytes(path, bytes)).toString("utf8"));
 }

@@ -18,6 +18,7 @@ import { quoteSh } from "../command.js";
 import { type Deadline, sleep } from "../common/deadline.js";
 import { ValidationError, VMNotFoundError, VMStateError } from "../errors.js";
 import { QmpClient } from "./qmp.js";
+import { checkVmConfig, type VmConfig } from "./vm-config.js";
 
 export interface SnapshotInfo {
   id: string;
@@ -35,7 +36,7 @@ export interface SnapshotInfo {
 /** What a restore needs besides the files: kept in snapshot.json next to them. */
 export interface SnapshotMeta extends SnapshotInfo {
   /** VmRecord.config of the source, minus per-VM identity. */
-  config: Record<string, unknown>;
+  config: Omit<VmConfig, "hostPublicKey" | "clientKeyPath" | "restoredFrom">;
   /** How long the source's vCPUs were stopped for the capture. */
   pauseMs: number;
   /** True for a snapshot made by fork(): deleted with its last clone. */
@@ -237,6 +238,14 @@ export async function readSnapshotMeta(dir: string): Promise<SnapshotMeta> {
     typeof meta.config !== "object"
   ) {
     throw new VMStateError(`${dir} holds no valid snapshot.json.`, { code: "SNAPSHOT_DAMAGED" });
+  }
+  try {
+    meta.config = checkVmConfig(meta.config, `snapshot ${meta.id}`, "Take the snapshot again.");
+  } catch (cause) {
+    throw new VMStateError(`${dir} holds a damaged snapshot.json: ${String(cause)}`, {
+      code: "SNAPSHOT_DAMAGED",
+      cause,
+    });
   }
   for (const p of [snapshotFiles(dir).state, snapshotFiles(dir).initrd]) {
     if (!existsSync(p))

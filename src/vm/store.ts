@@ -10,6 +10,7 @@ import Database from "better-sqlite3";
 import { ensureDataDir, ensurePrivateFile } from "../common/data-dir.js";
 import { SmolVMError, ValidationError, VMNotFoundError } from "../errors.js";
 import { isQemuAlive } from "./process.js";
+import { parseVmConfig, type VmConfig } from "./vm-config.js";
 
 export type VmStatus = "creating" | "running" | "paused" | "stopped" | "crashed";
 
@@ -23,7 +24,8 @@ export interface VmRecord {
   name: string;
   status: VmStatus;
   image: string;
-  config: Record<string, unknown>;
+  /** Settings and launch inputs, validated when read (see vm-config.ts). */
+  config: VmConfig;
   pid: number | null;
   sshPort: number | null;
   ports: PortMapping[];
@@ -151,7 +153,7 @@ function fromRow(r: Row): VmRecord {
     name: r.name,
     status: r.status as VmStatus,
     image: r.image,
-    config: JSON.parse(r.config) as Record<string, unknown>,
+    config: parseVmConfig(r.config, `VM ${r.id} (in the state database)`),
     pid: r.pid,
     sshPort: r.ssh_port,
     ports: JSON.parse(r.ports) as PortMapping[],

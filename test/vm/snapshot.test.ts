@@ -117,7 +117,7 @@ describe("snapshots and fork", () => {
           host: "127.0.0.1",
           port: r.sshPort!,
           user: "root",
-          keyPath: r.config.clientKeyPath as string,
+          keyPath: r.config.clientKeyPath,
           hostKey: { policy: "strict", fingerprint: r.hostKeyFingerprint! },
         });
         expect((await ssh.run("hostname", { timeoutMs: 20_000 })).output).toBe(`c${i + 1}`);
