@@ -38,7 +38,7 @@ import {
   SmolVMError,
   ValidationError,
 } from "../errors.js";
-import { ENV_FILE_MAX, envFileTooLarge, mergeEnv, parseEnvFile, renderEnvFile } from "../vm/env-file.js";
+import { ENV_FILE_MAX, envFileTooLarge, mergeEnv, parseEnvFile, renderEnvFile } from "./env-file.js";
 import {
   type AgentInfo,
   type AgentMessage,
@@ -63,8 +63,8 @@ import {
   SECRET_SIZE,
   u16,
   u32,
-  validateGuestPath,
 } from "./agent-protocol.js";
+import { validateGuestPath } from "./guest-path.js";
 import type {
   CallOptions,
   CommandStream,

@@ -5,7 +5,7 @@
  * decoder never holds more than one frame.
  */
 import { createHmac, timingSafeEqual } from "node:crypto";
-import { ProtocolError, ValidationError } from "../errors.js";
+import { ProtocolError } from "../errors.js";
 
 export const PROTOCOL_VERSION = 1;
 export const MAGIC = 0x534d4147; // "SMAG"
@@ -380,26 +380,6 @@ export function encodeWaitPort(port: number, timeoutMs: number): Buffer {
 
 export function encodeHello(hostNonce: Buffer): Buffer {
   return Buffer.concat([u16(PROTOCOL_VERSION), u16(0), hostNonce]);
-}
-
-/** Guest path rules the agent enforces too; checked on the host first for a clear ValidationError. */
-export function guestPathProblem(path: string): string | undefined {
-  if (typeof path !== "string" || !path.startsWith("/")) return "must be absolute (start with /)";
-  if (path.includes("\0")) return "contains a NUL byte";
-  if (Buffer.byteLength(path) > 4096) return "is longer than 4096 bytes";
-  if (path.split("/").some((c) => c === ".." || c === ".")) return 'has a "." or ".." component';
-  if (path.endsWith("/")) return "ends with / (name the file)";
-  return undefined;
-}
-
-/** Both channels accept the same guest paths: absolute, normalized, naming a file. */
-export function validateGuestPath(path: string): void {
-  const problem = guestPathProblem(path);
-  if (problem) {
-    throw new ValidationError(`guest path ${JSON.stringify(String(path).slice(0, 200))} ${problem}.`, {
-      details: { problem },
-    });
-  }
 }
 
 // ---------------------------------------------------------------- authentication

@@ -20,7 +20,8 @@ import {
   type WatchEvent,
   watchDir,
 } from "../channel/agent-ops.js";
-import { guestPathProblem, MAX_PAYLOAD, validateGuestPath } from "../channel/agent-protocol.js";
+import { MAX_PAYLOAD } from "../channel/agent-protocol.js";
+import { guestPathProblem, validateGuestPath } from "../channel/guest-path.js";
 import { SshChannel } from "../channel/ssh-channel.js";
 import type { CallOptions, CommChannel } from "../channel/types.js";
 import { validateTimeout } from "../command.js";

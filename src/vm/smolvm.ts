@@ -56,7 +56,7 @@ import {
 import { acquireAgentLock } from "./agent-lock.js";
 import { type CrashReport, CrashWatch } from "./crash-watch.js";
 import { type DoctorOptions, type DoctorReport, doctor } from "./doctor.js";
-import { renderEnvFile } from "./env-file.js";
+import { renderEnvFile } from "../channel/env-file.js";
 import { type ChannelAccess, VmFiles } from "./files.js";
 import {
   prepareVmNetwork,

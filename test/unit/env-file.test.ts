@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { ProtocolError, ValidationError } from "../../src/errors.js";
-import { mergeEnv, parseEnvFile, renderEnvFile } from "../../src/vm/env-file.js";
+import { mergeEnv, parseEnvFile, renderEnvFile } from "../../src/channel/env-file.js";
 
 const tricky = {
   PLAIN: "value",
