@@ -38,7 +38,6 @@ import {
   SmolVMError,
   ValidationError,
 } from "../errors.js";
-import { ENV_FILE_MAX, envFileTooLarge, mergeEnv, parseEnvFile, renderEnvFile } from "./env-file.js";
 import {
   type AgentInfo,
   type AgentMessage,
@@ -64,6 +63,7 @@ import {
   u16,
   u32,
 } from "./agent-protocol.js";
+import { ENV_FILE_MAX, envFileTooLarge, mergeEnv, parseEnvFile, renderEnvFile } from "./env-file.js";
 import { validateGuestPath } from "./guest-path.js";
 import type {
   CallOptions,

@@ -11,6 +11,7 @@ import { join } from "node:path";
 import type { Duplex } from "node:stream";
 import { AgentChannel, connectUnix } from "../channel/agent-channel.js";
 import { setIdentity } from "../channel/agent-ops.js";
+import { renderEnvFile } from "../channel/env-file.js";
 import { SshChannel } from "../channel/ssh-channel.js";
 import type { CommandStream, CommChannel } from "../channel/types.js";
 import {
@@ -56,7 +57,6 @@ import {
 import { acquireAgentLock } from "./agent-lock.js";
 import { type CrashReport, CrashWatch } from "./crash-watch.js";
 import { type DoctorOptions, type DoctorReport, doctor } from "./doctor.js";
-import { renderEnvFile } from "../channel/env-file.js";
 import { type ChannelAccess, VmFiles } from "./files.js";
 import {
   prepareVmNetwork,
