@@ -315,6 +315,24 @@ export function decodeFields(payload: Buffer, offset = 0): Array<[number, Buffer
   return out;
 }
 
+/** A one-byte field value (strict size). */
+export function fieldU8(v: Buffer, what: string): number {
+  if (v.length !== 1) throw new ProtocolError(`agent ${what} field has the wrong size.`);
+  return v[0]!;
+}
+/** A big-endian u32 field value (strict size). */
+export function fieldU32(v: Buffer, what: string): number {
+  if (v.length !== 4) throw new ProtocolError(`agent ${what} field has the wrong size.`);
+  return v.readUInt32BE(0);
+}
+/** A big-endian u64 field value, at most Number.MAX_SAFE_INTEGER. */
+export function fieldU64(v: Buffer, what: string): number {
+  if (v.length !== 8) throw new ProtocolError(`agent ${what} field has the wrong size.`);
+  const n = v.readBigUInt64BE(0);
+  if (n > BigInt(Number.MAX_SAFE_INTEGER)) throw new ProtocolError(`agent ${what} is out of range.`);
+  return Number(n);
+}
+
 export function u16(n: number): Buffer {
   const b = Buffer.allocUnsafe(2);
   b.writeUInt16BE(n, 0);

@@ -19,7 +19,7 @@ import {
   statPath,
   type WatchEvent,
   watchDir,
-} from "../channel/agent-ops.js";
+} from "../channel/agent-fs.js";
 import { MAX_PAYLOAD } from "../channel/agent-protocol.js";
 import { guestPathProblem, validateGuestPath } from "../channel/guest-path.js";
 import { SshChannel } from "../channel/ssh-channel.js";

@@ -8,7 +8,8 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { buildAgent } from "../../src/channel/agent-build.js";
-import { AgentChannel, type AgentChannelOptions, connectUnix } from "../../src/channel/agent-channel.js";
+import { AgentChannel, type AgentChannelOptions } from "../../src/channel/agent-channel.js";
+import { connectUnix } from "../../src/channel/agent-transport.js";
 
 export interface TestAgent {
   dir: string;
