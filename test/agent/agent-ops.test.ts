@@ -1,5 +1,5 @@
 /**
- * The agent-ops codec (file entries, process lists) and the capability gate, without a VM: what
+ * The codec of agent-fs.ts and agent-procs.ts (file entries, process lists) and the capability gate, without a VM: what
  * an older agent or a hostile one can send must end in typed errors.
  */
 import { describe, expect, it } from "vitest";
