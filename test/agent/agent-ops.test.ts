@@ -1,6 +1,6 @@
 /**
- * The codec of agent-fs.ts and agent-procs.ts (file entries, process lists) and the capability gate, without a VM: what
- * an older agent or a hostile one can send must end in typed errors.
+ * The codec of agent-fs.ts and agent-procs.ts (file entries, process lists) and the capability
+ * gate, without a VM: what an older agent or a hostile one can send must end in typed errors.
  */
 import { describe, expect, it } from "vitest";
 import { requireCapability } from "../../src/channel/agent-errors.js";
