@@ -121,7 +121,10 @@ export function request<T>(source: SessionSource, spec: RequestSpec<T>, deadline
     spec.onOpen?.(ctl);
   });
   opened.catch((err) => ctl.reject(err));
-  return deadline.race(result).catch((err) => {
+  return deadline.race(result).catch(async (err) => {
+    // A deadline that had already ended may still see the request go out on a live session:
+    // wait for the open (bounded: session() races the same deadline) so that stream is cancelled.
+    await opened.catch(() => {});
     if (!ended) stream?.cancel(spec.reportEndAfterCancel);
     if (stream && deadline.expired && spec.onDeadline) throw spec.onDeadline();
     throw err;

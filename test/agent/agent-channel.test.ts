@@ -311,6 +311,19 @@ describe("concurrency and timeouts", () => {
     expect(err).toBeInstanceOf(OperationAbortedError);
     expect(await until(() => pgrep(marker) === "", 3000)).toBe(true);
   });
+
+  it("a signal aborted before the call leaves no command behind on a live session", async () => {
+    await using ch = agent.channel();
+    await ch.ping();
+    const marker = `smolvm-preabort-${randomBytes(4).toString("hex")}`;
+    const err = await ch
+      .run(`sh -c 'sleep 30; : ${marker}'`, { shell: "raw", signal: AbortSignal.abort() })
+      .catch((e) => e);
+    expect(err).toBeInstanceOf(OperationAbortedError);
+    expect((err.partial as CommandResult<string>).stdout).toBe("");
+    expect(await until(() => pgrep(marker) === "", 3000)).toBe(true);
+    expect((await ch.run("echo still")).stdout).toBe("still\n");
+  });
 });
 
 describe("files", () => {
