@@ -2,7 +2,7 @@
 
 export { AgentChannel, type AgentChannelOptions } from "./channel/agent-channel.js";
 export type { AgentCommandStream, ExecArgvOptions } from "./channel/agent-exec.js";
-export type { AgentInfo } from "./channel/agent-protocol.js";
+export type { AgentInfo } from "./channel/agent-messages.js";
 export { connectUnix, connectVsockUds } from "./channel/agent-transport.js";
 export type * from "./channel/types.js";
 export * from "./command.js";

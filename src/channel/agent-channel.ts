@@ -36,7 +36,8 @@ import {
   toBuffer,
   validateArgv,
 } from "./agent-exec.js";
-import { type AgentInfo, decodeInfoFields, encodeWaitPort, FrameType } from "./agent-protocol.js";
+import { type AgentInfo, decodeInfoFields } from "./agent-messages.js";
+import { encodeWaitPort, FrameType } from "./agent-protocol.js";
 import { bounded, type RequestSpec, request, simpleRequest } from "./agent-request.js";
 import { getFile, getTo, putFile, putFrom } from "./agent-transfer.js";
 import type { CallOptions, CommChannel, GetFileOptions, PutFileOptions } from "./types.js";

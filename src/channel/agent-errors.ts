@@ -16,7 +16,7 @@ import {
   SmolVMError,
   ValidationError,
 } from "../errors.js";
-import type { AgentInfo, AgentMessage } from "./agent-protocol.js";
+import type { AgentInfo, AgentMessage } from "./agent-messages.js";
 
 export type AgentErrorMessage = Extract<AgentMessage, { type: "error" }>;
 

@@ -15,7 +15,8 @@ import {
 import { Deadline } from "../common/deadline.js";
 import { ProtocolError, ValidationError } from "../errors.js";
 import { agentError, deadlineError } from "./agent-errors.js";
-import { type AgentInfo, type ExecRequest, encodeExec, FrameType, u16 } from "./agent-protocol.js";
+import type { AgentInfo } from "./agent-messages.js";
+import { type ExecRequest, encodeExec, FrameType, u16 } from "./agent-protocol.js";
 import { bounded, type RequestStream, request, type SessionSource } from "./agent-request.js";
 import type { CommandStream, StreamEvent } from "./types.js";
 

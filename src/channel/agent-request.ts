@@ -8,7 +8,7 @@ import { DEFAULT_RUN_TIMEOUT_MS, validateTimeout } from "../command.js";
 import { Deadline } from "../common/deadline.js";
 import { ProtocolError } from "../errors.js";
 import type { AgentErrorMessage } from "./agent-errors.js";
-import type { AgentInfo } from "./agent-protocol.js";
+import type { AgentInfo } from "./agent-messages.js";
 import { FrameType, MAX_PAYLOAD } from "./agent-protocol.js";
 import type { AgentSession, EndMessage, StreamKind } from "./agent-session.js";
 

@@ -15,15 +15,17 @@ import {
   type AgentMessage,
   agentProof,
   decodeAgentFrame,
+  hostProof,
+  proofsEqual,
+} from "./agent-messages.js";
+import {
   encodeFrame,
   encodeHello,
   FrameDecoder,
   FrameType,
-  hostProof,
   INITIAL_WINDOW,
   MAX_PAYLOAD,
   NONCE_SIZE,
-  proofsEqual,
   u32,
 } from "./agent-protocol.js";
 
