@@ -18,8 +18,6 @@ import {
 } from "./agent-protocol.js";
 import { type Requester, simpleRequest } from "./agent-request.js";
 
-export { fileErrorCode } from "./agent-errors.js";
-
 export type FileType = "file" | "dir" | "symlink" | "other";
 
 export interface FileEntry {

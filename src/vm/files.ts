@@ -9,11 +9,11 @@ import { posix } from "node:path";
 import { Readable } from "node:stream";
 import type { SFTPWrapper } from "ssh2";
 import { AgentChannel } from "../channel/agent-channel.js";
+import { fileErrorCode } from "../channel/agent-errors.js";
 import {
   type AgentWatch,
   type FileEntry,
   type FileType,
-  fileErrorCode,
   fsOp,
   listDir,
   statPath,
