@@ -1,13 +1,16 @@
 /*
- * Shared internals of smolvm-agent: the wire constants of agent/PROTOCOL.md, the stream table
- * entry, and the helpers agent.c exports to the request handlers in fsops.c (file operations,
- * inotify watches) and procs.c (processes that outlive a host connection).
+ * Shared internals of smolvm-agent: the wire constants of agent/PROTOCOL.md (checked equal to
+ * src/channel/agent-protocol.ts by test/unit/agent-constants.test.ts), the stream table entry,
+ * the agent's state, and what each source file offers the others: agent.c (state, streams,
+ * transport, main), frames.c, auth.c, dispatch.c, exec.c, files.c, wait.c, fsops.c, procs.c,
+ * identity.c.
  */
 #ifndef SMOLVM_AGENT_H
 #define SMOLVM_AGENT_H
 #include <stddef.h>
 #include <stdint.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/types.h>
 
 #define AGENT_VERSION "0.1.0"
@@ -103,37 +106,103 @@ typedef struct {
 #define MAX_FIELDS 4200
 extern field_t FIELDS[MAX_FIELDS];
 
-/* agent.c */
-void logf_(const char *fmt, ...);
+typedef struct {
+  int transport;
+  const char *path;
+  unsigned vsock_port;
+  int listen_fd, conn_fd;
+  int state;
+  int64_t hup_until;
+  int64_t close_at; /* S_CLOSING: when to give up on the host reading our last frames */
+  int shut;
+  int hup_logged;
+  uint8_t secret[32];
+  uint8_t host_nonce[32], agent_nonce[32];
+  uint8_t in[IN_CAP];
+  size_t in_len;
+  uint8_t *out;
+  size_t out_off, out_len;
+  stream_t streams[MAX_STREAMS];
+  int nstreams;
+  int hi; /* one past the highest stream slot in use: the loops scan only that far */
+  int sigpipe[2];
+  const char *env_file, *milestones_file;
+  char start_uptime[32];
+  int verbose;
+  volatile sig_atomic_t stop;
+} agent_state_t;
+
+/* The agent's one state: transport, session, buffers and the stream table (agent.c). */
+extern agent_state_t G;
+
+/* agent.c: state, logging, the stream table, transport and main */
+void logf_(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 int64_t now_ms(void);
+int set_nonblock(int fd);
+stream_t *find_stream(uint32_t id);
+stream_t *new_stream(uint32_t id, int kind);
+void free_stream(stream_t *s);
+void drop_all_streams(void);
+void close_fd(int *fd);
+void set_terminal(stream_t *s, uint8_t type, const void *payload, size_t len);
+void set_error(stream_t *s, uint16_t code, int err, const char *fmt, ...);
+
+/* frames.c: integers, the output buffer, request fields */
 void put16(uint8_t *p, uint16_t v);
 void put32(uint8_t *p, uint32_t v);
 uint16_t get16(const uint8_t *p);
 uint32_t get32(const uint8_t *p);
 void put64(uint8_t *p, uint64_t v);
-int set_nonblock(int fd);
 size_t out_used(void);
 uint8_t *out_reserve(size_t len);
 void out_commit(uint8_t *p, uint8_t type, uint16_t flags, uint32_t stream, size_t len);
 int send_frame(uint8_t type, uint16_t flags, uint32_t stream, const void *payload, size_t len);
 void send_error(uint32_t stream, uint16_t code, int err, const char *fmt, ...);
-void signal_name(int sig, char *out, size_t n);
-int signal_number(const uint8_t *name, size_t len);
-stream_t *find_stream(uint32_t id);
-stream_t *new_stream(uint32_t id, int kind);
-void close_fd(int *fd);
-void set_terminal(stream_t *s, uint8_t type, const void *payload, size_t len);
-void set_error(stream_t *s, uint16_t code, int err, const char *fmt, ...);
 size_t put_field(uint8_t *p, uint8_t tag, const void *v, size_t len);
 int parse_fields(const uint8_t *p, uint32_t len, int *count);
 char *field_str(const field_t *f);
 const char *path_problem(const field_t *f);
-int mkdirs_for(char *path);
-uint16_t errno_code(int e);
+
+/* auth.c: the session and its handshake */
+void close_conn(void);
+void host_gone(void);
+void session_fail(uint16_t code, const char *msg);
+size_t info_fields(uint8_t *p, int full);
+void on_hello(const uint8_t *p, uint32_t len);
+void on_auth(const uint8_t *p, uint32_t len);
+void set_secret(const uint8_t secret[32]);
+void read_secret(const char *path, int unlink_after);
+int self_test(void);
+
+/* dispatch.c: frames in, frames out */
+void process_input(void);
+void pump(int64_t now);
+
+/* exec.c: EXEC, signals by name, reaping */
+void signal_name(int sig, char *out, size_t n);
+int signal_number(const uint8_t *name, size_t len);
 size_t encode_exit(int status, int timed_out, int cancelled, uint8_t *buf);
 void start_exec(uint32_t id, const uint8_t *p, uint32_t len);
+void exec_stdin_flush(stream_t *s);
+void exec_data(stream_t *s, const uint8_t *p, uint32_t len);
+void exec_pump_fd(stream_t *s, int *fd, uint16_t which);
+void exec_maybe_finish(stream_t *s, int64_t now);
+void reap_children(void);
 
-void set_secret(const uint8_t secret[32]);
+/* files.c: PUT and GET */
+int mkdirs_for(char *path);
+uint16_t errno_code(int e);
+void start_put(uint32_t id, const uint8_t *p, uint32_t len);
+void put_data(stream_t *s, const uint8_t *p, uint32_t len);
+void put_finish(stream_t *s);
+void start_get(uint32_t id, const uint8_t *p, uint32_t len);
+void get_pump(stream_t *s);
+
+/* wait.c: WAIT_PORT */
+void start_wait(uint32_t id, const uint8_t *p, uint32_t len);
+void wait_try(stream_t *s, int64_t now);
+void wait_check(stream_t *s, int64_t now);
 
 /* identity.c: IDENTITY (a VM restored from a snapshot becomes itself) */
 void start_identity(uint32_t id, const uint8_t *p, uint32_t len);

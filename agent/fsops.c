@@ -1,8 +1,9 @@
 /*
  * File operations beyond PUT/GET (agent/PROTOCOL.md, "File operations"): STAT, LIST, FSOP
- * (mkdir, remove, rename) and WATCH (inotify). Kept apart from agent.c so the session and exec
- * core stays readable. Nothing here follows a symlink out of the tree it was asked about: LIST
- * and recursive remove use lstat/openat(O_NOFOLLOW) and descend only into real directories.
+ * (mkdir, remove, rename) and WATCH (inotify). Kept apart from the session (auth.c) and exec
+ * (exec.c) so each stays readable. Nothing here follows a symlink out of the tree it was asked
+ * about: LIST and recursive remove use lstat/openat(O_NOFOLLOW) and descend only into real
+ * directories.
  */
 #define _GNU_SOURCE
 #include <dirent.h>

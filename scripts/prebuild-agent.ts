@@ -2,7 +2,7 @@
  * `npm pack` (prepack): compiles the static x86_64 guest agent into agent/prebuilt/x86_64/, so
  * the published package works on hosts without a C toolchain or with another architecture.
  */
-import { writePrebuiltAgent } from "../src/channel/agent-build.js";
+import { writePrebuiltAgent } from "../src/image/agent-build.js";
 
 try {
   const bin = await writePrebuiltAgent({ timeoutMs: 300_000 });

@@ -1,20 +1,15 @@
 // smolvm: the sandbox SDK. The SSH library is also available on its own as "smolvm/ssh".
 
-export { agentSourceDir, type BuildAgentOptions, buildAgent } from "./channel/agent-build.js";
-export {
-  AgentChannel,
-  type AgentChannelOptions,
-  type AgentCommandStream,
-  connectUnix,
-  connectVsockUds,
-  type ExecArgvOptions,
-} from "./channel/agent-channel.js";
-export type { AgentInfo } from "./channel/agent-protocol.js";
+export { AgentChannel, type AgentChannelOptions } from "./channel/agent-channel.js";
+export type { AgentCommandStream, ExecArgvOptions } from "./channel/agent-exec.js";
+export type { AgentInfo } from "./channel/agent-messages.js";
+export { connectUnix, connectVsockUds } from "./channel/agent-transport.js";
 export type * from "./channel/types.js";
 export * from "./command.js";
 export { printable } from "./common/guest-text.js";
 export { dataDir } from "./common/paths.js";
 export * from "./errors.js";
+export { agentSourceDir, type BuildAgentOptions, buildAgent } from "./image/agent-build.js";
 export {
   type BuildImageOptions,
   buildImage,

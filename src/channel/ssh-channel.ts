@@ -25,8 +25,8 @@ import {
   mergeEnv,
   parseEnvFile,
   renderEnvFile,
-} from "../vm/env-file.js";
-import { validateGuestPath } from "./agent-protocol.js";
+} from "./env-file.js";
+import { validateGuestPath } from "./guest-path.js";
 import type {
   CallOptions,
   CommandStream,

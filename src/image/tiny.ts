@@ -6,8 +6,8 @@
  */
 import { copyFile, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { buildAgent } from "../channel/agent-build.js";
 import { HostDependencyError } from "../errors.js";
+import { buildAgent } from "./agent-build.js";
 import { type AptPackage, extractDeb, fetchDeb, resolveImagePackages } from "./apt.js";
 import { type CpioEntry, withParentDirs, writeCpio } from "./cpio.js";
 import { exec } from "./exec.js";

@@ -8,7 +8,7 @@
 import { existsSync } from "node:fs";
 import { rm } from "node:fs/promises";
 import { join } from "node:path";
-import { connectUnix } from "../channel/agent-channel.js";
+import { connectUnix } from "../channel/agent-transport.js";
 import type { Deadline } from "../common/deadline.js";
 import { SmolVMError, VMStateError } from "../errors.js";
 import type { ImageManifest } from "../image/index.js";

@@ -6,7 +6,8 @@
  */
 import { readFileSync } from "node:fs";
 import type { Duplex } from "node:stream";
-import { AgentChannel, connectUnix } from "../channel/agent-channel.js";
+import { AgentChannel } from "../channel/agent-channel.js";
+import { connectUnix } from "../channel/agent-transport.js";
 import { SshChannel } from "../channel/ssh-channel.js";
 import type { CommChannel } from "../channel/types.js";
 import type { Deadline } from "../common/deadline.js";

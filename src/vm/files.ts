@@ -9,18 +9,19 @@ import { posix } from "node:path";
 import { Readable } from "node:stream";
 import type { SFTPWrapper } from "ssh2";
 import { AgentChannel } from "../channel/agent-channel.js";
+import { fileErrorCode } from "../channel/agent-errors.js";
 import {
   type AgentWatch,
   type FileEntry,
   type FileType,
-  fileErrorCode,
   fsOp,
   listDir,
   statPath,
   type WatchEvent,
   watchDir,
-} from "../channel/agent-ops.js";
-import { guestPathProblem, MAX_PAYLOAD, validateGuestPath } from "../channel/agent-protocol.js";
+} from "../channel/agent-fs.js";
+import { MAX_PAYLOAD } from "../channel/agent-protocol.js";
+import { guestPathProblem, validateGuestPath } from "../channel/guest-path.js";
 import { SshChannel } from "../channel/ssh-channel.js";
 import type { CallOptions, CommChannel } from "../channel/types.js";
 import { validateTimeout } from "../command.js";

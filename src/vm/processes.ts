@@ -16,7 +16,7 @@ import {
   type SignalName,
   signalProcess,
   spawnProcess,
-} from "../channel/agent-ops.js";
+} from "../channel/agent-procs.js";
 import type { CallOptions } from "../channel/types.js";
 import {
   type CommandResult,

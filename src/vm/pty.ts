@@ -6,7 +6,8 @@
  * CommandExecutionUnavailableError.
  */
 import { AgentChannel } from "../channel/agent-channel.js";
-import { type AgentPty, openPty, SIGNAL_NAMES, type SignalName } from "../channel/agent-ops.js";
+import { SIGNAL_NAMES, type SignalName } from "../channel/agent-procs.js";
+import { type AgentPty, openPty } from "../channel/agent-pty.js";
 import type { CallOptions } from "../channel/types.js";
 import { validateEnv, validateTimeout } from "../command.js";
 import { Deadline } from "../common/deadline.js";

@@ -4,13 +4,8 @@ import { cpSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } fr
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import {
-  agentSourceDir,
-  buildAgent,
-  PREBUILT_DIR,
-  writePrebuiltAgent,
-} from "../../src/channel/agent-build.js";
 import { HostDependencyError } from "../../src/errors.js";
+import { agentSourceDir, buildAgent, PREBUILT_DIR, writePrebuiltAgent } from "../../src/image/agent-build.js";
 
 function hasInterpreter(elf: Buffer): boolean {
   const phoff = Number(elf.readBigUInt64LE(0x20));

@@ -311,6 +311,19 @@ describe("concurrency and timeouts", () => {
     expect(err).toBeInstanceOf(OperationAbortedError);
     expect(await until(() => pgrep(marker) === "", 3000)).toBe(true);
   });
+
+  it("a signal aborted before the call leaves no command behind on a live session", async () => {
+    await using ch = agent.channel();
+    await ch.ping();
+    const marker = `smolvm-preabort-${randomBytes(4).toString("hex")}`;
+    const err = await ch
+      .run(`sh -c 'sleep 30; : ${marker}'`, { shell: "raw", signal: AbortSignal.abort() })
+      .catch((e) => e);
+    expect(err).toBeInstanceOf(OperationAbortedError);
+    expect((err.partial as CommandResult<string>).stdout).toBe("");
+    expect(await until(() => pgrep(marker) === "", 3000)).toBe(true);
+    expect((await ch.run("echo still")).stdout).toBe("still\n");
+  });
 });
 
 describe("files", () => {
@@ -482,7 +495,7 @@ describe("authentication and failures", () => {
   it("reconnects by itself after the connection drops under a call", async () => {
     let sockets = 0;
     let last: import("node:net").Socket | undefined;
-    const { connectUnix } = await import("../../src/channel/agent-channel.js");
+    const { connectUnix } = await import("../../src/channel/agent-transport.js");
     await using ch = agent.channel({
       connect: async (signal) => {
         sockets++;
@@ -525,7 +538,8 @@ describe("authentication and failures", () => {
     const silent = createServer(() => {});
     await new Promise<void>((r) => silent.listen(path, r));
     try {
-      const { AgentChannel, connectUnix } = await import("../../src/channel/agent-channel.js");
+      const { AgentChannel } = await import("../../src/channel/agent-channel.js");
+      const { connectUnix } = await import("../../src/channel/agent-transport.js");
       await using ch = new AgentChannel({
         connect: (s) => connectUnix(path, s),
         secret: randomBytes(32),
@@ -544,7 +558,8 @@ describe("authentication and failures", () => {
 
   it("connects through a Firecracker-style vsock Unix socket (CONNECT/OK handshake)", async () => {
     // A relay speaking the hybrid-vsock handshake in front of the real agent socket.
-    const { AgentChannel, connectVsockUds } = await import("../../src/channel/agent-channel.js");
+    const { AgentChannel } = await import("../../src/channel/agent-channel.js");
+    const { connectVsockUds } = await import("../../src/channel/agent-transport.js");
     const { connect: netConnect } = await import("node:net");
     const path = join(work, "vsock.sock");
     const seen: string[] = [];

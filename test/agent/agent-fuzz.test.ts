@@ -10,8 +10,8 @@ import { setFlagsFromString } from "node:v8";
 import { runInNewContext } from "node:vm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AgentChannel } from "../../src/channel/agent-channel.js";
+import { decodeAgentFrame, hostProof } from "../../src/channel/agent-messages.js";
 import {
-  decodeAgentFrame,
   encodeExec,
   encodeFields,
   encodeFrame,
@@ -22,7 +22,6 @@ import {
   FrameDecoder,
   FrameType,
   HEADER_SIZE,
-  hostProof,
   MAX_PAYLOAD,
   u16,
   u32,

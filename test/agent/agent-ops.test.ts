@@ -1,9 +1,11 @@
 /**
- * The agent-ops codec (file entries, process lists) and the capability gate, without a VM: what
- * an older agent or a hostile one can send must end in typed errors.
+ * The codec of agent-fs.ts and agent-procs.ts (file entries, process lists) and the capability
+ * gate, without a VM: what an older agent or a hostile one can send must end in typed errors.
  */
 import { describe, expect, it } from "vitest";
-import { decodeEntry, decodeProcesses, requireCapability } from "../../src/channel/agent-ops.js";
+import { requireCapability } from "../../src/channel/agent-errors.js";
+import { decodeEntry } from "../../src/channel/agent-fs.js";
+import { decodeProcesses } from "../../src/channel/agent-procs.js";
 import { encodeFields, Field, u32 } from "../../src/channel/agent-protocol.js";
 import { CommandExecutionUnavailableError, ProtocolError } from "../../src/errors.js";
 import { parseDuration, validateLabels, validateTtl } from "../../src/vm/ttl.js";

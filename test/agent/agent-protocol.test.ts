@@ -9,6 +9,9 @@ import {
   type AgentMessage,
   agentProof,
   decodeAgentFrame,
+  hostProof,
+} from "../../src/channel/agent-messages.js";
+import {
   decodeFields,
   encodeExec,
   encodeFields,
@@ -20,7 +23,6 @@ import {
   FrameDecoder,
   FrameType,
   HEADER_SIZE,
-  hostProof,
   INITIAL_WINDOW,
   MAX_PAYLOAD,
   u32,

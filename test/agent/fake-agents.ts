@@ -5,8 +5,8 @@
 import { randomBytes } from "node:crypto";
 import { Duplex } from "node:stream";
 import { AgentChannel } from "../../src/channel/agent-channel.js";
+import { agentProof } from "../../src/channel/agent-messages.js";
 import {
-  agentProof,
   encodeFields,
   encodeFrame,
   Field,

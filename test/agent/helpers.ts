@@ -7,8 +7,9 @@ import { randomBytes } from "node:crypto";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { buildAgent } from "../../src/channel/agent-build.js";
-import { AgentChannel, type AgentChannelOptions, connectUnix } from "../../src/channel/agent-channel.js";
+import { AgentChannel, type AgentChannelOptions } from "../../src/channel/agent-channel.js";
+import { connectUnix } from "../../src/channel/agent-transport.js";
+import { buildAgent } from "../../src/image/agent-build.js";
 
 export interface TestAgent {
   dir: string;

@@ -3,8 +3,8 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
+import { mergeEnv, parseEnvFile, renderEnvFile } from "../../src/channel/env-file.js";
 import { ProtocolError, ValidationError } from "../../src/errors.js";
-import { mergeEnv, parseEnvFile, renderEnvFile } from "../../src/vm/env-file.js";
 
 const tricky = {
   PLAIN: "value",

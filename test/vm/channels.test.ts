@@ -8,7 +8,8 @@ import { createReadStream, createWriteStream, mkdtempSync, rmSync } from "node:f
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { AgentChannel, connectUnix } from "../../src/channel/agent-channel.js";
+import { AgentChannel } from "../../src/channel/agent-channel.js";
+import { connectUnix } from "../../src/channel/agent-transport.js";
 import {
   AuthenticationError,
   ConnectionRefusedError,

@@ -7,7 +7,8 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSy
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { AgentChannel, connectUnix } from "../../src/channel/agent-channel.js";
+import { AgentChannel } from "../../src/channel/agent-channel.js";
+import { connectUnix } from "../../src/channel/agent-transport.js";
 import { AuthenticationError, VMNotFoundError, VMStateError } from "../../src/errors.js";
 import { SSHClient } from "../../src/ssh/client.js";
 import { SmolVM } from "../../src/vm/smolvm.js";

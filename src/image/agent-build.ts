@@ -6,17 +6,18 @@
  * compiling when it was built from exactly these sources: hosts without a C toolchain, or whose
  * own architecture is not the guest's, still get the agent.
  */
-import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { chmod, copyFile, mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
-import { homedir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { Deadline } from "../common/deadline.js";
+import { cacheDir as defaultCacheDir } from "../common/paths.js";
 import { HostDependencyError } from "../errors.js";
+import { exec } from "./exec.js";
 
 export interface BuildAgentOptions {
-  /** Where built binaries are kept. Default $SMOLVM_CACHE_DIR/agent or ~/.cache/smolvm/agent. */
+  /** Where built binaries are kept. Default `<cacheDir>/agent` (see cacheDir in common/paths.ts). */
   cacheDir?: string;
   /** C compiler. Default $CC or "cc". */
   cc?: string;
@@ -96,13 +97,15 @@ export function agentSourceDir(): string {
   );
 }
 
-function run(cmd: string, args: string[], cwd: string, timeoutMs: number, signal?: AbortSignal) {
-  return new Promise<{ stdout: string; stderr: string }>((res, rej) => {
-    execFile(cmd, args, { cwd, timeout: timeoutMs, signal, maxBuffer: 4 << 20 }, (err, stdout, stderr) => {
-      if (err) rej(Object.assign(err, { stderr: String(stderr) }));
-      else res({ stdout: String(stdout), stderr: String(stderr) });
-    });
-  });
+/** Runs the compiler through image/exec.ts, bounded by `timeoutMs` and the caller's signal. */
+async function run(cmd: string, args: string[], cwd: string, timeoutMs: number, signal?: AbortSignal) {
+  const deadline = new Deadline(timeoutMs, signal, `${cmd} (building the guest agent)`);
+  try {
+    const { stdout } = await exec(cmd, args, { cwd, signal: deadline.signal });
+    return { stdout: stdout.toString("utf8") };
+  } finally {
+    deadline.dispose();
+  }
 }
 
 /** Compiles the agent if needed and returns the path of the binary. */
@@ -111,12 +114,7 @@ export async function buildAgent(options: BuildAgentOptions = {}): Promise<strin
   const cc = options.cc ?? process.env.CC ?? "cc";
   const isStatic = options.static ?? true;
   const timeoutMs = options.timeoutMs ?? 120_000;
-  const cacheDir = resolve(
-    options.cacheDir ??
-      (process.env.SMOLVM_CACHE_DIR
-        ? join(process.env.SMOLVM_CACHE_DIR, "agent")
-        : join(homedir(), ".cache", "smolvm", "agent")),
-  );
+  const cacheDir = resolve(options.cacheDir ?? join(defaultCacheDir(), "agent"));
 
   if (isStatic && options.prebuilt !== false) {
     const prebuilt = await prebuiltAgent(sourceDir);
@@ -166,9 +164,10 @@ export async function buildAgent(options: BuildAgentOptions = {}): Promise<strin
     await rename(tmp, out);
   } catch (err) {
     await rm(tmp, { force: true });
-    const stderr = String((err as { stderr?: string }).stderr ?? "").slice(0, 2000);
+    // image/exec.ts puts the tail of the compiler's stderr into its error message.
+    const detail = (err instanceof Error ? err.message : String(err)).slice(0, 2000);
     throw new HostDependencyError(
-      `building the guest agent with ${cc} failed${isStatic ? " (static link)" : ""}: ${stderr.trim() || String(err)}. ` +
+      `building the guest agent with ${cc} failed${isStatic ? " (static link)" : ""}: ${detail}. ` +
         (isStatic
           ? "Install the static C library (apt-get install libc6-dev) or pass static: false for a host-only build."
           : "Check that a working C toolchain is installed."),
