@@ -17,7 +17,7 @@ import { type CrashReport, CrashWatch } from "./crash-watch.js";
 import { untilCrash } from "./guard.js";
 import { prepareVmNetwork, startNetworkDaemon, teardownVmNetwork } from "./network/host.js";
 import { isQemuAlive, type LaunchedQemu, launchQemu } from "./process.js";
-import { becomeItself, launchBase, type NewIdentity, overlayFor } from "./provision.js";
+import { becomeItself, launchBase, type NewIdentity, overlayFor, vmInitrd } from "./provision.js";
 import { buildQemuArgv, type VmLaunchSpec } from "./qemu.js";
 import type { VmRuntime } from "./runtime.js";
 import { rotatedPath, serialMilestones, tailFile, waitForMilestone } from "./serial-log.js";
@@ -83,7 +83,7 @@ export async function boot(rt: VmRuntime, image: ImageManifest, deadline: Deadli
   const spec: VmLaunchSpec = {
     ...(await launchBase(rt, cfg.hostPublicKey)),
     kernelPath: image.kernelPath,
-    initrdPath: join(rt.record.vmDir, "initrd.img"),
+    initrdPath: await vmInitrd(rt, image.initrdPath),
     kernelAppend: image.kernelCmdline,
     agentSocketPath: image.capabilities.agent ? rt.paths.agentSocket : undefined,
     // RAM in a shared tmpfs file, so snapshot() can copy it while the vCPUs are stopped.
@@ -97,7 +97,14 @@ export async function boot(rt: VmRuntime, image: ImageManifest, deadline: Deadli
   const t0 = performance.now();
   const { launched, networkReady } = await launchWithPolicy(rt, spec, deadline);
   const qemuStartMs = performance.now() - t0;
-  rt.update({ status: "running", pid: launched.pid, sshPort: spec.sshHostPort, ports: [] });
+  rt.update({
+    status: "running",
+    pid: launched.pid,
+    sshPort: spec.sshHostPort,
+    ports: [],
+    // Its RAM is in the per-VM file again, and sshd has the VM's own key from the start.
+    config: { ...rt.config, ramInFile: true, lastBoot: "cold" },
+  });
   await rt.channels.close();
   const kind = rt.channels.planned();
   const watch = new CrashWatch({ pid: launched.pid, files: rt.paths, accel }, true);
@@ -199,7 +206,7 @@ export async function bootFromSnapshot(
     incomingDefer: true,
   };
   const sshPort = spec.sshHostPort;
-  rt.update({ config: { ...rt.config, ramInFile: ramInState } });
+  rt.update({ config: { ...rt.config, ramInFile: ramInState, lastBoot: "restore" } });
   if (existsSync(f.disk)) {
     const overlay = join(rt.record.vmDir, "rootfs.qcow2");
     const { exec } = await import("../image/exec.js");

@@ -7,7 +7,7 @@
  */
 import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
-import { writeFile } from "node:fs/promises";
+import { readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { setIdentity } from "../channel/agent-identity.js";
 import { renderEnvFile } from "../channel/env-file.js";
@@ -182,6 +182,22 @@ export async function overlayFor(
 }
 
 /** The identity a restored VM takes: its own host key, the client key it trusts, and its env. */
+/** A restored VM's per-VM initramfs archive, kept until a cold boot needs its initramfs. */
+const VM_CONFIG_CPIO = "initrd-config.cpio";
+
+/**
+ * The VM's initramfs for a cold boot: `initrd.img` in its directory, made on first need from the
+ * image's and the per-VM archive a restore left (see becomeItself).
+ */
+export async function vmInitrd(rt: VmRuntime, imageInitrdPath: string): Promise<string> {
+  const out = join(rt.record.vmDir, "initrd.img");
+  const archive = join(rt.record.vmDir, VM_CONFIG_CPIO);
+  if (existsSync(out) || !existsSync(archive)) return out;
+  await composeInitrd(imageInitrdPath, await readFile(archive), out);
+  await rm(archive, { force: true });
+  return out;
+}
+
 export interface NewIdentity {
   hostKey: { privateKeyPem: string | Buffer };
   clientPublicKey: string;
@@ -198,24 +214,23 @@ export async function becomeItself(rt: VmRuntime, deadline: Deadline, id: NewIde
   const agent = rt.channels.agent();
   const secret = randomBytes(32);
   const hostname = safeHostname(rt.name);
-  // The VM's own initramfs, for when start() boots it cold after a stop().
+  // What the VM's own initramfs needs, for when start() boots it cold after a stop(): only the
+  // small per-VM archive now (vmInitrd() appends it to the image's on that boot), not a copy of
+  // the whole initramfs on every restore's path.
   const cfg = rt.config;
-  const initrd = (async () => {
-    if (cfg.initrdPath === undefined) return;
-    await composeInitrd(
-      cfg.initrdPath,
-      vmConfigCpio({
-        hostKeyPem: id.hostKey.privateKeyPem,
-        clientPublicKey: id.clientPublicKey,
-        agentSecret: secret,
-        env: id.env,
-        hostname,
-        diskMib: cfg.diskMib,
-      }),
-      join(rt.record.vmDir, "initrd.img"),
-    );
-  })();
-  initrd.catch(() => {});
+  const configCpio = writeFile(
+    join(rt.record.vmDir, VM_CONFIG_CPIO),
+    vmConfigCpio({
+      hostKeyPem: id.hostKey.privateKeyPem,
+      clientPublicKey: id.clientPublicKey,
+      agentSecret: secret,
+      env: id.env,
+      hostname,
+      diskMib: cfg.diskMib,
+    }),
+    { mode: 0o600 },
+  );
+  configCpio.catch(() => {});
   await agent.waitReady({ timeoutMs: deadline.remaining(), signal: deadline.signal });
   await setIdentity(
     agent,
@@ -237,7 +252,7 @@ export async function becomeItself(rt: VmRuntime, deadline: Deadline, id: NewIde
   );
   agent.rekey(secret);
   await writeFile(rt.paths.agentSecret, secret, { mode: 0o600 });
-  await initrd;
+  await configCpio;
   rt.channels.current = agent;
   if (rt.channels.planned() === "ssh") {
     deadline.phase = "waiting for sshd with the new host key";

@@ -438,7 +438,8 @@ export class SmolVM implements AsyncDisposable {
   async waitForSsh(options: BoundedOptions = {}): Promise<void> {
     const rt = this.rt;
     rt.requireRunning("wait for SSH");
-    if (rt.config.restoredFrom) {
+    const { lastBoot, restoredFrom } = rt.config;
+    if (lastBoot === "restore" || (lastBoot === undefined && restoredFrom)) {
       // A restored VM's sshd restarts with the VM's own host key shortly after it is up.
       const deadline = new Deadline(options.timeoutMs ?? 60_000, options.signal, "waiting for SSH");
       try {

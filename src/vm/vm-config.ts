@@ -46,6 +46,11 @@ export interface VmConfig {
   /** False when a restored VM's RAM lives in the snapshot's file (not a per-VM tmpfs file). */
   ramInFile?: boolean;
   restoredFrom?: RestoredFrom;
+  /**
+   * How the current (or last) boot began. After a restore the guest's sshd switches to the VM's
+   * own host key once it is up; a cold boot (start() after stop()) has it from the start.
+   */
+  lastBoot?: "cold" | "restore";
 }
 
 /** The config fields every launch of a VM needs. */
@@ -86,6 +91,7 @@ const FIELDS: Record<keyof VmConfig, [Check, string]> = {
     '"public", "none" or { allow: string[], deny?: string[] }',
   ],
   ramInFile: [isBool, "a boolean"],
+  lastBoot: [(v) => v === "cold" || v === "restore", '"cold" or "restore"'],
   restoredFrom: [
     (v) =>
       isObj(v) &&

@@ -264,6 +264,12 @@ describe("network policy on real microVMs", () => {
       expect(quiet.network).toBe("none");
       expect(await guestLookup(quiet, "allowed.test")).toContain("NXDOMAIN");
       expect((await quiet.run("echo again")).stdout).toBe("again\n");
+      // Booted cold now (from its own initramfs, made on this first need): sshd has the VM's
+      // own pinned key from the start.
+      await quiet.waitForSsh({ timeoutMs: 60_000 });
+      const ssh2 = await SmolVM.fromId(quiet.id, { dataDir, commChannel: "ssh" });
+      expect((await ssh2.run("hostname")).stdout).toBe(`${quiet.name}\n`);
+      await ssh2.close();
     } finally {
       await quiet.delete();
     }
