@@ -28,6 +28,7 @@ import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { cacheDir } from "../../src/common/paths.js";
 import { ensureImage } from "../../src/image/index.js";
+import { networkMechanisms } from "../../src/vm/network/firewall.js";
 import type { NetworkLogEntry } from "../../src/vm/network/policy.js";
 import { createTestHosts, type TestHosts } from "../fixtures/test-hosts.js";
 import { processesUnder } from "../global-setup.js";
@@ -36,6 +37,7 @@ const pexec = promisify(execFile);
 const USER = "smolvmtest";
 const REPO = resolve(import.meta.dirname, "../..");
 const FIXTURE = join(REPO, "test/fixtures/rootless-vm.ts");
+const MECHANISMS = join(REPO, "test/fixtures/network-mechanisms.ts");
 const ALLOWED_IP = "198.51.100.10";
 const DENIED_IP = "203.0.113.10";
 
@@ -251,4 +253,67 @@ describe("network policy without root (QEMU in its own user + network namespace)
     expect(namespaces[0]).not.toBe(readlinkSync("/proc/self/ns/net"));
     expect(processes().filter((p) => namespaces.includes(p.netns))).toEqual([]);
   }, 180_000);
+
+  it("networkMechanisms and the doctor say what enforces policies; with neither, NETWORK_POLICY_UNAVAILABLE", async () => {
+    const asRoot = networkMechanisms({ probeAll: true });
+    expect(asRoot).toMatchObject({
+      mechanism: "cgroup-nftables-proxy",
+      root: true,
+      userns: true,
+      problems: [],
+    });
+
+    const run = async (path: string) => {
+      const { stdout } = await pexec(
+        "setpriv",
+        [
+          "--reuid",
+          USER,
+          "--regid",
+          USER,
+          "--init-groups",
+          "/usr/bin/env",
+          `PATH=${path}`,
+          process.execPath,
+          "--import",
+          "tsx",
+          MECHANISMS,
+        ],
+        {
+          cwd: REPO,
+          timeout: 60_000,
+          env: {
+            PATH: process.env.PATH,
+            HOME: join(dir, "home"),
+            TMPDIR: join(dir, "home"),
+            SMOLVM_DATA_DIR: join(dir, "data"),
+            SMOLVM_CACHE_DIR: join(dir, "cache"),
+          },
+        },
+      );
+      return JSON.parse(stdout.trim().split("\n").pop()!);
+    };
+    const user = await run(process.env.PATH ?? "/usr/bin:/bin");
+    expect(user).toMatchObject({
+      mechanism: "userns-nftables-proxy",
+      userns: true,
+      prepare: { message: "prepared" },
+    });
+    expect(user.check.ok).toBe(true);
+    expect(user.check.detail).toMatch(/^rootless user namespaces: in use/);
+
+    // No unshare on the PATH: neither mechanism works, and create() would refuse, saying how to fix it.
+    const none = await run("/nonexistent");
+    expect(none.mechanism).toBe(null);
+    expect(none.problems).toEqual([
+      "root nftables: run as root (nftables and cgroups need CAP_NET_ADMIN and CAP_SYS_ADMIN)",
+      "rootless user namespaces: cannot run unshare (ENOENT): install util-linux",
+    ]);
+    expect(none.prepare).toMatchObject({ name: "HostDependencyError", code: "NETWORK_POLICY_UNAVAILABLE" });
+    expect(none.prepare.message).toContain("install util-linux");
+    expect(none.check.ok).toBe(false);
+    expect(none.check.detail).toMatch(
+      /^none: create\(\) refuses to start VMs \(NETWORK_POLICY_UNAVAILABLE\)/,
+    );
+  }, 120_000);
 });

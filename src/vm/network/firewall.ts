@@ -237,11 +237,11 @@ export function networkMechanisms(options: { probeAll?: boolean } = {}): Network
   if (!conntrack)
     rootProblems.push("enable the kernel's /proc/net/nf_conntrack (CONFIG_NF_CONNTRACK_PROCFS)");
   let userns: boolean | null = null;
-  const problems = rootProblems.map((p) => `as root: ${p}`);
+  const problems = rootProblems.map((p) => `root nftables: ${p}`);
   if (rootProblems.length || options.probeAll) {
     const probe = probeUserNamespaces();
     userns = probe.ok;
-    if (probe.problem) problems.push(`rootless: ${probe.problem}`);
+    if (probe.problem) problems.push(`rootless user namespaces: ${probe.problem}`);
   }
   return {
     mechanism: !rootProblems.length ? "cgroup-nftables-proxy" : userns ? "userns-nftables-proxy" : null,
