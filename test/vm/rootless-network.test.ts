@@ -6,7 +6,7 @@
  * with documentation addresses, named in /etc/hosts), and SSH and exposeLocal must work. After
  * delete nothing of the user's is left: no QEMU, daemon or relay, no network namespace.
  */
-import { execFile, execFileSync } from "node:child_process";
+import { execFile, execFileSync, spawnSync } from "node:child_process";
 import {
   accessSync,
   chmodSync,
@@ -52,28 +52,22 @@ function userIds(): { uid: number; gid: number } {
   }
 }
 
+const UNREADABLE = "( ! -perm -o+r -o -type d ! -perm -o+x ) -print -quit".split(" ");
+
 /** The user must read the checkout (sources, node_modules) and pass through every parent directory. */
 function makeReadable(repo: string): void {
+  const repoMode = statSync(repo).mode;
+  if ((repoMode & 0o005) !== 0o005) chmodSync(repo, repoMode | 0o005);
   for (let d = dirname(repo); d !== dirname(d); d = dirname(d)) {
     const mode = statSync(d).mode;
     if ((mode & 0o001) === 0) chmodSync(d, mode | 0o001);
   }
-  try {
-    execFileSync("setpriv", ["--reuid", USER, "--regid", USER, "--init-groups", "test", "-r", FIXTURE]);
-    execFileSync("setpriv", [
-      "--reuid",
-      USER,
-      "--regid",
-      USER,
-      "--init-groups",
-      "test",
-      "-r",
-      join(repo, "node_modules/tsx/package.json"),
-    ]);
-  } catch {
-    for (const p of ["src", "test", "node_modules", "package.json", "tsconfig.json"]) {
-      if (existsSync(join(repo, p))) execFileSync("chmod", ["-R", "a+rX", join(repo, p)]);
-    }
+  for (const p of ["src", "test", "node_modules", "package.json", "tsconfig.json"]) {
+    const path = join(repo, p);
+    if (!existsSync(path)) continue;
+    // The first file the user cannot read, or directory it cannot enter (find's errors on broken links aside).
+    const unreadable = spawnSync("find", ["-L", path, ...UNREADABLE], { encoding: "utf8" }).stdout;
+    if (unreadable) execFileSync("chmod", ["-R", "a+rX", path]);
   }
 }
 
