@@ -246,6 +246,7 @@ describe("network policy without root (QEMU in its own user + network namespace)
     expect(namespaces[1]).toMatch(/^net:\[\d+\]$/);
     expect(namespaces[0]).not.toBe(readlinkSync("/proc/self/ns/net"));
     expect(processes().filter((p) => namespaces.includes(p.netns))).toEqual([]);
+    expect(readdirSync("/dev/shm").filter((f) => statSync(join("/dev/shm", f)).uid === ids.uid)).toEqual([]);
   }, 180_000);
 
   it("networkMechanisms and the doctor say what enforces policies; with neither, NETWORK_POLICY_UNAVAILABLE", async () => {
