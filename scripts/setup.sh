@@ -12,6 +12,8 @@ declare -A NEED=(
   [debootstrap]=debootstrap [gcc]=build-essential [make]=build-essential
   [zstd]=zstd [xz]=xz-utils [curl]=curl [ip]=iproute2 [socat]=socat [nft]=nftables
   [qemu-img]=qemu-utils
+  # the rootless network policy (QEMU in its own user + network namespace) and its test
+  [unshare]=util-linux [nsenter]=util-linux [setpriv]=util-linux
   # the SSH server matrix the tests run (test/fixtures/ssh-servers.ts)
   [dropbear]=dropbear-bin [dropbearkey]=dropbear-bin [tinysshd]=tinysshd [tcpserver]=ucspi-tcp
 )
@@ -43,4 +45,12 @@ if [ ! -f "$stamp" ] || [ package.json -nt "$stamp" ] || { [ -f package-lock.jso
   echo "smolvm setup: installing npm packages" >&2
   if [ -f package-lock.json ]; then npm ci --no-fund --no-audit >&2; else npm install --no-fund --no-audit >&2; fi
   touch "$stamp"
+fi
+
+# The ordinary (non-root) user test/vm/rootless-network.test.ts runs real VMs as.
+if ! id smolvmtest >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
+  if [ "$SUDO" != none ]; then
+    $SUDO useradd --system --no-create-home --home-dir /nonexistent --shell /bin/sh smolvmtest
+  fi
 fi

@@ -273,7 +273,7 @@ async function launchWithPolicy(
     launched = await launchQemu(spec, {
       timeoutMs: deadline.remaining(30_000),
       signal: deadline.signal,
-      cgroupProcs: net.cgroupProcs,
+      ...net.launch,
     });
   } catch (e) {
     await daemon.catch(() => {});

@@ -96,6 +96,24 @@ function userNamespaces(): DoctorCheck {
   };
 }
 
+/**
+ * Which mechanism enforces network policies for this user: root's host nftables matching each VM's
+ * cgroup, or rootless a user + network namespace around QEMU (probed for real as this user).
+ */
+function networkPolicyCheck(): DoctorCheck {
+  const net = networkMechanisms({ probeAll: true });
+  const rootless = net.userns
+    ? "rootless user namespaces: available"
+    : "rootless user namespaces: unavailable";
+  const detail =
+    net.mechanism === "cgroup-nftables-proxy"
+      ? `root nftables: in use (cgroup v2 at ${net.cgroup2}, conntrack); ${rootless}`
+      : net.mechanism === "userns-nftables-proxy"
+        ? `rootless user namespaces: in use (QEMU in its own user + network namespace; nftables and conntrack there); not available to this user: ${net.problems.filter((p) => p.startsWith("root nftables")).join("; ")}`
+        : `none: create() refuses to start VMs (NETWORK_POLICY_UNAVAILABLE). Fix one of: ${net.problems.join("; ")}`;
+  return { name: "network policy", ok: net.mechanism !== null, detail, required: true };
+}
+
 async function dataDirCheck(dir: string): Promise<DoctorCheck[]> {
   try {
     await mkdir(dir, { recursive: true, mode: 0o700 });
@@ -160,15 +178,7 @@ export async function doctor(options: DoctorOptions = {}): Promise<DoctorReport>
   checks.push(tool("cpio", ["cpio"], "cpio", env));
   checks.push(tool("C compiler", ["cc", "gcc"], "build-essential (builds the guest agent)", env));
   checks.push(userNamespaces());
-  const net = networkMechanisms();
-  checks.push({
-    name: "network policy",
-    ok: net.mechanism !== null,
-    detail: net.mechanism
-      ? `${net.mechanism} (nftables, cgroup v2 at ${net.cgroup2}, conntrack)`
-      : `unavailable, so create() refuses to start VMs: ${net.problems.join("; ")}`,
-    required: true,
-  });
+  checks.push(networkPolicyCheck());
   checks.push(...(await dataDirCheck(base)));
 
   const images = await listImages({ dataDir: base });

@@ -1,10 +1,12 @@
 /**
  * How the host reaches into a VM: port forwards added and removed live over QMP (leased from the
- * host-wide port table, recorded with the VM so any process sees them), and the SSH port with
- * ready-to-paste OpenSSH commands that pin the VM's host key.
+ * host-wide port table, recorded with the VM so any process sees them; rootless, QEMU listens in
+ * its own network namespace and the VM's network daemon takes the host side, network/host.ts),
+ * and the SSH port with ready-to-paste OpenSSH commands that pin the VM's host key.
  */
 import { quoteSh } from "../command.js";
 import { ValidationError } from "../errors.js";
+import { hostForward } from "./network/host.js";
 import { leasePort, releasePorts } from "./ports.js";
 import type { VmRuntime } from "./runtime.js";
 import type { SshCommands } from "./vm-types.js";
@@ -32,9 +34,13 @@ export async function exposeLocal(
     throw new ValidationError(
       `host port ${hostPort} is already leased by a smolvm VM: pick another or omit it.`,
     );
+  let added = false;
   try {
     await rt.withQmp(options, (qmp) => qmp.hostfwdAdd(port, guestPort));
+    added = true;
+    await hostForward(rt.record.vmDir, id, port, true, { timeoutMs: options.timeoutMs ?? 5_000 });
   } catch (e) {
+    if (added) await rt.withQmp(options, (qmp) => qmp.hostfwdRemove(port)).catch(() => {});
     releasePorts(store, id, port);
     throw e;
   }
@@ -57,7 +63,10 @@ export async function unexposeLocal(
   if (!rt.record.ports.some((p) => p.hostPort === hostPort)) {
     throw new ValidationError(`host port ${hostPort} is not exposed by VM ${id}.`);
   }
-  if (rt.refreshStatus() === "running") await rt.withQmp(options, (qmp) => qmp.hostfwdRemove(hostPort));
+  if (rt.refreshStatus() === "running") {
+    await rt.withQmp(options, (qmp) => qmp.hostfwdRemove(hostPort));
+    await hostForward(rt.record.vmDir, id, hostPort, false, { timeoutMs: options.timeoutMs ?? 5_000 });
+  }
   releasePorts(store, id, hostPort);
   rt.record = store.transaction(() =>
     store.update(id, {

@@ -25,6 +25,11 @@ export interface LaunchOptions {
   logPath?: string;
   /** A cgroup's `cgroup.procs`: QEMU joins it before it opens any socket (network policy). */
   cgroupProcs?: string;
+  /**
+   * Run QEMU through this argv prefix, with this environment (the rootless network policy's
+   * namespace launcher, network/netns.ts). The prefix must exec QEMU, so that the pid stays QEMU's.
+   */
+  wrap?: { argv: string[]; env: NodeJS.ProcessEnv };
 }
 
 export interface LaunchedQemu {
@@ -86,11 +91,16 @@ export async function launchQemu(spec: VmLaunchSpec, options: LaunchOptions = {}
   try {
     // umask 077: the QMP and agent sockets, serial log and pidfile are created private.
     const joinCgroup = options.cgroupProcs ? 'echo $$ > "$SMOLVM_CGROUP_PROCS" && ' : "";
-    child = spawn("/bin/sh", ["-c", `${joinCgroup}umask 077 && exec "$@"`, "sh", ...argv], {
-      detached: true,
-      stdio: ["ignore", logFd, logFd],
-      env: options.cgroupProcs ? { ...process.env, SMOLVM_CGROUP_PROCS: options.cgroupProcs } : process.env,
-    });
+    const env = options.wrap?.env ?? process.env;
+    child = spawn(
+      "/bin/sh",
+      ["-c", `${joinCgroup}umask 077 && exec "$@"`, "sh", ...(options.wrap?.argv ?? []), ...argv],
+      {
+        detached: true,
+        stdio: ["ignore", logFd, logFd],
+        env: options.cgroupProcs ? { ...env, SMOLVM_CGROUP_PROCS: options.cgroupProcs } : env,
+      },
+    );
   } finally {
     closeSync(logFd);
   }

@@ -40,10 +40,12 @@ export function findOriginalDestination(
 export function originalDestination(
   peer: { address: string; port: number },
   localPort: number,
+  /** Another network namespace's table: `/proc/<pid of a process in it>/net/nf_conntrack`. */
+  path = "/proc/net/nf_conntrack",
 ): OriginalDestination | undefined {
   let fd: number;
   try {
-    fd = openSync("/proc/net/nf_conntrack", "r");
+    fd = openSync(path, "r");
   } catch {
     return undefined;
   }

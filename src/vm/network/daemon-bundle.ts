@@ -1,5 +1,5 @@
 /**
- * How the network daemon is started: the built file in an installed package; in a checkout, a
+ * How the network daemon (and its rootless relay) is started: the built file in an installed package; in a checkout, a
  * plain-JS bundle of its TypeScript sources made once per source version with esbuild (a
  * development dependency there) and kept in the cache dir. Node starts that about 150 ms faster
  * than the sources through tsx, and the daemon's start is on every create's path.
@@ -49,21 +49,21 @@ let version: string | undefined;
 /** Bundles made or being made by this process, by output path. */
 const bundling = new Map<string, Promise<string>>();
 
-/** The bundle for this source version in the current cache dir, made when missing. */
-function bundle(root: string): Promise<string> {
+/** The bundle of `entry` for this source version in the current cache dir, made when missing. */
+function bundle(root: string, entry: NetworkProgram): Promise<string> {
   version ??= sourceVersion(join(root, "src"));
-  const out = join(cacheDir(), "network-daemon", `daemon-${version}.mjs`);
+  const out = join(cacheDir(), "network-daemon", `${entry}-${version}.mjs`);
   let p = bundling.get(out);
   // A cache dir that was emptied under us (or a failed build) is built again.
   if (!p || !existsSync(out)) {
-    p = existsSync(out) ? Promise.resolve(out) : build(root, out);
+    p = existsSync(out) ? Promise.resolve(out) : build(root, entry, out);
     bundling.set(out, p);
     p.catch(() => bundling.delete(out));
   }
   return p;
 }
 
-async function build(root: string, out: string): Promise<string> {
+async function build(root: string, entry: NetworkProgram, out: string): Promise<string> {
   const esbuild = (await import(
     pathToFileURL(createRequire(join(root, "package.json")).resolve("esbuild")).href
   )) as typeof import("esbuild");
@@ -71,7 +71,7 @@ async function build(root: string, out: string): Promise<string> {
   const tmp = `${out}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
   try {
     await esbuild.build({
-      entryPoints: [join(root, "src", "vm", "network", "daemon.ts")],
+      entryPoints: [join(root, "src", "vm", "network", `${entry}.ts`)],
       bundle: true,
       platform: "node",
       format: "esm",
@@ -86,11 +86,14 @@ async function build(root: string, out: string): Promise<string> {
   return out;
 }
 
-/** argv for the daemon (without its own arguments). */
-export async function daemonArgv(): Promise<string[]> {
+/** The network policy's programs: the per-VM daemon, and (rootless) its relay in QEMU's namespace. */
+export type NetworkProgram = "daemon" | "relay";
+
+/** argv for the daemon or the relay (without its own arguments). */
+export async function daemonArgv(entry: NetworkProgram = "daemon"): Promise<string[]> {
   const root = packageRoot();
-  const built = join(root, "dist", "vm", "network", "daemon.js");
+  const built = join(root, "dist", "vm", "network", `${entry}.js`);
   const fromSource = fileURLToPath(import.meta.url).startsWith(join(root, "src"));
   if (!fromSource && existsSync(built)) return [process.execPath, built];
-  return [process.execPath, await bundle(root)];
+  return [process.execPath, await bundle(root, entry)];
 }

@@ -9,16 +9,24 @@
  * reads the TLS SNI or HTTP Host when there is one, decides, and either splices the connection to
  * the destination or resets it. Decisions go to `<vmDir>/network.log` (JSON lines).
  *
- * Usage: daemon <vmDir> <vmId>. Reads the policy from <vmDir>/network.json; takes new ones on the
- * control socket <vmDir>/net.sock; prints one ready line on stdout, then nothing. Exits (removing
- * its nftables table and cgroup) when the VM's cgroup is empty, or on SIGTERM.
+ * Rootless (network.json's mechanism "userns", see netns.ts) the same sockets live in QEMU's own
+ * network namespace: a relay there hands their file descriptors over, the original destination
+ * comes from that namespace's conntrack table, and this daemon also listens on the VM's forwarded
+ * host ports (SSH, exposeLocal), tunnelling each connection through the relay to QEMU's forward.
+ *
+ * Usage: daemon <vmDir> <vmId>. Reads the policy from <vmDir>/network.json; takes new ones (and,
+ * rootless, port forwards) on the control socket <vmDir>/net.sock; prints one ready line on stdout,
+ * then nothing. Exits (removing its nftables table and cgroup) when the VM's cgroup is empty (or,
+ * rootless, QEMU is gone), or on SIGTERM. Rootless, SMOLVM_NET_RELAY holds the relay's argv (JSON).
  */
 
+import { type ChildProcess, spawn } from "node:child_process";
 import { createSocket, type Socket as UdpSocket } from "node:dgram";
 import { lookup, Resolver } from "node:dns/promises";
 import { appendFileSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { createServer, connect as netConnect, type Server, type Socket } from "node:net";
 import { networkInterfaces, setPriority } from "node:os";
+import { setTimeout as sleep } from "node:timers/promises";
 import { originalDestination } from "./conntrack.js";
 import { buildResponse, parseQuery, QTYPE_A, RCODE_NXDOMAIN, RCODE_SERVFAIL } from "./dns-wire.js";
 import { networkFiles } from "./files.js";
@@ -30,6 +38,7 @@ import {
   renderRuleset,
   vmCgroup,
 } from "./firewall.js";
+import { RELAY_TCP_PORT, toolPath } from "./netns.js";
 import {
   type CompiledPolicy,
   compilePolicy,
@@ -49,7 +58,11 @@ if (!vmDirArg || !vmIdArg) {
 const vmDir: string = vmDirArg;
 const vmId: string = vmIdArg;
 const files = networkFiles(vmDir);
-const cg = vmCgroup(vmId);
+const saved = JSON.parse(readFileSync(files.policy, "utf8")) as { policy: NetworkPolicy; mechanism?: string };
+const rootless = saved.mechanism === "userns";
+const cg = rootless ? undefined : vmCgroup(vmId);
+/** Rootless: the conntrack table of QEMU's namespace (/proc/<QEMU pid>/net/nf_conntrack). */
+let conntrackPath: string | undefined;
 
 /** How long a name's addresses stay admitted after the resolver gave them. */
 const GRANT_MS = 60 * 60_000;
@@ -59,9 +72,7 @@ const HEADER_MS = 2_000;
 const CONNECT_MS = 10_000;
 const LOG_MAX_BYTES = 1024 * 1024;
 
-let policy: CompiledPolicy = compilePolicy(
-  normalizePolicy(JSON.parse(readFileSync(files.policy, "utf8")).policy as NetworkPolicy),
-);
+let policy: CompiledPolicy = compilePolicy(normalizePolicy(saved.policy));
 /** ip -> (allowed name -> expiry) */
 const grants = new Map<string, Map<string, number>>();
 
@@ -187,6 +198,7 @@ async function handleConnection(sock: Socket, proxyPort: number): Promise<void> 
   const dst = originalDestination(
     { address: sock.remoteAddress ?? "", port: sock.remotePort ?? 0 },
     proxyPort,
+    conntrackPath,
   );
   if (!dst) {
     log({ proto: "tcp", ip: "", port: 0, verdict: "deny", rule: "no-original-destination" });
@@ -258,7 +270,11 @@ function bindUdp(sock: UdpSocket, port: number): Promise<number> {
 
 /** DNS over TCP: two-byte length prefix per message. */
 function dnsTcpServer(): Server {
-  return createServer((c) => {
+  return createServer(serveDnsTcp);
+}
+
+function serveDnsTcp(c: Socket): void {
+  {
     c.on("error", () => {});
     let buf: Buffer = Buffer.alloc(0);
     c.on("data", async (d: Buffer) => {
@@ -273,7 +289,16 @@ function dnsTcpServer(): Server {
         c.write(Buffer.concat([len, r]));
       }
     });
+  }
+}
+
+function serveDnsUdp(u: UdpSocket): void {
+  u.on("message", (msg, rinfo) => {
+    void answerDns(msg)
+      .then((r) => r && u.send(r, rinfo.port, rinfo.address))
+      .catch(() => {});
   });
+  u.on("error", () => {});
 }
 
 let shuttingDown = false;
@@ -282,7 +307,7 @@ function shutdown(code = 0): void {
   if (shuttingDown) return;
   shuttingDown = true;
   // Only once QEMU is gone: removing the table under a live QEMU would lift the policy.
-  if (cgroupEmpty(cg)) {
+  if (cg && cgroupEmpty(cg)) {
     removeRuleset(vmId);
     removeCgroup(cg);
   }
@@ -292,13 +317,55 @@ function shutdown(code = 0): void {
   process.exit(code);
 }
 
-async function main(): Promise<void> {
-  // Every guest connection waits on this process: ahead of the (TCG-busy) QEMU on a loaded host.
-  try {
-    setPriority(-5);
-  } catch {
-    /* not root: default priority */
-  }
+/**
+ * The control socket: {"op":"set","policy"} changes the policy (and, as root, the rules follow
+ * its mode); rootless, {"op":"forward"|"unforward","port"} opens or closes a host port forward.
+ */
+async function listenControl(onPolicy: () => void): Promise<Server> {
+  rmSync(files.control, { force: true });
+  const control = createServer((c) => {
+    c.on("error", () => {});
+    let buf = "";
+    c.on("data", (d) => {
+      buf += d.toString("utf8");
+      let i = buf.indexOf("\n");
+      while (i >= 0) {
+        const line = buf.slice(0, i);
+        buf = buf.slice(i + 1);
+        i = buf.indexOf("\n");
+        void (async () => {
+          const req = JSON.parse(line) as { op: string; policy?: unknown; port?: number };
+          if (req.op === "set") {
+            const next = normalizePolicy(req.policy);
+            policy = compilePolicy(next);
+            onPolicy();
+            writeFileSync(files.policy, JSON.stringify({ ...saved, policy: next }), { mode: 0o600 });
+          } else if (req.op === "forward" && rootless) await forwardPort(Number(req.port));
+          else if (req.op === "unforward" && rootless) unforwardPort(Number(req.port));
+        })().then(
+          () => c.write(`${JSON.stringify({ ok: true })}\n`),
+          (e) => c.write(`${JSON.stringify({ ok: false, error: (e as Error).message })}\n`),
+        );
+      }
+    });
+  });
+  await new Promise<void>((resolve, reject) => {
+    control.once("error", reject);
+    control.listen(files.control, () => resolve());
+  });
+  return control;
+}
+
+function ready(extra: object): void {
+  writeFileSync(files.pid, String(process.pid), { mode: 0o600 });
+  process.on("SIGTERM", () => shutdown(0));
+  process.on("SIGINT", () => shutdown(0));
+  process.stdout.on("error", () => {});
+  process.stdout.write(`${JSON.stringify({ ready: true, ...extra })}\n`);
+}
+
+/** As root: the daemon's sockets are on the host's 127.0.0.1; the VM's nftables table sends QEMU's traffic there. */
+async function mainCgroup(vmCg: NonNullable<typeof cg>): Promise<void> {
   const proxy = createServer({ pauseOnConnect: true, allowHalfOpen: true }, (s) => {
     void handleConnection(s, proxyPort).catch(() => s.destroy());
   });
@@ -320,45 +387,11 @@ async function main(): Promise<void> {
   }
   if (!dnsTcp || !udp) throw new Error("no port free for DNS on both UDP and TCP");
   const u = udp;
-  u.on("message", (msg, rinfo) => {
-    void answerDns(msg)
-      .then((r) => r && u.send(r, rinfo.port, rinfo.address))
-      .catch(() => {});
-  });
-  u.on("error", () => {});
+  serveDnsUdp(u);
 
   const ports = { tcp: proxyPort, dns: dnsPort };
-  rmSync(files.control, { force: true });
-  const control = createServer((c) => {
-    c.on("error", () => {});
-    let buf = "";
-    c.on("data", (d) => {
-      buf += d.toString("utf8");
-      let i = buf.indexOf("\n");
-      while (i >= 0) {
-        const line = buf.slice(0, i);
-        buf = buf.slice(i + 1);
-        i = buf.indexOf("\n");
-        try {
-          const req = JSON.parse(line) as { op: string; policy?: unknown };
-          if (req.op === "set") {
-            const next = normalizePolicy(req.policy);
-            policy = compilePolicy(next);
-            // "public" lets the kernel pass public addresses directly: the rules follow the mode.
-            applyRuleset(renderRuleset(vmId, cg, ports, policy.mode));
-            writeFileSync(files.policy, JSON.stringify({ policy: next }), { mode: 0o600 });
-          }
-          c.write(`${JSON.stringify({ ok: true })}\n`);
-        } catch (e) {
-          c.write(`${JSON.stringify({ ok: false, error: (e as Error).message })}\n`);
-        }
-      }
-    });
-  });
-  await new Promise<void>((resolve, reject) => {
-    control.once("error", reject);
-    control.listen(files.control, () => resolve());
-  });
+  // "public" lets the kernel pass public addresses directly: the rules follow the mode.
+  const control = await listenControl(() => applyRuleset(renderRuleset(vmId, vmCg, ports, policy.mode)));
   closers.push(
     () => proxy.close(),
     () => dnsTcp?.close(),
@@ -366,24 +399,169 @@ async function main(): Promise<void> {
     () => control.close(),
   );
 
-  applyRuleset(renderRuleset(vmId, cg, ports, policy.mode));
-  writeFileSync(files.pid, String(process.pid), { mode: 0o600 });
+  applyRuleset(renderRuleset(vmId, vmCg, ports, policy.mode));
 
   // Exit with the VM: once QEMU has joined the cgroup, an empty cgroup means it is gone.
   let seen = false;
   const started = Date.now();
   const watch = setInterval(() => {
     for (const ip of grants.keys()) if (grantedNames(ip).length === 0) grants.delete(ip);
-    const empty = cgroupEmpty(cg);
+    const empty = cgroupEmpty(vmCg);
     if (!empty) seen = true;
     if ((seen && empty) || (!seen && Date.now() - started > 120_000)) shutdown(0);
   }, 500);
   closers.push(() => clearInterval(watch));
-  process.on("SIGTERM", () => shutdown(0));
-  process.on("SIGINT", () => shutdown(0));
+  ready({ tcp: proxyPort, dns: dnsPort });
+}
 
-  process.stdout.on("error", () => {});
-  process.stdout.write(`${JSON.stringify({ ready: true, tcp: proxyPort, dns: dnsPort })}\n`);
+// ------------------------------------------------------------------ rootless
+
+let relay: ChildProcess | undefined;
+let connectSeq = 0;
+const pendingConnects = new Map<number, (s: Socket | undefined) => void>();
+const forwards = new Map<number, Server>();
+
+function processAlive(pid: number): boolean {
+  try {
+    const st = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const state = st.slice(st.lastIndexOf(")") + 2, st.lastIndexOf(")") + 3);
+    return state !== "Z" && state !== "X";
+  } catch {
+    return false;
+  }
+}
+
+/** QEMU's pid, once its launcher has set up the namespace (prepareVmNetwork removed any old one). */
+async function waitForQemu(): Promise<number> {
+  const until = Date.now() + 120_000;
+  while (Date.now() < until) {
+    try {
+      const pid = Number(readFileSync(files.netnsPid, "utf8").trim());
+      if (Number.isInteger(pid) && pid > 0) return pid;
+    } catch {
+      /* not yet */
+    }
+    await sleep(10);
+  }
+  throw new Error("QEMU did not start its network namespace within 120 s");
+}
+
+/** The host-side listener of one forward: each connection is tunnelled to QEMU's 127.0.0.1:port. */
+async function forwardPort(port: number): Promise<void> {
+  if (!Number.isInteger(port) || port < 1 || port > 65535) throw new Error(`bad port ${port}`);
+  if (forwards.has(port)) return;
+  const server = createServer({ pauseOnConnect: true }, (c) => {
+    c.on("error", () => {});
+    const id = ++connectSeq;
+    const timer = setTimeout(() => pendingConnects.get(id)?.(undefined), CONNECT_MS);
+    pendingConnects.set(id, (inner) => {
+      clearTimeout(timer);
+      pendingConnects.delete(id);
+      if (!inner) return c.destroy();
+      inner.on("error", () => c.destroy());
+      c.on("error", () => inner.destroy());
+      inner.on("close", () => c.destroy());
+      c.on("close", () => inner.destroy());
+      c.pipe(inner);
+      inner.pipe(c);
+      c.resume();
+    });
+    if (!relay?.connected) return pendingConnects.get(id)?.(undefined);
+    relay.send({ op: "connect", id, port });
+  });
+  await listenTcp(server, port);
+  forwards.set(port, server);
+}
+
+function unforwardPort(port: number): void {
+  forwards.get(port)?.close();
+  forwards.delete(port);
+}
+
+/** The forwards QEMU was started with (`hostfwd=tcp:127.0.0.1:H-:G` in its command line). */
+function startupForwards(pid: number): number[] {
+  const args = readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0");
+  const out: number[] = [];
+  for (const a of args)
+    for (const m of a.matchAll(/hostfwd=tcp:127\.0\.0\.1:(\d+)-/g)) out.push(Number(m[1]));
+  return out;
+}
+
+/**
+ * Rootless: enter QEMU's namespaces with the relay, take its sockets, serve them as the root mode
+ * serves its own, and listen on the VM's forwarded host ports.
+ */
+async function mainUserns(): Promise<void> {
+  const relayArgv = JSON.parse(process.env.SMOLVM_NET_RELAY ?? "null") as string[] | null;
+  if (!relayArgv?.length) throw new Error("SMOLVM_NET_RELAY (the relay's argv) is not set");
+  const qemuPid = await waitForQemu();
+  conntrackPath = `/proc/${qemuPid}/net/nf_conntrack`;
+  const child = spawn(
+    "nsenter",
+    ["-t", String(qemuPid), "-U", "-n", "--preserve-credentials", "--", ...relayArgv],
+    { stdio: ["ignore", "ignore", "inherit", "ipc"], env: { ...process.env, PATH: toolPath() } },
+  );
+  relay = child;
+  closers.push(() => child.kill("SIGKILL"));
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(
+      () => reject(new Error("the relay in QEMU's namespace did not start within 30 s")),
+      30_000,
+    );
+    child.once("exit", (code) => reject(new Error(`the relay in QEMU's namespace exited (${String(code)})`)));
+    child.once("error", reject);
+    child.on("message", (m: { kind?: string; id?: number }, handle: unknown) => {
+      if (m.kind === "tcp") {
+        const proxy = handle as Server;
+        // Set as createServer's options would: the guest may half-close; read nothing before the verdict.
+        Object.assign(proxy, { allowHalfOpen: true, pauseOnConnect: true });
+        proxy.on("connection", (s: Socket) => {
+          void handleConnection(s, RELAY_TCP_PORT).catch(() => s.destroy());
+        });
+        closers.push(() => proxy.close());
+      } else if (m.kind === "dns-tcp") {
+        const t = handle as Server;
+        t.on("connection", serveDnsTcp);
+        closers.push(() => t.close());
+      } else if (m.kind === "dns-udp") {
+        const u = handle as UdpSocket;
+        serveDnsUdp(u);
+        closers.push(() => u.close());
+      } else if (m.kind === "ready") {
+        clearTimeout(timer);
+        resolve();
+      } else if (typeof m.id === "number") {
+        pendingConnects.get(m.id)?.(handle instanceof Object ? (handle as Socket) : undefined);
+      }
+    });
+  });
+  child.removeAllListeners("exit");
+  child.once("exit", () => shutdown(1)); // no relay, no forwards: fail closed, visibly
+  for (const port of startupForwards(qemuPid)) await forwardPort(port);
+  const control = await listenControl(() => {});
+  closers.push(
+    () => control.close(),
+    () => {
+      for (const s of forwards.values()) s.close();
+    },
+  );
+  const watch = setInterval(() => {
+    for (const ip of grants.keys()) if (grantedNames(ip).length === 0) grants.delete(ip);
+    if (!processAlive(qemuPid)) shutdown(0);
+  }, 500);
+  closers.push(() => clearInterval(watch));
+  ready({ qemuPid });
+}
+
+async function main(): Promise<void> {
+  // Every guest connection waits on this process: ahead of the (TCG-busy) QEMU on a loaded host.
+  try {
+    setPriority(-5);
+  } catch {
+    /* not root: default priority */
+  }
+  if (cg) await mainCgroup(cg);
+  else await mainUserns();
 }
 
 main().catch((e) => {

@@ -10,6 +10,7 @@ import { spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from "node:fs";
 import { join, relative } from "node:path";
 import { HostDependencyError } from "../../errors.js";
+import { probeUserNamespaces } from "./netns.js";
 
 /** nft resolves `socket cgroupv2` paths relative to this directory. */
 const NFT_CGROUP_ROOT = "/sys/fs/cgroup";
@@ -194,16 +195,22 @@ export function removeRuleset(vmId: string): void {
 }
 
 export interface NetworkMechanisms {
-  /** What enforces policies on this host, or null when it cannot. */
-  mechanism: "cgroup-nftables-proxy" | null;
+  /**
+   * What enforces policies on this host for this user, or null when nothing can:
+   * "cgroup-nftables-proxy" as root (host nftables matching the VM's cgroup), else
+   * "userns-nftables-proxy" (QEMU in its own user + network namespace, see netns.ts).
+   */
+  mechanism: "cgroup-nftables-proxy" | "userns-nftables-proxy" | null;
   nft: boolean;
   cgroup2: string | null;
   root: boolean;
   conntrack: boolean;
+  /** Whether the rootless mechanism works here (probed as this user; null when not probed). */
+  userns: boolean | null;
   /** Present but unused alternatives, for the record. */
   slirp4netns: boolean;
   pasta: boolean;
-  /** What to do when `mechanism` is null. */
+  /** What keeps each mechanism from working (all of them when `mechanism` is null). */
   problems: string[];
 }
 
@@ -214,25 +221,35 @@ function onPath(cmd: string): boolean {
 }
 
 /**
- * What network-policy mechanisms this host has (for `smolvm doctor`): nftables, cgroup v2,
- * root, conntrack, and the slirp4netns/pasta alternatives.
+ * What network-policy mechanisms this host has (for `smolvm doctor` and each VM start): as root,
+ * nftables + cgroup v2 + conntrack; otherwise (or with `probeAll`, as the doctor asks) whether
+ * this user can run QEMU in its own user + network namespace with nftables and conntrack there.
  */
-export function networkMechanisms(): NetworkMechanisms {
+export function networkMechanisms(options: { probeAll?: boolean } = {}): NetworkMechanisms {
   const nft = onPath("nft");
   const mnt = cgroup2Mount() ?? null;
   const root = typeof process.getuid === "function" && process.getuid() === 0;
   const conntrack = existsSync("/proc/net/nf_conntrack");
-  const problems: string[] = [];
-  if (!nft) problems.push("install nftables (apt-get install nftables)");
-  if (!mnt) problems.push("mount cgroup v2 under /sys/fs/cgroup");
-  if (!root) problems.push("run as root (nftables and cgroups need CAP_NET_ADMIN and CAP_SYS_ADMIN)");
-  if (!conntrack) problems.push("enable the kernel's /proc/net/nf_conntrack (CONFIG_NF_CONNTRACK_PROCFS)");
+  const rootProblems: string[] = [];
+  if (!nft) rootProblems.push("install nftables (apt-get install nftables)");
+  if (!mnt) rootProblems.push("mount cgroup v2 under /sys/fs/cgroup");
+  if (!root) rootProblems.push("run as root (nftables and cgroups need CAP_NET_ADMIN and CAP_SYS_ADMIN)");
+  if (!conntrack)
+    rootProblems.push("enable the kernel's /proc/net/nf_conntrack (CONFIG_NF_CONNTRACK_PROCFS)");
+  let userns: boolean | null = null;
+  const problems = rootProblems.map((p) => `root nftables: ${p}`);
+  if (rootProblems.length || options.probeAll) {
+    const probe = probeUserNamespaces();
+    userns = probe.ok;
+    if (probe.problem) problems.push(`rootless user namespaces: ${probe.problem}`);
+  }
   return {
-    mechanism: problems.length ? null : "cgroup-nftables-proxy",
+    mechanism: !rootProblems.length ? "cgroup-nftables-proxy" : userns ? "userns-nftables-proxy" : null,
     nft,
     cgroup2: mnt,
     root,
     conntrack,
+    userns,
     slirp4netns: onPath("slirp4netns"),
     pasta: onPath("pasta"),
     problems,

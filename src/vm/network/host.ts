@@ -1,11 +1,12 @@
 /**
  * The SDK's side of the network policy: before QEMU starts, a cgroup for it and a closed
- * nftables table (nothing the guest starts gets out); then the per-VM network daemon, which
- * opens the table to itself once it listens; live policy changes over its control socket; the
- * decision log; and teardown once QEMU is gone.
+ * nftables table (nothing the guest starts gets out), or rootless the namespace QEMU will start
+ * in (netns.ts); then the per-VM network daemon, which opens the table to itself once it listens;
+ * live policy changes and (rootless) port forwards over its control socket; the decision log;
+ * and teardown once QEMU is gone.
  */
 import { spawn } from "node:child_process";
-import { closeSync, openSync, readFileSync, writeFileSync } from "node:fs";
+import { closeSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { connect } from "node:net";
 import { join } from "node:path";
@@ -23,16 +24,29 @@ import {
   renderRuleset,
   vmCgroup,
 } from "./firewall.js";
+import { netnsWrap, renderNetnsRuleset } from "./netns.js";
 import type { NetworkLogEntry, NetworkPolicy } from "./policy.js";
 
 export interface PreparedNetwork {
-  /** QEMU must write its pid here before it opens any socket. */
-  cgroupProcs: string;
+  /** How launchQemu must start QEMU: in the VM's cgroup (root) or its own namespaces (rootless). */
+  launch: { cgroupProcs: string } | { wrap: ReturnType<typeof netnsWrap> };
+}
+
+/** "userns" when the VM's current (or last) start used the rootless mechanism. */
+function mechanismOf(vmDir: string): "cgroup" | "userns" {
+  try {
+    return JSON.parse(readFileSync(networkFiles(vmDir).policy, "utf8")).mechanism === "userns"
+      ? "userns"
+      : "cgroup";
+  } catch {
+    return "cgroup";
+  }
 }
 
 /**
- * Fails closed: creates the VM's cgroup and an nftables table that drops everything QEMU's
- * sockets in it start. Call before QEMU is spawned.
+ * Fails closed: as root, creates the VM's cgroup and an nftables table that drops everything
+ * QEMU's sockets in it start; rootless, writes the rules QEMU's namespace is born with (nothing
+ * leaves it but through the daemon). Call before QEMU is spawned.
  */
 export function prepareVmNetwork(vmDir: string, vmId: string, policy: NetworkPolicy): PreparedNetwork {
   const m = networkMechanisms();
@@ -42,11 +56,18 @@ export function prepareVmNetwork(vmDir: string, vmId: string, policy: NetworkPol
       { code: "NETWORK_POLICY_UNAVAILABLE", details: { ...m } },
     );
   }
+  const files = networkFiles(vmDir);
+  if (m.mechanism === "userns-nftables-proxy") {
+    rmSync(files.netnsPid, { force: true });
+    writeFileSync(files.netnsRules, renderNetnsRuleset(), { mode: 0o600 });
+    writeFileSync(files.policy, JSON.stringify({ policy, mechanism: "userns" }), { mode: 0o600 });
+    return { launch: { wrap: netnsWrap(files.netnsRules, files.netnsPid) } };
+  }
   const cg = vmCgroup(vmId);
   createCgroup(cg);
   applyRuleset(renderRuleset(vmId, cg));
-  writeFileSync(networkFiles(vmDir).policy, JSON.stringify({ policy }), { mode: 0o600 });
-  return { cgroupProcs: join(cg.dir, "cgroup.procs") };
+  writeFileSync(files.policy, JSON.stringify({ policy, mechanism: "cgroup" }), { mode: 0o600 });
+  return { launch: { cgroupProcs: join(cg.dir, "cgroup.procs") } };
 }
 
 /**
@@ -59,12 +80,14 @@ export async function startNetworkDaemon(
   options: { timeoutMs: number; signal?: AbortSignal },
 ): Promise<void> {
   const files = networkFiles(vmDir);
+  const rootless = mechanismOf(vmDir) === "userns";
   const [cmd, ...args] = await daemonArgv();
+  const relay = rootless ? await daemonArgv("relay") : undefined;
   const logFd = openSync(files.daemonLog, "w", 0o600);
   const child = spawn(cmd!, [...args, vmDir, vmId], {
     detached: true,
     stdio: ["ignore", "pipe", logFd],
-    env: process.env,
+    env: relay ? { ...process.env, SMOLVM_NET_RELAY: JSON.stringify(relay) } : process.env,
   });
   closeSync(logFd);
   const deadline = new Deadline(
@@ -145,6 +168,8 @@ export async function teardownVmNetwork(vmDir: string, vmId: string): Promise<vo
       }
     }
   }
+  // Rootless, nothing outlives QEMU and the daemon: the namespace goes with its last process.
+  if (mechanismOf(vmDir) === "userns") return;
   let cg: ReturnType<typeof vmCgroup> | undefined;
   try {
     cg = vmCgroup(vmId);
@@ -157,18 +182,15 @@ export async function teardownVmNetwork(vmDir: string, vmId: string): Promise<vo
   }
 }
 
-/** Sends a new policy to the running daemon; resolves once it is in force. */
-export async function sendPolicy(
+/** One request on the daemon's control socket; resolves with its `ok` reply. */
+async function control(
   vmDir: string,
   vmId: string,
-  policy: NetworkPolicy,
+  req: object,
+  what: string,
   options: { timeoutMs: number; signal?: AbortSignal },
 ): Promise<void> {
-  const deadline = new Deadline(
-    options.timeoutMs,
-    options.signal,
-    `changing the network policy of VM ${vmId}`,
-  );
+  const deadline = new Deadline(options.timeoutMs, options.signal, `${what} of VM ${vmId}`);
   try {
     const reply = await deadline.race(
       new Promise<string>((resolve, reject) => {
@@ -190,14 +212,45 @@ export async function sendPolicy(
           }
         });
         deadline.signal.addEventListener("abort", () => s.destroy(), { once: true });
-        s.write(`${JSON.stringify({ op: "set", policy })}\n`);
+        s.write(`${JSON.stringify(req)}\n`);
       }),
     );
     const r = JSON.parse(reply) as { ok: boolean; error?: string };
-    if (!r.ok) throw new SmolVMError(`the network daemon of VM ${vmId} refused the policy: ${r.error}`);
+    if (!r.ok) throw new SmolVMError(`the network daemon of VM ${vmId} refused ${what}: ${r.error}`);
   } finally {
     deadline.dispose();
   }
+}
+
+/** Sends a new policy to the running daemon; resolves once it is in force. */
+export function sendPolicy(
+  vmDir: string,
+  vmId: string,
+  policy: NetworkPolicy,
+  options: { timeoutMs: number; signal?: AbortSignal },
+): Promise<void> {
+  return control(vmDir, vmId, { op: "set", policy }, "changing the network policy", options);
+}
+
+/**
+ * Rootless, QEMU's forwards listen inside its namespace: the daemon opens (`open: true`) or closes
+ * the host side of forward `hostPort`. As root QEMU listens on the host itself and this does nothing.
+ */
+export async function hostForward(
+  vmDir: string,
+  vmId: string,
+  hostPort: number,
+  open: boolean,
+  options: { timeoutMs: number; signal?: AbortSignal },
+): Promise<void> {
+  if (mechanismOf(vmDir) !== "userns") return;
+  await control(
+    vmDir,
+    vmId,
+    { op: open ? "forward" : "unforward", port: hostPort },
+    `forwarding host port ${hostPort}`,
+    options,
+  );
 }
 
 /** The last `limit` decisions, oldest first. */
