@@ -2,6 +2,7 @@
  * Pure parsing for `smolssh`: OpenSSH-style destination, -L/-R/-D specs and -o Key=Value
  * options, turned into library options. No I/O here.
  */
+import { isPort } from "../common/port.js";
 import { ValidationError } from "../errors.js";
 import type { AuthConfig } from "../ssh/auth.js";
 import { createKeyAuth, createPasswordAuth } from "../ssh/auth.js";
@@ -61,7 +62,7 @@ function splitColon(s: string): string[] {
 
 function port(v: string, what: string, allowZero = false): number {
   const n = Number(v);
-  if (!/^\d+$/.test(v) || n < (allowZero ? 0 : 1) || n > 65535) {
+  if (!/^\d+$/.test(v) || !isPort(n, { allowZero })) {
     throw new ValidationError(`${what}: bad port ${JSON.stringify(v)}.`);
   }
   return n;

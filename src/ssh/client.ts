@@ -17,6 +17,7 @@ import {
   validateTimeout,
 } from "../command.js";
 import { Deadline, sleep } from "../common/deadline.js";
+import { validatePort } from "../common/port.js";
 import {
   AuthenticationError,
   ConnectionLostError,
@@ -101,10 +102,7 @@ export class SSHClient implements AsyncDisposable {
     if (!options || typeof options.host !== "string" || options.host === "") {
       throw new ValidationError("SSHClient needs a host: pass { host: '<address>' }.");
     }
-    const port = options.port ?? 22;
-    if (!Number.isInteger(port) || port < 1 || port > 65535) {
-      throw new ValidationError(`port must be an integer 1..65535, got ${String(port)}.`);
-    }
+    const port = validatePort("port", options.port ?? 22);
     validateTimeout("connectTimeoutMs", options.connectTimeoutMs);
     if (options.keepaliveIntervalMs !== 0)
       validateTimeout("keepaliveIntervalMs", options.keepaliveIntervalMs);

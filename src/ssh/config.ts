@@ -14,6 +14,7 @@ import { createHash } from "node:crypto";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
+import { isPort } from "../common/port.js";
 import { ValidationError } from "../errors.js";
 import type { HostKeyPolicy } from "./hostkeys.js";
 import { matchHostPattern } from "./known-hosts.js";
@@ -590,7 +591,7 @@ function finish(st: ResolveState): ResolvedSshConfig {
   const portStr = first("port");
   if (portStr !== undefined) {
     const n = Number(portStr);
-    if (Number.isInteger(n) && n > 0 && n < 65536) port = n;
+    if (isPort(n)) port = n;
     else st.warnings.push(`Port ${portStr} is not a valid port; using 22`);
   }
   const user = first("user") ?? st.localUser;

@@ -21,6 +21,7 @@ import {
   wrapCommand,
 } from "../command.js";
 import { Deadline, sleep } from "../common/deadline.js";
+import { validatePort } from "../common/port.js";
 import {
   ConnectionLostError,
   OperationAbortedError,
@@ -261,10 +262,7 @@ export class SSHConnection implements AsyncDisposable {
     if (typeof opts.username !== "string" || opts.username === "") {
       throw new ValidationError("username is required.");
     }
-    const port = opts.port ?? 22;
-    if (!Number.isInteger(port) || port < 1 || port > 65535) {
-      throw new ValidationError(`port must be an integer 1..65535, got ${String(port)}.`);
-    }
+    const port = validatePort("port", opts.port ?? 22);
     validateTimeout("connectTimeoutMs", opts.connectTimeoutMs);
     const keepalive = resolveKeepalive(opts.keepalive);
     const connectTimeoutMs = opts.connectTimeoutMs ?? 10_000;

@@ -12,6 +12,7 @@
 import net from "node:net";
 import type { Duplex } from "node:stream";
 import type { Client, ClientChannel, TcpConnectionDetails } from "ssh2";
+import { validatePort } from "../common/port.js";
 import { ConnectionLostError, SSHConnectionError, ValidationError } from "../errors.js";
 import type { EventSink } from "./events.js";
 import { type SocksCredentials, SocksServer } from "./socks.js";
@@ -72,12 +73,6 @@ export interface ForwardManagerOptions {
 
 let nextId = 1;
 
-function validPort(name: string, v: unknown, allowZero: boolean): number {
-  if (typeof v !== "number" || !Number.isInteger(v) || v < (allowZero ? 0 : 1) || v > 65535) {
-    throw new ValidationError(`${name} must be an integer ${allowZero ? 0 : 1}..65535, got ${String(v)}.`);
-  }
-  return v;
-}
 
 function openDirect(
   client: Client,
@@ -503,9 +498,9 @@ export class ForwardManager {
         {
           kind: "local",
           localHost: spec.localHost ?? "127.0.0.1",
-          localPort: validPort("localPort", spec.localPort ?? 0, true),
+          localPort: validatePort("localPort", spec.localPort ?? 0, { allowZero: true }),
           remoteHost: spec.remoteHost,
-          remotePort: validPort("remotePort", spec.remotePort, false),
+          remotePort: validatePort("remotePort", spec.remotePort),
         },
         this,
       ),
@@ -518,9 +513,9 @@ export class ForwardManager {
         {
           kind: "remote",
           localHost: spec.localHost ?? "127.0.0.1",
-          localPort: validPort("localPort", spec.localPort, false),
+          localPort: validatePort("localPort", spec.localPort),
           remoteHost: spec.remoteHost ?? "127.0.0.1",
-          remotePort: validPort("remotePort", spec.remotePort, true),
+          remotePort: validatePort("remotePort", spec.remotePort, { allowZero: true }),
         },
         this,
       ),
@@ -533,7 +528,7 @@ export class ForwardManager {
         {
           kind: "dynamic",
           localHost: spec.localHost ?? "127.0.0.1",
-          localPort: validPort("localPort", spec.localPort ?? 0, true),
+          localPort: validatePort("localPort", spec.localPort ?? 0, { allowZero: true }),
         },
         this,
         spec.auth,

@@ -5,6 +5,7 @@
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { Duplex } from "node:stream";
+import { isPort } from "../common/port.js";
 import { ConnectionLostError, SSHConnectionError, ValidationError } from "../errors.js";
 import { type ConnectOptions, SSHConnection } from "./connection.js";
 
@@ -46,7 +47,7 @@ export function parseProxyJump(spec: string): JumpSpec[] {
     if (!host || (user !== undefined && !user)) {
       throw new ValidationError(`ProxyJump entry ${JSON.stringify(raw)} is not [user@]host[:port].`);
     }
-    if (port !== undefined && (!Number.isInteger(port) || port < 1 || port > 65535)) {
+    if (port !== undefined && !isPort(port)) {
       throw new ValidationError(`ProxyJump entry ${JSON.stringify(raw)} has an invalid port.`);
     }
     return { ...(user ? { user } : {}), host, ...(port ? { port } : {}) };

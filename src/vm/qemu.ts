@@ -7,6 +7,7 @@
  * failures (a vCPU that cannot run) somewhere we can read, and is reaped by us while we live (by
  * init afterwards). `-pidfile` still records the pid for other processes.
  */
+import { validatePort } from "../common/port.js";
 import { ValidationError } from "../errors.js";
 
 export type Accel = "kvm" | "tcg";
@@ -79,13 +80,6 @@ export const TCG_CPU = "max,-erms,-fsrm";
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
-function checkPort(what: string, port: number): void {
-  if (!Number.isInteger(port) || port < 1 || port > 65535) {
-    throw new ValidationError(`${what} must be an integer port in 1..65535, got ${String(port)}.`, {
-      details: { what, port },
-    });
-  }
-}
 
 /** QEMU splits option values on ',' (',,' escapes it); reject what cannot be expressed safely. */
 function checkPath(what: string, path: string): string {
@@ -129,11 +123,11 @@ export function validateLaunchSpec(spec: VmLaunchSpec): void {
   if (spec.tscKhz !== undefined && (!Number.isInteger(spec.tscKhz) || spec.tscKhz <= 0)) {
     throw new ValidationError(`tscKhz must be a positive integer, got ${String(spec.tscKhz)}.`);
   }
-  checkPort("sshHostPort", spec.sshHostPort);
+  validatePort("sshHostPort", spec.sshHostPort);
   const hostPorts = new Set([spec.sshHostPort]);
   for (const f of spec.extraHostForwards ?? []) {
-    checkPort("extraHostForwards.hostPort", f.hostPort);
-    checkPort("extraHostForwards.guestPort", f.guestPort);
+    validatePort("extraHostForwards.hostPort", f.hostPort);
+    validatePort("extraHostForwards.guestPort", f.guestPort);
     if (hostPorts.has(f.hostPort)) {
       throw new ValidationError(
         `host port ${f.hostPort} is forwarded twice; each forward needs its own port.`,

@@ -7,6 +7,7 @@
 import { EventEmitter } from "node:events";
 import { connect as netConnect, type Socket } from "node:net";
 import { Deadline } from "../common/deadline.js";
+import { validatePort } from "../common/port.js";
 import { ProtocolError, QmpCommandError, ValidationError, VMStateError } from "../errors.js";
 import { NETDEV_ID } from "./qemu.js";
 
@@ -359,8 +360,8 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
 
   /** Adds tcp:127.0.0.1:hostPort -> guest:guestPort on the VM's user-mode network. */
   async hostfwdAdd(hostPort: number, guestPort: number, options?: QmpCallOptions): Promise<void> {
-    checkPort("hostPort", hostPort);
-    checkPort("guestPort", guestPort);
+    validatePort("hostPort", hostPort);
+    validatePort("guestPort", guestPort);
     const rule = `tcp:127.0.0.1:${hostPort}-:${guestPort}`;
     const out = await this.humanMonitorCommand(`hostfwd_add ${NETDEV_ID} ${rule}`, options);
     // HMP reports failure only as text; success is silent, so any output means it failed.
@@ -375,7 +376,7 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
 
   /** Removes the forward on 127.0.0.1:hostPort. */
   async hostfwdRemove(hostPort: number, options?: QmpCallOptions): Promise<void> {
-    checkPort("hostPort", hostPort);
+    validatePort("hostPort", hostPort);
     const out = await this.humanMonitorCommand(
       `hostfwd_remove ${NETDEV_ID} tcp:127.0.0.1:${hostPort}`,
       options,
@@ -454,8 +455,3 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
   }
 }
 
-function checkPort(what: string, port: number): void {
-  if (!Number.isInteger(port) || port < 1 || port > 65535) {
-    throw new ValidationError(`${what} must be an integer port in 1..65535, got ${String(port)}.`);
-  }
-}
