@@ -73,7 +73,6 @@ export interface ForwardManagerOptions {
 
 let nextId = 1;
 
-
 function openDirect(
   client: Client,
   src: { host: string; port: number },

@@ -80,7 +80,6 @@ export const TCG_CPU = "max,-erms,-fsrm";
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
-
 /** QEMU splits option values on ',' (',,' escapes it); reject what cannot be expressed safely. */
 function checkPath(what: string, path: string): string {
   if (typeof path !== "string" || path.length === 0 || !path.startsWith("/")) {

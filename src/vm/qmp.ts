@@ -454,4 +454,3 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
     await this.close();
   }
 }
-
