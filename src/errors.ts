@@ -4,14 +4,111 @@
  * machine-readable context and never holds a secret.
  */
 
+/**
+ * Every `code` an error of this package can carry: branch on these, never on message text.
+ */
+export type SmolVMErrorCode =
+  // base and input
+  | "SMOLVM_ERROR"
+  | "VALIDATION"
+  | "TIMEOUT"
+  | "ABORTED"
+  | "PROGRESS_STALL"
+  | "COMMAND_EXECUTION_UNAVAILABLE"
+  | "PROTOCOL"
+  // connections (any transport)
+  | "CONNECTION"
+  // SSH
+  | "SSH_CONNECTION"
+  | "SSH_CONNECTION_REFUSED"
+  | "SSH_CONNECTION_TIMEOUT"
+  | "SSH_HOST_UNREACHABLE"
+  | "SSH_CONNECTION_LOST"
+  | "SSH_CLIENT_CLOSED"
+  | "SSH_AUTHENTICATION"
+  | "SSH_AUTH_FAILED"
+  | "SSH_HOST_KEY_MISMATCH"
+  | "SSH_HOST_KEY_UNKNOWN"
+  | "SSH_HOST_KEY_REVOKED"
+  | "SSH_HOST_KEY_UNREADABLE"
+  | "SSH_HOST_KEY_WRITE_FAILED"
+  | "SSH_NO_MUTUAL_KEX"
+  | "SSH_KEY_LOAD"
+  | "SSH_AGENT"
+  | "SOCKS_REQUEST"
+  | "SOCKS_REPLY"
+  // guest agent
+  | "AGENT_CONNECTION_REFUSED"
+  | "AGENT_CONNECTION_LOST"
+  | "AGENT_CONNECT_TIMEOUT"
+  | "AGENT_CHANNEL_CLOSED"
+  | "AGENT_AUTH_PEER"
+  | "AGENT_AUTH_FAILED"
+  | "AGENT_BUSY"
+  | "AGENT_LIMIT"
+  | "AGENT_UNSUPPORTED"
+  | "GUEST_SPAWN_FAILED"
+  | "GUEST_MKDIR"
+  | "ENV_WRITE_FAILED"
+  | "ENV_FILE_TOO_LARGE"
+  | "PROCESS_NOT_FOUND"
+  | "STDIN_CLOSED"
+  // files
+  | FileErrorCode
+  | "FILE_TOO_LARGE"
+  // VMs, QEMU, snapshots
+  | "VM_STATE"
+  | "VM_NOT_FOUND"
+  | "VM_NAME_TAKEN"
+  | "VM_CRASHED"
+  | "VM_PAUSED"
+  | "VM_STOP_FAILED"
+  | "QEMU_MISSING"
+  | "QEMU_START_FAILED"
+  | "QEMU_UNKILLABLE"
+  | "QMP_COMMAND"
+  | "QMP_CLOSED"
+  | "QMP_UNAVAILABLE"
+  | "NO_FREE_PORT"
+  | "SNAPSHOT_FAILED"
+  | "SNAPSHOT_NOT_FOUND"
+  | "SNAPSHOT_IN_USE"
+  | "SNAPSHOT_DAMAGED"
+  | "SNAPSHOT_RESTORE_FAILED"
+  // network policy
+  | "NETWORK_POLICY_UNAVAILABLE"
+  | "NETWORK_DAEMON_FAILED"
+  | "NETWORK_DAEMON_DOWN"
+  // host, state and images
+  | "HOST_DEPENDENCY"
+  | "DATA_DIR_NOT_OWNED"
+  | "STATE_DB"
+  | "STATE_DB_TOO_NEW"
+  | "IMAGE_BUILD"
+  | "IMAGE_BUILD_COMMAND"
+  | "IMAGE_CORRUPT"
+  | "IMAGE_MISSING"
+  | "IMAGE_LISTS_REFRESHED"
+  | "IMAGE_DEB_MISMATCH";
+
+/** What a failed file operation is, whatever the transport (agent errno, SFTP status). */
+export type FileErrorCode =
+  | "FILE_TRANSFER"
+  | "FILE_NOT_FOUND"
+  | "FILE_EXISTS"
+  | "NOT_A_DIRECTORY"
+  | "IS_A_DIRECTORY"
+  | "DIRECTORY_NOT_EMPTY"
+  | "PERMISSION_DENIED";
+
 export interface ErrorOptions {
-  code?: string;
+  code?: SmolVMErrorCode;
   details?: Record<string, unknown>;
   cause?: unknown;
 }
 
 export class SmolVMError extends Error {
-  readonly code: string;
+  readonly code: SmolVMErrorCode;
   readonly details: Record<string, unknown>;
   override readonly cause?: unknown;
 
@@ -56,9 +153,27 @@ export class CommandExecutionUnavailableError extends SmolVMError {
   }
 }
 
+// ---------------------------------------------------------------- connections (any transport)
+
+/**
+ * A transport to the peer (SSH server, guest agent) could not be opened or ended underneath an
+ * operation. Catch this to handle connection trouble whatever the channel; `code` says which
+ * transport and what happened (SSH_CONNECTION_*, AGENT_CONNECTION_*, ...).
+ */
+export class ConnectionError extends SmolVMError {
+  constructor(message: string, options: ErrorOptions = {}) {
+    super(message, { code: "CONNECTION", ...options });
+  }
+}
+
 // ---------------------------------------------------------------- SSH: transport
 
-export class SSHConnectionError extends SmolVMError {
+/**
+ * A connection failure. Historically the SSH tree's root, it is also what the guest agent's
+ * refused/lost connections are (ConnectionRefusedError, ConnectionLostError, with AGENT_* codes):
+ * code written against it keeps working for both transports.
+ */
+export class SSHConnectionError extends ConnectionError {
   constructor(message: string, options: ErrorOptions = {}) {
     super(message, { code: "SSH_CONNECTION", ...options });
   }

@@ -10,6 +10,7 @@ import {
   CommandExecutionUnavailableError,
   ConnectionLostError,
   ConnectionRefusedError,
+  type FileErrorCode,
   OperationAbortedError,
   OperationTimeoutError,
   ProtocolError,
@@ -88,7 +89,7 @@ export function agentError(m: AgentErrorMessage, what: string, path?: string): S
 const ERRNO = { ENOENT: 2, EEXIST: 17, ENOTDIR: 20, EISDIR: 21, ENOTEMPTY: 39, EACCES: 13 } as const;
 
 /** File errors carry a code callers can branch on, whatever the transport. */
-export function fileErrorCode(errno: number): string {
+export function fileErrorCode(errno: number): FileErrorCode {
   switch (errno) {
     case ERRNO.ENOENT:
       return "FILE_NOT_FOUND";

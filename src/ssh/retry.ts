@@ -5,12 +5,12 @@
  */
 import {
   AuthenticationError,
+  ConnectionError,
   ConnectionLostError,
   ConnectionRefusedError,
   ConnectionTimeoutError,
   HostUnreachableError,
   OperationAbortedError,
-  SSHConnectionError,
   ValidationError,
 } from "../errors.js";
 
@@ -61,7 +61,7 @@ export function classifyFailure(error: unknown): FailureKind {
     error instanceof ConnectionTimeoutError ||
     error instanceof HostUnreachableError ||
     error instanceof ConnectionLostError ||
-    error instanceof SSHConnectionError
+    error instanceof ConnectionError
   ) {
     return "transient";
   }
