@@ -3,7 +3,10 @@
  * validation, shell wrapping (login/raw × sh/powershell/cmd), env/cwd delivery, the bounded
  * output collector and CommandResult. Pure: no I/O here.
  */
+import { type AnyCommandResult, CommandResult } from "./command-result.js";
 import { ValidationError } from "./errors.js";
+
+export { type AnyCommandResult, CommandResult } from "./command-result.js";
 
 export type ShellMode = "login" | "raw";
 export type ShellKind = "sh" | "powershell" | "cmd";
@@ -40,37 +43,32 @@ export interface RunOptions {
 export type RunOptionsUtf8 = RunOptions & { encoding?: "utf8" };
 export type RunOptionsBuffer = RunOptions & { encoding: "buffer" };
 
-export class CommandResult<T extends string | Buffer = string> {
-  constructor(
-    readonly exitCode: number | null,
-    readonly stdout: T,
-    readonly stderr: T,
-    readonly durationMs: number,
-    /** Signal name without "SIG" (e.g. "KILL") when the command was killed by a signal. */
-    readonly signal: string | null = null,
-    readonly truncated = false,
-  ) {}
+type EncodingOf<O> = O extends { encoding?: infer E } ? E : undefined;
 
-  get ok(): boolean {
-    return this.exitCode === 0;
-  }
+/**
+ * What running a command with options `O` resolves to: strings by default (`encoding` "utf8"
+ * or absent), exact Buffers with `encoding: "buffer"`, either when the encoding is not known
+ * until run time.
+ */
+export type RunResult<O> = [EncodingOf<O>] extends ["buffer"]
+  ? CommandResult<Buffer>
+  : [EncodingOf<O>] extends ["utf8" | undefined]
+    ? CommandResult<string>
+    : CommandResult<string> | CommandResult<Buffer>;
 
-  /** stdout as a trimmed string (the common "what did it print" case). */
-  get output(): string {
-    return (typeof this.stdout === "string" ? this.stdout : this.stdout.toString("utf8")).trim();
-  }
+/**
+ * The runner contract: how every "run a shell command" method is typed (SSHClient.run,
+ * SSHConnection.exec, SSHSupervisor.exec, the channels, SmolVM.run). `X` adds the runner's own
+ * options (e.g. `shellKind`). Non-zero exit is a result, never an error.
+ */
+export type RunCommand<X = unknown> = <O extends RunOptions & X = RunOptionsUtf8 & X>(
+  command: string,
+  options?: O,
+) => Promise<RunResult<O>>;
 
-  toJSON(): Record<string, unknown> {
-    const text = (v: T) => (typeof v === "string" ? v : v.toString("base64"));
-    return {
-      exitCode: this.exitCode,
-      signal: this.signal,
-      stdout: text(this.stdout),
-      stderr: text(this.stderr),
-      durationMs: this.durationMs,
-      truncated: this.truncated,
-    };
-  }
+/** Anything that runs shell commands with `run` (channels, SSHClient, SmolVM). */
+export interface Runner<X = unknown> {
+  run: RunCommand<X>;
 }
 
 // ---------------------------------------------------------------- validation
@@ -258,6 +256,13 @@ export function encodePowerShell(script: string): string {
 
 // ---------------------------------------------------------------- output collection
 
+/** The result of a command that produced nothing yet: a timeout's `partial` before any output. */
+export function emptyResult(durationMs: number, encoding: "utf8" | "buffer" = "utf8"): AnyCommandResult {
+  return encoding === "buffer"
+    ? new CommandResult<Buffer>(null, Buffer.alloc(0), Buffer.alloc(0), durationMs)
+    : new CommandResult<string>(null, "", "", durationMs);
+}
+
 /**
  * Collects stdout/stderr as Buffers, in arrival order per stream, up to a shared byte cap
  * (DEFAULT_MAX_OUTPUT_BYTES unless given).
@@ -304,7 +309,7 @@ export class OutputCollector {
     signal: string | null,
     durationMs: number,
     encoding: "utf8" | "buffer" = "utf8",
-  ): CommandResult<string> | CommandResult<Buffer> {
+  ): AnyCommandResult {
     if (encoding === "buffer") {
       return new CommandResult<Buffer>(
         exitCode,

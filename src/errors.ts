@@ -3,6 +3,7 @@
  * do next. Callers branch on the class or on `code`, never on message text; `details` carries
  * machine-readable context and never holds a secret.
  */
+import type { AnyCommandResult } from "./command-result.js";
 
 /**
  * Every `code` an error of this package can carry: branch on these, never on message text.
@@ -128,18 +129,32 @@ export class ValidationError extends SmolVMError {
   }
 }
 
-/** A deadline passed or an AbortSignal fired. `partial` holds what was produced so far. */
+export interface TimeoutErrorOptions extends ErrorOptions {
+  partial?: AnyCommandResult;
+}
+
+/**
+ * A deadline passed or an AbortSignal fired. For a command, `partial` is the CommandResult of
+ * what it produced so far (exitCode null unless it ended in the grace period); attach it with
+ * `withPartial`.
+ */
 export class OperationTimeoutError extends SmolVMError {
-  readonly partial?: unknown;
-  constructor(message: string, options: ErrorOptions & { partial?: unknown } = {}) {
+  readonly partial?: AnyCommandResult;
+  constructor(message: string, options: TimeoutErrorOptions = {}) {
     super(message, { code: "TIMEOUT", ...options });
     if (options.partial !== undefined) this.partial = options.partial;
+  }
+
+  /** The same error (class, code, message, details, cause) carrying `partial`. */
+  withPartial(partial: AnyCommandResult): this {
+    const Ctor = this.constructor as new (message: string, options: TimeoutErrorOptions) => this;
+    return new Ctor(this.message, { code: this.code, details: this.details, cause: this.cause, partial });
   }
 }
 
 /** The operation was cancelled by the caller's AbortSignal (a kind of timeout for callers). */
 export class OperationAbortedError extends OperationTimeoutError {
-  constructor(message: string, options: ErrorOptions & { partial?: unknown } = {}) {
+  constructor(message: string, options: TimeoutErrorOptions = {}) {
     super(message, { code: "ABORTED", ...options });
   }
 }

@@ -5,12 +5,11 @@
 import { randomBytes } from "node:crypto";
 import { posix } from "node:path";
 import {
-  type CommandResult,
   DEFAULT_RUN_TIMEOUT_MS,
   quoteSh,
   type RunOptions,
-  type RunOptionsBuffer,
   type RunOptionsUtf8,
+  type RunResult,
 } from "../command.js";
 import { Deadline } from "../common/deadline.js";
 import { guestText } from "../common/guest-text.js";
@@ -50,11 +49,8 @@ export class SshChannel implements CommChannel {
     private readonly envFilePath = ENV_FILE_PATH,
   ) {}
 
-  run(command: string, options?: RunOptionsUtf8): Promise<CommandResult<string>>;
-  run(command: string, options: RunOptionsBuffer): Promise<CommandResult<Buffer>>;
-  run(command: string, options?: RunOptions): Promise<CommandResult<string> | CommandResult<Buffer>>;
-  run(command: string, options: RunOptions = {}): Promise<CommandResult<string> | CommandResult<Buffer>> {
-    return this.client.run(command, options);
+  run<O extends RunOptions = RunOptionsUtf8>(command: string, options?: O): Promise<RunResult<O>> {
+    return this.client.run(command, options as RunOptions) as Promise<RunResult<O>>;
   }
 
   stream(

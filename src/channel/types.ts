@@ -3,7 +3,7 @@
  * guest agent (virtio-serial / vsock) is the second. Every implementation builds results and
  * wraps commands through ../command.ts, so both behave identically to callers.
  */
-import type { CommandResult, OutputChunk, RunOptions, RunOptionsBuffer, RunOptionsUtf8 } from "../command.js";
+import type { OutputChunk, Runner, RunOptions } from "../command.js";
 
 export type ChannelKind = "ssh" | "agent";
 
@@ -32,11 +32,9 @@ export interface CommandStream extends AsyncIterable<StreamEvent> {
   cancel(): Promise<void>;
 }
 
-export interface CommChannel {
+/** A sandbox's control channel: the runner contract (`run`) plus streams, files and env. */
+export interface CommChannel extends Runner {
   readonly kind: ChannelKind;
-  run(command: string, options?: RunOptionsUtf8): Promise<CommandResult<string>>;
-  run(command: string, options: RunOptionsBuffer): Promise<CommandResult<Buffer>>;
-  run(command: string, options?: RunOptions): Promise<CommandResult<string> | CommandResult<Buffer>>;
   stream(
     command: string,
     options?: Omit<RunOptions, "encoding" | "onStdout" | "onStderr" | "maxOutputBytes">,

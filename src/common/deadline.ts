@@ -2,6 +2,7 @@
  * Bounded waiting. A Deadline turns `timeoutMs` + `signal` into one AbortSignal and one error,
  * so every public async call is cancellable the same way.
  */
+import type { AnyCommandResult } from "../command-result.js";
 import { OperationAbortedError, OperationTimeoutError } from "../errors.js";
 
 export class Deadline {
@@ -72,17 +73,23 @@ export class Deadline {
     if (this.signal.aborted) throw this.signal.reason;
   }
 
-  timeoutError(partial?: unknown): OperationTimeoutError {
+  /**
+   * This deadline's timeout error. A command's partial result is attached with
+   * `error.withPartial(result)`; the `partial` argument stays for callers not moved to it yet
+   * and must be a CommandResult.
+   */
+  timeoutError(partial?: AnyCommandResult | unknown): OperationTimeoutError {
     return new OperationTimeoutError(
       `${this.what} did not finish within ${this.timeoutMs} ms${this.while()}: raise timeoutMs if it needs longer.`,
-      { details: { timeoutMs: this.timeoutMs, phase: this.phase }, partial },
+      { details: { timeoutMs: this.timeoutMs, phase: this.phase }, partial: partial as AnyCommandResult },
     );
   }
 
-  abortError(partial?: unknown): OperationAbortedError {
+  /** This deadline's abort error (see timeoutError for `partial`). */
+  abortError(partial?: AnyCommandResult | unknown): OperationAbortedError {
     return new OperationAbortedError(`${this.what} was aborted by the caller's signal${this.while()}.`, {
       details: { phase: this.phase },
-      partial,
+      partial: partial as AnyCommandResult,
     });
   }
 

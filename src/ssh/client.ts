@@ -7,11 +7,12 @@
  */
 import * as net from "node:net";
 import {
-  type CommandResult,
   DEFAULT_RUN_TIMEOUT_MS,
+  emptyResult,
+  type Runner,
   type RunOptions,
-  type RunOptionsBuffer,
   type RunOptionsUtf8,
+  type RunResult,
   type ShellKind,
   validateRunOptions,
   validateTimeout,
@@ -81,7 +82,9 @@ export interface WaitForSshOptions {
   signal?: AbortSignal;
 }
 
-export class SSHClient implements AsyncDisposable {
+type Encoding = "utf8" | "buffer";
+
+export class SSHClient implements AsyncDisposable, Runner<ExecExtras> {
   readonly host: string;
   readonly user: string;
   readonly port: number;
@@ -170,16 +173,10 @@ export class SSHClient implements AsyncDisposable {
    * command is killed and OperationTimeoutError carries the output so far on `partial`.
    * `shellKind` overrides the client's for this call.
    */
-  run(command: string, options?: RunOptionsUtf8 & ExecExtras): Promise<CommandResult<string>>;
-  run(command: string, options: RunOptionsBuffer & ExecExtras): Promise<CommandResult<Buffer>>;
-  run(
+  async run<O extends RunOptions & ExecExtras = RunOptionsUtf8>(
     command: string,
-    options?: RunOptions & ExecExtras,
-  ): Promise<CommandResult<string> | CommandResult<Buffer>>;
-  async run(
-    command: string,
-    options: RunOptions & ExecExtras = {},
-  ): Promise<CommandResult<string> | CommandResult<Buffer>> {
+    options: O = {} as O,
+  ): Promise<RunResult<O>> {
     validateRunOptions(command, options);
     validateShellKind(options.shellKind);
     if (this.isClosed) throw this.closedError();
@@ -189,6 +186,7 @@ export class SSHClient implements AsyncDisposable {
       `command on ${this.host}:${this.port}`,
     );
     const opts = { ...options, shellKind: options.shellKind ?? this.shellKind };
+    const encoding = options.encoding ?? "utf8";
     try {
       for (let attempt = 0; ; attempt++) {
         const c = this.conn;
@@ -196,15 +194,15 @@ export class SSHClient implements AsyncDisposable {
         try {
           acquired =
             c?.reusable || !this.onePerConnection
-              ? { conn: c?.reusable ? c : await this.connectWithin(deadline), done: undefined }
-              : await this.perCommandConnection(deadline);
+              ? { conn: c?.reusable ? c : await this.connectWithin(deadline, encoding), done: undefined }
+              : await this.perCommandConnection(deadline, encoding);
         } catch (e) {
           // Reopening after a lost connection (or, for a server that needs a connection per
           // command, opening one more): a server that is restarting refuses for a moment.
           const reopening = attempt > 0 || this.onePerConnection;
           if (reopening && attempt < MAX_RECONNECTS && isTransient(e) && !deadline.expired) {
             await sleep(Math.min(50 * 2 ** attempt, 1000), deadline.signal).catch(() => {
-              throw withEmptyPartial(deadline.reason!, deadline.elapsedMs);
+              throw withEmptyPartial(deadline, encoding);
             });
             continue;
           }
@@ -212,7 +210,7 @@ export class SSHClient implements AsyncDisposable {
         }
         const { conn, done } = acquired;
         try {
-          return await conn.execWithin(command, opts, deadline);
+          return (await conn.execWithin(command, opts, deadline)) as RunResult<O>;
         } catch (e) {
           // The transport died before the command reached the server: safe to run it on a new
           // one, as long as the deadline has time (a server dying under load may need a few).
@@ -253,7 +251,10 @@ export class SSHClient implements AsyncDisposable {
    * A connection of its own for one command (servers with one session per connection), at most
    * PER_COMMAND_CONNECTIONS at once; `done` closes it once the command has ended.
    */
-  private async perCommandConnection(deadline: Deadline): Promise<{ conn: SSHConnection; done: () => void }> {
+  private async perCommandConnection(
+    deadline: Deadline,
+    encoding: Encoding,
+  ): Promise<{ conn: SSHConnection; done: () => void }> {
     if (this.perCommandOpen >= PER_COMMAND_CONNECTIONS) {
       deadline.throwIfExpired();
       await new Promise<void>((resolve, reject) => {
@@ -264,7 +265,7 @@ export class SSHClient implements AsyncDisposable {
         const onAbort = () => {
           const i = this.perCommandWaiters.indexOf(granted);
           if (i >= 0) this.perCommandWaiters.splice(i, 1);
-          reject(withEmptyPartial(deadline.reason!, deadline.elapsedMs));
+          reject(withEmptyPartial(deadline, encoding));
         };
         deadline.signal.addEventListener("abort", onAbort, { once: true });
         this.perCommandWaiters.push(granted);
@@ -290,7 +291,7 @@ export class SSHClient implements AsyncDisposable {
       };
     } catch (e) {
       free();
-      if (deadline.expired) throw withEmptyPartial(deadline.reason!, deadline.elapsedMs);
+      if (deadline.expired) throw withEmptyPartial(deadline, encoding);
       throw this.isClosed ? this.closedError() : e;
     }
   }
@@ -311,13 +312,13 @@ export class SSHClient implements AsyncDisposable {
     }
   }
 
-  private async connectWithin(deadline: Deadline): Promise<SSHConnection> {
+  private async connectWithin(deadline: Deadline, encoding: Encoding): Promise<SSHConnection> {
     try {
       return await this.connection({ signal: deadline.signal });
     } catch (e) {
       if (deadline.expired && e === deadline.reason) {
         // Nothing ran yet: the partial result is empty.
-        throw withEmptyPartial(e as OperationTimeoutError, deadline.elapsedMs);
+        throw withEmptyPartial(deadline, encoding);
       }
       throw e;
     }
@@ -421,20 +422,9 @@ function authFromOptions(o: SSHClientOptions): AuthConfig | AuthConfig[] | undef
   return list.length ? list : undefined;
 }
 
-function withEmptyPartial(e: OperationTimeoutError, elapsedMs: number): OperationTimeoutError {
-  const Ctor = e.constructor as typeof OperationTimeoutError;
-  return new Ctor(e.message, {
-    code: e.code,
-    details: e.details,
-    partial: {
-      exitCode: null,
-      signal: null,
-      stdout: "",
-      stderr: "",
-      durationMs: elapsedMs,
-      truncated: false,
-    },
-  });
+/** The deadline's error carrying an empty result: nothing ran yet. */
+function withEmptyPartial(deadline: Deadline, encoding: Encoding): OperationTimeoutError {
+  return deadline.reason!.withPartial(emptyResult(deadline.elapsedMs, encoding));
 }
 
 function raceSignal<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {

@@ -9,12 +9,12 @@ import * as net from "node:net";
 import type { Duplex } from "node:stream";
 import ssh2, { type ClientChannel, type ConnectConfig, type Client as SSH2Client } from "ssh2";
 import {
-  type CommandResult,
+  type AnyCommandResult,
   DEFAULT_RUN_TIMEOUT_MS,
   OutputCollector,
   type RunOptions,
-  type RunOptionsBuffer,
   type RunOptionsUtf8,
+  type RunResult,
   type ShellKind,
   validateRunOptions,
   validateTimeout,
@@ -793,21 +793,15 @@ export class SSHConnection implements AsyncDisposable {
   // ------------------------------------------------------------ exec
 
   /** Runs a command and buffers its output. Non-zero exit is a result, not an error. */
-  exec(command: string, options?: RunOptionsUtf8 & ExecExtras): Promise<CommandResult<string>>;
-  exec(command: string, options: RunOptionsBuffer & ExecExtras): Promise<CommandResult<Buffer>>;
-  exec(
+  async exec<O extends RunOptions & ExecExtras = RunOptionsUtf8>(
     command: string,
-    options?: RunOptions & ExecExtras,
-  ): Promise<CommandResult<string> | CommandResult<Buffer>>;
-  async exec(
-    command: string,
-    options: RunOptions & ExecExtras = {},
-  ): Promise<CommandResult<string> | CommandResult<Buffer>> {
+    options: O = {} as O,
+  ): Promise<RunResult<O>> {
     validateRunOptions(command, options);
     validateShellKind(options.shellKind);
     const deadline = new Deadline(options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS, options.signal, "SSH command");
     try {
-      return await this.execWithin(command, options, deadline);
+      return (await this.execWithin(command, options, deadline)) as RunResult<O>;
     } finally {
       deadline.dispose();
     }
@@ -821,7 +815,7 @@ export class SSHConnection implements AsyncDisposable {
     command: string,
     options: RunOptions & ExecExtras,
     deadline: Deadline,
-  ): Promise<CommandResult<string> | CommandResult<Buffer>> {
+  ): Promise<AnyCommandResult> {
     const runId = newRunId();
     const wrapped = wrapCommand(command, {
       shell: options.shell,
@@ -836,7 +830,9 @@ export class SSHConnection implements AsyncDisposable {
     const collector = new OutputCollector(options.maxOutputBytes, options.onStdout, options.onStderr);
     const encoding = options.encoding ?? "utf8";
     const st = await this.openExec(wrapped.command, deadline.signal, false, runId).catch((e) => {
-      throw this.withPartial(e, collector, started, encoding);
+      throw e instanceof OperationTimeoutError
+        ? e.withPartial(collector.result(null, null, performance.now() - started, encoding))
+        : e;
     });
     const ch = st.channel;
     return new Promise((resolve, reject) => {
@@ -854,8 +850,11 @@ export class SSHConnection implements AsyncDisposable {
       const finishAbort = () => {
         clearTimeout(graceTimer);
         graceTimer = undefined;
-        const partial = collector.result(st.exitCode, st.signal, performance.now() - started, encoding);
-        reject(this.withPartial(deadline.reason, collector, started, encoding, partial));
+        reject(
+          deadline.reason!.withPartial(
+            collector.result(st.exitCode, st.signal, performance.now() - started, encoding),
+          ),
+        );
       };
       deadline.signal.addEventListener("abort", onAbort, { once: true });
       const onClose = () => {
@@ -896,19 +895,6 @@ export class SSHConnection implements AsyncDisposable {
       if (options.stdin?.length) ch.write(options.stdin);
       ch.end();
     });
-  }
-
-  private withPartial(
-    e: unknown,
-    collector: OutputCollector,
-    started: number,
-    encoding: "utf8" | "buffer",
-    partial?: CommandResult<string> | CommandResult<Buffer>,
-  ): unknown {
-    if (!(e instanceof OperationTimeoutError)) return e;
-    const p = partial ?? collector.result(null, null, performance.now() - started, encoding);
-    const Ctor = e instanceof OperationAbortedError ? OperationAbortedError : OperationTimeoutError;
-    return new Ctor(e.message, { code: e.code, details: e.details, partial: p, cause: e.cause });
   }
 
   /** Runs a command and yields its output as it arrives, then one exit event. */

@@ -12,11 +12,10 @@
  */
 import type { Client } from "ssh2";
 import {
-  type CommandResult,
   DEFAULT_RUN_TIMEOUT_MS,
   type RunOptions,
-  type RunOptionsBuffer,
   type RunOptionsUtf8,
+  type RunResult,
   validateRunOptions,
 } from "../command.js";
 import { Deadline, sleep } from "../common/deadline.js";
@@ -335,12 +334,10 @@ export class SSHSupervisor implements AsyncDisposable {
    * command cut by a drop fails with ConnectionLostError (it may or may not have run), unless
    * `idempotent: true`, in which case it is run again once the session is back.
    */
-  exec(command: string, options?: SupervisorExecOptions & RunOptionsUtf8): Promise<CommandResult<string>>;
-  exec(command: string, options: SupervisorExecOptions & RunOptionsBuffer): Promise<CommandResult<Buffer>>;
-  async exec(
+  async exec<O extends SupervisorExecOptions = RunOptionsUtf8>(
     command: string,
-    options: SupervisorExecOptions = {},
-  ): Promise<CommandResult<string> | CommandResult<Buffer>> {
+    options: O = {} as O,
+  ): Promise<RunResult<O>> {
     validateRunOptions(command, options);
     const { idempotent, ...runOptions } = options;
     const deadline = new Deadline(options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS, options.signal, "SSH command");
@@ -348,7 +345,7 @@ export class SSHSupervisor implements AsyncDisposable {
       for (;;) {
         const conn = await this.acquire(deadline);
         try {
-          return await conn.execWithin(command, runOptions, deadline);
+          return (await conn.execWithin(command, runOptions, deadline)) as RunResult<O>;
         } catch (e) {
           if (e instanceof ConnectionLostError && idempotent && !deadline.expired && !this.stopped) {
             // Wait for the drop to be seen, then for the reconnect.
