@@ -10,6 +10,13 @@ export { type AnyCommandResult, CommandResult } from "./command-result.js";
 
 export type ShellMode = "login" | "raw";
 export type ShellKind = "sh" | "powershell" | "cmd";
+export const SHELL_KINDS: readonly ShellKind[] = ["sh", "powershell", "cmd"];
+
+/** Options a runner that may face a non-POSIX server (the SSH classes) adds to RunOptions. */
+export interface ExecExtras {
+  /** How `shell: "login"` wraps this command (overrides the client's default). Default "sh". */
+  shellKind?: ShellKind;
+}
 
 export interface OutputChunk {
   stream: "stdout" | "stderr";
@@ -107,6 +114,12 @@ export function validateEnv(env: Record<string, string>): void {
         details: { name },
       });
     }
+  }
+}
+
+export function validateShellKind(kind: unknown): void {
+  if (kind !== undefined && !SHELL_KINDS.includes(kind as ShellKind)) {
+    throw new ValidationError(`shellKind must be one of ${SHELL_KINDS.join(", ")}, got ${String(kind)}.`);
   }
 }
 

@@ -15,7 +15,7 @@ import { Deadline } from "../common/deadline.js";
 import { guestText } from "../common/guest-text.js";
 import { SmolVMError } from "../errors.js";
 import type { SSHClient } from "../ssh/client.js";
-import type { StreamExecEvent } from "../ssh/connection.js";
+import type { StreamExecEvent } from "../ssh/exec-stream.js";
 import { getFile, putFile } from "../ssh/sftp.js";
 import {
   ENV_FILE_MAX,

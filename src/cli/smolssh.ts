@@ -6,9 +6,9 @@
  */
 import { Command } from "commander";
 import { SmolVMError } from "../errors.js";
-import { connectSession, getEvidenceBundle } from "../ssh/connect-options.js";
-import type { SSHConnection } from "../ssh/connection.js";
+import { connectSession, type SSHConnection } from "../ssh/connection.js";
 import { EventCollector } from "../ssh/events.js";
+import { getEvidenceBundle } from "../ssh/evidence.js";
 import { forwardDynamic, forwardLocal, forwardRemote } from "../ssh/forward.js";
 import { openShell } from "../ssh/shell.js";
 import { buildPlan, exitStatusFor, type SmolsshFlags } from "./smolssh-options.js";

@@ -8,6 +8,7 @@
 import * as net from "node:net";
 import {
   DEFAULT_RUN_TIMEOUT_MS,
+  type ExecExtras,
   emptyResult,
   type Runner,
   type RunOptions,
@@ -15,6 +16,7 @@ import {
   type RunResult,
   type ShellKind,
   validateRunOptions,
+  validateShellKind,
   validateTimeout,
 } from "../command.js";
 import { Deadline, sleep } from "../common/deadline.js";
@@ -30,7 +32,8 @@ import {
   ValidationError,
 } from "../errors.js";
 import { type AuthConfig, createAgentAuth, createKeyAuth } from "./auth.js";
-import { type ConnectOptions, type ExecExtras, SSHConnection, validateShellKind } from "./connection.js";
+import type { ConnectOptions } from "./connect-options.js";
+import { SSHConnection } from "./connection.js";
 import type { EventSink } from "./events.js";
 import type { HostKeyOptions } from "./hostkeys.js";
 import { resolveKeepalive } from "./keepalive.js";

@@ -1,23 +1,86 @@
 /**
- * The full connect of the public API: `SSHConnection.connect` plus what sits around it —
- * OpenSSH config (`sshConfig`), ProxyJump / ProxyCommand, an owned JSONL event log
- * (`eventLogPath`) — and the evidence bundle of a connection. Explicit options always win over
- * the config file, as on OpenSSH's command line.
+ * What a connection is asked for: ConnectOptions (one direct transport) and
+ * SessionConnectOptions (the public form: OpenSSH config, ProxyJump / ProxyCommand, an event
+ * log), and their resolution into a target and its hops. Explicit options always win over the
+ * config file, as on OpenSSH's command line. Reads config files only: no network I/O here.
  */
+import type { Duplex } from "node:stream";
+import type { ConnectConfig } from "ssh2";
+import { isPort } from "../common/port.js";
 import { ValidationError } from "../errors.js";
 import { type AuthConfig, createAgentAuth, createKeyAuth, getAgentAvailable } from "./auth.js";
 import { resolveSshConfig, shellSafeToken } from "./config.js";
-import type { ConnectOptions, SSHConnection } from "./connection.js";
-import { SSHConnection as Connection } from "./connection.js";
-import { EventCollector, type EventSink } from "./events.js";
-import { algorithmsFromHandshake, EvidenceBundle } from "./evidence.js";
-import {
-  connectThroughCommand,
-  connectThroughJumps,
-  type JumpSpec,
-  ownResources,
-  parseProxyJump,
-} from "./proxy.js";
+import type { EventSink } from "./events.js";
+import type { HostKeyOptions } from "./hostkeys.js";
+import type { KeepaliveConfig } from "./keepalive.js";
+
+export type KeepaliveOptions = KeepaliveConfig;
+
+export interface ConnectOptions {
+  host: string;
+  port?: number;
+  username: string;
+  /** One method or an ordered list tried on one connection. Default: agent, then default keys. */
+  auth?: AuthConfig | AuthConfig[];
+  hostKey?: HostKeyOptions;
+  /** TCP connect + handshake + auth. Default 10 000. */
+  connectTimeoutMs?: number;
+  /**
+   * keepalive@openssh.com every `intervalMs`; `countMax` unanswered in a row close the
+   * connection with ConnectionLostError (details.reason "keepalive_timeout"). Default on,
+   * 15 000 ms x 3 (DEFAULT_KEEPALIVE); `false` turns it off.
+   */
+  keepalive?: Partial<KeepaliveOptions> | false;
+  events?: EventSink;
+  /** A pre-connected stream (proxy, jump host); host/port then only label errors and known_hosts. */
+  sock?: Duplex;
+  signal?: AbortSignal;
+  /** ssh2 algorithm lists (exact lists replace the defaults). */
+  algorithms?: ConnectConfig["algorithms"];
+}
+
+export interface JumpSpec {
+  user?: string;
+  host: string;
+  port?: number;
+}
+
+/**
+ * Parses OpenSSH's ProxyJump / -J syntax: `[user@]host[:port]` or `ssh://[user@]host[:port]`,
+ * comma separated, first hop first; IPv6 hosts in brackets. "none" means no jump.
+ */
+export function parseProxyJump(spec: string): JumpSpec[] {
+  const s = spec.trim();
+  if (s === "" || s.toLowerCase() === "none") return [];
+  return s.split(",").map((raw) => {
+    let part = raw.trim();
+    if (part.startsWith("ssh://")) part = part.slice(6).replace(/\/$/, "");
+    let user: string | undefined;
+    const at = part.lastIndexOf("@");
+    if (at >= 0) {
+      user = part.slice(0, at);
+      part = part.slice(at + 1);
+    }
+    let host = part;
+    let port: number | undefined;
+    const v6 = /^\[([^\]]+)\](?::(\d+))?$/.exec(part);
+    if (v6) {
+      host = v6[1]!;
+      if (v6[2]) port = Number(v6[2]);
+    } else if ((part.match(/:/g) ?? []).length === 1) {
+      const i = part.indexOf(":");
+      host = part.slice(0, i);
+      port = Number(part.slice(i + 1));
+    }
+    if (!host || (user !== undefined && !user)) {
+      throw new ValidationError(`ProxyJump entry ${JSON.stringify(raw)} is not [user@]host[:port].`);
+    }
+    if (port !== undefined && !isPort(port)) {
+      throw new ValidationError(`ProxyJump entry ${JSON.stringify(raw)} has an invalid port.`);
+    }
+    return { ...(user ? { user } : {}), host, ...(port ? { port } : {}) };
+  });
+}
 
 export interface SessionConnectOptions extends Omit<ConnectOptions, "username" | "sock"> {
   /** Default: from the config file, else the local user. */
@@ -167,69 +230,4 @@ export function resolveSessionOptions(opts: SessionConnectOptions): ResolvedSess
     });
   }
   return resolved;
-}
-
-/**
- * Connects with everything the public options allow. The returned connection owns what was
- * created for it (jump connections, the proxy command, an event log) and closes them with itself.
- */
-export async function connectSession(opts: SessionConnectOptions): Promise<SSHConnection> {
-  let owned: EventCollector | undefined;
-  let events: EventSink | undefined = opts.events;
-  if (!events && opts.eventLogPath) {
-    owned = new EventCollector({ logPath: opts.eventLogPath });
-    events = owned;
-  }
-  try {
-    const r = resolveSessionOptions({ ...opts, ...(events ? { events } : {}) });
-    const conn = r.proxyCommand
-      ? await connectThroughCommand(r.proxyCommand, r.target)
-      : r.jumps.length
-        ? await connectThroughJumps(r.jumps, r.target)
-        : await Connection.connectDirect(r.target);
-    if (owned) {
-      const log = owned;
-      ownResources(conn, [() => log.close()]);
-      sessionEvents.set(conn, log);
-    } else if (opts.events instanceof EventCollector) sessionEvents.set(conn, opts.events);
-    return conn;
-  } catch (e) {
-    await owned?.close();
-    throw e;
-  }
-}
-
-const sessionEvents = new WeakMap<SSHConnection, EventCollector>();
-
-/**
- * The evidence bundle of a connection: its events (from `events` or the collector given at
- * connect), negotiated algorithms, timings, host, why it ended, the error and a transcript.
- */
-export function getEvidenceBundle(
-  conn: SSHConnection | undefined,
-  extra: {
-    events?: EventCollector;
-    error?: unknown;
-    transcript?: unknown;
-    disconnectReason?: string;
-    host?: { host: string; port: number; username?: string };
-  } = {},
-): EvidenceBundle {
-  const collector = extra.events ?? (conn ? sessionEvents.get(conn) : undefined);
-  const lastDisconnect = collector?.getByType("DISCONNECT").at(-1);
-  return new EvidenceBundle({
-    events: collector?.events ?? [],
-    transcript: extra.transcript,
-    algorithms: algorithmsFromHandshake(conn?.negotiated as never),
-    timing: conn
-      ? {
-          connectMs: Math.round(conn.timings.tcpMs + conn.timings.handshakeMs),
-          authMs: Math.round(conn.timings.authMs),
-          ...(lastDisconnect ? { disconnectAt: lastDisconnect.ts } : {}),
-        }
-      : {},
-    hostInfo: conn ? { host: conn.host, port: conn.port, username: conn.username } : extra.host,
-    disconnectReason: extra.disconnectReason ?? (lastDisconnect?.data.reason as string | undefined),
-    errorContext: extra.error,
-  });
 }

@@ -1,49 +1,47 @@
 /**
- * One authenticated SSH transport (an ssh2 Client) and the commands run over it: buffered exec,
- * streamed exec, a channel limiter that queues and retries when the server refuses channels
- * (OpenSSH MaxSessions), remote termination on timeout/abort, and typed errors.
+ * SSHConnection: one authenticated SSH transport (opened by handshake.ts) and what runs over it:
+ * the channel limiter that queues and retries when the server refuses channels (OpenSSH
+ * MaxSessions), buffered exec, streamed exec (exec-stream.ts), remote termination on
+ * timeout/abort, keepalive, SFTP and shells, and the resources it owns (jump hosts, a proxy
+ * command, an event log) that close with it.
  */
-import { randomBytes } from "node:crypto";
-import { createRequire } from "node:module";
 import * as net from "node:net";
 import type { Duplex } from "node:stream";
-import ssh2, { type ClientChannel, type ConnectConfig, type Client as SSH2Client } from "ssh2";
+import type { Client, ClientChannel } from "ssh2";
 import {
   type AnyCommandResult,
   DEFAULT_RUN_TIMEOUT_MS,
+  type ExecExtras,
   OutputCollector,
   type RunOptions,
   type RunOptionsUtf8,
   type RunResult,
-  type ShellKind,
   validateRunOptions,
+  validateShellKind,
   validateTimeout,
   wrapCommand,
 } from "../command.js";
 import { Deadline, sleep } from "../common/deadline.js";
-import { validatePort } from "../common/port.js";
+import { ConnectionLostError, OperationTimeoutError, SmolVMError, SSHConnectionError } from "../errors.js";
+import { ChannelLimiter } from "./channel-limiter.js";
+import { isChannelOpenRefused } from "./classify.js";
+import { type ConnectOptions, resolveSessionOptions, type SessionConnectOptions } from "./connect-options.js";
+import { EventCollector, type EventSink, roundMs } from "./events.js";
+import { type EvidenceBundle, type EvidenceExtra, getEvidenceBundle } from "./evidence.js";
 import {
-  ConnectionLostError,
-  OperationAbortedError,
-  OperationTimeoutError,
-  SmolVMError,
-  SSHConnectionError,
-  ValidationError,
-} from "../errors.js";
-import { type AuthConfig, createAuthHandler, defaultAuth, prepareAuth } from "./auth.js";
-import {
-  type AlgorithmLists,
-  type ConnectContext,
-  classifyConnectError,
-  connectTimeoutError,
-  isChannelOpenRefused,
-  parseServerKexInit,
-} from "./classify.js";
-import { connectSession, getEvidenceBundle, type SessionConnectOptions } from "./connect-options.js";
-import type { EventSink } from "./events.js";
-import type { EvidenceBundle } from "./evidence.js";
-import { createHostKeyVerifier, type HostKeyOptions } from "./hostkeys.js";
-import { type KeepaliveConfig, KeepaliveMonitor, resolveKeepalive } from "./keepalive.js";
+  type ExecChannel,
+  execState,
+  killByRunIdScript,
+  killChannel,
+  newRunId,
+  RUN_ID_ENV,
+} from "./exec-channel.js";
+import { ExecStream, type StreamExecOptions } from "./exec-stream.js";
+import { type ConnectTimings, openTransport } from "./handshake.js";
+import { type KeepaliveConfig, KeepaliveMonitor } from "./keepalive.js";
+import { connectThroughCommand, connectThroughJumps } from "./proxy.js";
+import { type ServerQuirks, serverQuirks } from "./server-quirks.js";
+import type { ExecHost, SessionHost } from "./session-host.js";
 import {
   type PutFileOptions as SftpPutOptions,
   getFile as sftpGet,
@@ -53,121 +51,11 @@ import {
 import { openShell, type ShellOptions, type ShellSession } from "./shell.js";
 import { watchStream } from "./watchdog.js";
 
-// ssh2 is CommonJS: its named exports are only visible through the default import.
-const { Client } = ssh2;
-type Client = SSH2Client;
-const require = createRequire(import.meta.url);
-const SSH2_DEFAULTS = require("ssh2/lib/protocol/constants.js") as Record<string, string[]>;
-
-export type KeepaliveOptions = KeepaliveConfig;
-
-export interface ConnectOptions {
-  host: string;
-  port?: number;
-  username: string;
-  /** One method or an ordered list tried on one connection. Default: agent, then default keys. */
-  auth?: AuthConfig | AuthConfig[];
-  hostKey?: HostKeyOptions;
-  /** TCP connect + handshake + auth. Default 10 000. */
-  connectTimeoutMs?: number;
-  /**
-   * keepalive@openssh.com every `intervalMs`; `countMax` unanswered in a row close the
-   * connection with ConnectionLostError (details.reason "keepalive_timeout"). Default on,
-   * 15 000 ms x 3 (DEFAULT_KEEPALIVE); `false` turns it off.
-   */
-  keepalive?: Partial<KeepaliveOptions> | false;
-  events?: EventSink;
-  /** A pre-connected stream (proxy, jump host); host/port then only label errors and known_hosts. */
-  sock?: Duplex;
-  signal?: AbortSignal;
-  /** ssh2 algorithm lists (exact lists replace the defaults). */
-  algorithms?: ConnectConfig["algorithms"];
-}
-
-export interface ExecExtras {
-  /** How `shell: "login"` wraps this command (overrides the client's default). Default "sh". */
-  shellKind?: ShellKind;
-}
-
-export const SHELL_KINDS: readonly ShellKind[] = ["sh", "powershell", "cmd"];
-
-export function validateShellKind(kind: unknown): void {
-  if (kind !== undefined && !SHELL_KINDS.includes(kind as ShellKind)) {
-    throw new ValidationError(`shellKind must be one of ${SHELL_KINDS.join(", ")}, got ${String(kind)}.`);
-  }
-}
-
-export interface StreamExecOptions
-  extends Omit<RunOptions, "encoding" | "onStdout" | "onStderr" | "maxOutputBytes" | "stdin"> {
-  /** No output for this long emits PROGRESS_WARNING (and, with abortOnStall, stops the command). */
-  progressTimeoutMs?: number;
-  abortOnStall?: boolean;
-  shellKind?: ShellKind;
-  /** Allocate a pseudo-terminal (stdout and stderr then arrive merged as stdout). */
-  pty?: boolean;
-  /** Keep stdin open for write()/end(); otherwise EOF is sent at once. */
-  stdin?: boolean;
-}
-
-export type StreamExecEvent =
-  | { stream: "stdout" | "stderr"; data: Buffer }
-  | { stream: "exit"; exitCode: number | null; signal: string | null };
-
-/** An open exec channel with its exit status and close recorded from the moment it opened. */
-export interface ExecChannel {
-  channel: ClientChannel;
-  /** Tags every process of this command (env SMOLVM_RUN_ID) so it can be found and killed. */
-  runId: string;
-  terminated?: boolean;
-  exitCode: number | null;
-  /** Signal name without "SIG". */
-  signal: string | null;
-  closed: boolean;
-  onClose: (() => void) | undefined;
-}
-
-export interface ConnectTimings {
-  tcpMs: number;
-  handshakeMs: number;
-  authMs: number;
-  totalMs: number;
-}
-
 export type CloseListener = (reason: Error | undefined) => void;
-
-const RUN_ID_ENV = "SMOLVM_RUN_ID";
-const KILL_SWEEP_TIMEOUT_MS = 5_000;
-
-function newRunId(): string {
-  return randomBytes(8).toString("hex");
-}
-
-/**
- * Kills every process whose environment carries SMOLVM_RUN_ID=<id>, and its process group
- * (which catches children that cleared their environment). Process group 0/1 and our own are
- * never touched. A fast pass with one `grep -l` comes first (GNU grep sees every match; busybox
- * grep stops at the first NUL, so it sees only processes that have the id first, such as the
- * login wrapper's shell); a thorough pass then reads each environment line by line. The id is
- * hex, so it needs no quoting.
- */
-export function killByRunIdScript(runId: string): string {
-  if (!/^[0-9a-f]{16}$/.test(runId)) throw new ValidationError("run id must be 16 hex digits.");
-  const tag = `${RUN_ID_ENV}=${runId}`;
-  return [
-    "k() { p=${1#/proc/}; p=${p%/environ}; s=$(cat /proc/$p/stat 2>/dev/null) || return 0",
-    "s=${s##*) }; set -- $s",
-    '[ "$3" -gt 1 ] 2>/dev/null && [ "$3" != "$$" ] && kill -KILL -"$3" 2>/dev/null',
-    'kill -KILL "$p" 2>/dev/null; return 0; }',
-    `for f in $(grep -l -F '${tag}' /proc/[0-9]*/environ 2>/dev/null); do k "$f"; done`,
-    "for f in /proc/[0-9]*/environ; do",
-    `tr '\\0' '\\n' < "$f" 2>/dev/null | grep -qxF '${tag}' && k "$f"`,
-    "done; true",
-  ].join("\n");
-}
 
 /** Grace for the server to confirm a killed channel closed before we report the timeout. */
 const KILL_GRACE_MS = 1000;
-const INITIAL_CHANNEL_LIMIT = 64;
+const KILL_SWEEP_TIMEOUT_MS = 5_000;
 /** Refusals in a row with no other channel open before a refused exec request is final. */
 const REFUSED_ALONE_MAX = 5;
 
@@ -177,7 +65,7 @@ interface ChannelTable {
   add(v: unknown): number;
 }
 
-export class SSHConnection implements AsyncDisposable {
+export class SSHConnection implements AsyncDisposable, ExecHost, SessionHost {
   readonly client: Client;
   readonly host: string;
   readonly port: number;
@@ -196,11 +84,11 @@ export class SSHConnection implements AsyncDisposable {
   private lastError: Error | undefined;
   private readonly closeListeners = new Set<CloseListener>();
   private closed: Promise<void>;
-  // Channel limiter: adapts to the server's session limit (learned from refusals).
-  private inFlight = 0;
-  private limit = INITIAL_CHANNEL_LIMIT;
-  /** A ceiling for servers known to break with overlapping sessions (see serverQuirks). */
-  private maxLimit = Number.POSITIVE_INFINITY;
+  /** Adapts to the server's session limit (learned from refusals). */
+  private readonly limiter = new ChannelLimiter();
+  /** Closed with this connection, last opened first (jump hosts, a proxy command, an event log). */
+  private readonly owned: Array<() => Promise<void> | void> = [];
+  private closingOwned: Promise<void> | undefined;
   /** The server's known limits (from its identification). */
   quirks: ServerQuirks = serverQuirks(undefined);
   private sessionsStarted = 0;
@@ -209,8 +97,6 @@ export class SSHConnection implements AsyncDisposable {
    * with one session per connection): SSHClient sets it to run the sweep on a new connection.
    */
   sweeper: ((script: string) => void) | undefined;
-  private opensSinceRefusal = 0;
-  private readonly waiters: Array<{ grant: () => void; signal: AbortSignal; onAbort: () => void }> = [];
 
   private constructor(client: Client, opts: ConnectOptions, port: number) {
     this.client = client;
@@ -230,7 +116,7 @@ export class SSHConnection implements AsyncDisposable {
         });
         for (const l of this.closeListeners) l(this.closeReason);
         this.closeListeners.clear();
-        for (const w of this.waiters.splice(0)) w.grant();
+        this.limiter.wakeAll();
         resolve();
       });
     });
@@ -244,186 +130,55 @@ export class SSHConnection implements AsyncDisposable {
     });
   }
 
-  /** Connects, verifies the host key and authenticates, all within connectTimeoutMs. */
   /**
    * Connects with everything the public options allow: OpenSSH config (`sshConfig`), ProxyJump,
    * ProxyCommand and a JSONL event log (`eventLogPath`). What it creates for the connection
    * (jump connections, the proxy command, the log) is closed with it.
    */
   static async connect(opts: SessionConnectOptions): Promise<SSHConnection> {
-    return connectSession(opts);
+    let log: EventCollector | undefined;
+    let events: EventSink | undefined = opts.events;
+    if (!events && opts.eventLogPath) {
+      log = new EventCollector({ logPath: opts.eventLogPath });
+      events = log;
+    }
+    try {
+      const r = resolveSessionOptions({ ...opts, ...(events ? { events } : {}) });
+      const direct = (o: ConnectOptions) => SSHConnection.connectDirect(o);
+      const conn = r.proxyCommand
+        ? await connectThroughCommand(r.proxyCommand, r.target, direct)
+        : r.jumps.length
+          ? await connectThroughJumps(r.jumps, r.target, direct)
+          : await direct(r.target);
+      if (log) {
+        const l = log;
+        conn.own(() => l.close());
+      }
+      return conn;
+    } catch (e) {
+      await log?.close();
+      throw e;
+    }
   }
 
   /** One direct connection with exactly these options (no config files, no proxies). */
   static async connectDirect(opts: ConnectOptions): Promise<SSHConnection> {
-    if (!opts || typeof opts.host !== "string" || opts.host === "") {
-      throw new ValidationError("host is required: pass the SSH server's address.");
-    }
-    if (typeof opts.username !== "string" || opts.username === "") {
-      throw new ValidationError("username is required.");
-    }
-    const port = validatePort("port", opts.port ?? 22);
-    validateTimeout("connectTimeoutMs", opts.connectTimeoutMs);
-    const keepalive = resolveKeepalive(opts.keepalive);
-    const connectTimeoutMs = opts.connectTimeoutMs ?? 10_000;
-    const ctx: ConnectContext = {
-      host: opts.host,
-      port,
-      username: opts.username,
-      connectTimeoutMs,
-      tried: [],
-    };
-    // Keys are loaded before any network I/O so a bad key or passphrase fails fast and clearly.
-    const methods = prepareAuth(
-      opts.auth === undefined ? defaultAuth() : Array.isArray(opts.auth) ? opts.auth : [opts.auth],
-    );
-    const verifier = createHostKeyVerifier(opts.hostKey, opts.host, port);
-    opts.signal?.throwIfAborted?.();
-
-    const t0 = performance.now();
-    const timings: ConnectTimings = { tcpMs: 0, handshakeMs: 0, authMs: 0, totalMs: 0 };
-    let sock: Duplex;
-    let timer: NodeJS.Timeout | undefined;
-    let onAbort: (() => void) | undefined;
-    let failed: ((e: unknown) => void) | undefined;
-    let phase = "tcp";
-    const fail = new Promise<never>((_, reject) => {
-      failed = reject;
+    let conn: SSHConnection | undefined;
+    const t = await openTransport(opts, {
+      onClient: (client, port) => {
+        conn = new SSHConnection(client, opts, port);
+      },
+      onHandshake: (negotiated) => {
+        conn!.negotiated = negotiated;
+      },
     });
-    fail.catch(() => {});
-    timer = setTimeout(() => failed!(connectTimeoutError(ctx, phase)), connectTimeoutMs);
-    if (opts.signal) {
-      onAbort = () =>
-        failed!(
-          new OperationAbortedError(
-            `SSH connection to ${opts.host}:${port} was aborted by the caller's signal.`,
-          ),
-        );
-      opts.signal.addEventListener("abort", onAbort, { once: true });
-    }
-    const cleanupTimers = () => {
-      clearTimeout(timer);
-      timer = undefined;
-      if (onAbort) opts.signal!.removeEventListener("abort", onAbort);
-    };
-
-    let client: Client | undefined;
-    try {
-      if (opts.sock) {
-        sock = opts.sock;
-      } else {
-        const s = net.connect({ host: opts.host, port });
-        s.setNoDelay(true);
-        sock = s;
-        await Promise.race([
-          fail,
-          new Promise<void>((resolve, reject) => {
-            s.once("connect", resolve);
-            s.once("error", reject);
-          }),
-        ]).catch((e) => {
-          s.destroy();
-          throw classifyConnectError(e, ctx);
-        });
-      }
-      timings.tcpMs = performance.now() - t0;
-      phase = "handshake";
-
-      // The server's KEXINIT is in clear: keep it to name both lists if negotiation fails.
-      let head = Buffer.alloc(0);
-      const tap = (d: Buffer) => {
-        head = Buffer.concat([head, d]);
-        try {
-          const lists = parseServerKexInit(head);
-          if (lists || head.length > 64 * 1024) {
-            ctx.theirs = lists;
-            sock.off("data", tap);
-          }
-        } catch {
-          sock.off("data", tap);
-        }
-      };
-      ctx.ours = ourLists(opts.algorithms);
-
-      const c = new Client();
-      client = c;
-      const conn = new SSHConnection(c, opts, port);
-      const ready = new Promise<void>((resolve, reject) => {
-        c.once("ready", resolve);
-        c.once("error", reject);
-        c.once("close", () =>
-          reject(c.listenerCount("ready") ? new Error("closed before ready") : undefined),
-        );
-      });
-      c.once("handshake", (negotiated) => {
-        conn.negotiated = negotiated as unknown as Record<string, unknown>;
-        timings.handshakeMs = performance.now() - t0 - timings.tcpMs;
-        phase = "auth";
-      });
-      c.connect({
-        sock: sock as never,
-        username: opts.username,
-        // Our own timer governs the deadline; ssh2's would only duplicate it.
-        readyTimeout: 0,
-        // Keepalive is ours (KeepaliveMonitor, with events), never ssh2's timer as well.
-        keepaliveInterval: 0,
-        authHandler: createAuthHandler(methods, opts.username, ctx.tried),
-        hostVerifier: ((key: Buffer, verify: (ok: boolean) => void) => {
-          verifier(key).then(
-            (err) => {
-              if (err) ctx.hostKeyError = err;
-              verify(!err);
-            },
-            (err) => {
-              ctx.hostKeyError = err as SmolVMError;
-              verify(false);
-            },
-          );
-        }) as never,
-        ...(opts.algorithms ? { algorithms: opts.algorithms } : {}),
-      });
-      sock.on("data", tap);
-      await Promise.race([fail, ready]).catch((e) => {
-        c.removeAllListeners("ready");
-        throw classifyConnectError(e, ctx);
-      });
-      cleanupTimers();
-      c.removeAllListeners("ready");
-      sock.off("data", tap);
-      timings.totalMs = performance.now() - t0;
-      timings.authMs = timings.totalMs - timings.tcpMs - timings.handshakeMs;
-      conn.timings = timings;
-      conn.serverVersion = (c as unknown as { _remoteVer?: string })._remoteVer;
-      conn.quirks = serverQuirks(conn.serverVersion);
-      conn.maxLimit = conn.quirks.maxSessions;
-      conn.limit = Math.min(conn.limit, conn.maxLimit);
-      opts.events?.emit("CONNECT", {
-        host: opts.host,
-        port,
-        tcpMs: round(timings.tcpMs),
-        handshakeMs: round(timings.handshakeMs),
-        serverVersion: conn.serverVersion,
-      });
-      opts.events?.emit("AUTH", {
-        username: opts.username,
-        methods: ctx.tried,
-        ok: true,
-        authMs: round(timings.authMs),
-      });
-      if (keepalive) conn.startKeepalive(keepalive, sock);
-      return conn;
-    } catch (e) {
-      cleanupTimers();
-      client?.removeAllListeners("error");
-      client?.on("error", () => {});
-      client?.end();
-      (sock! as net.Socket | undefined)?.destroy?.();
-      if (ctx.tried?.length && (e as SmolVMError).code === "SSH_AUTH_FAILED") {
-        opts.events?.emit("AUTH", { username: opts.username, methods: ctx.tried, ok: false });
-      }
-      opts.events?.emit("ERROR", { phase, code: (e as SmolVMError).code });
-      throw e;
-    }
+    const c = conn!;
+    c.timings = t.timings;
+    c.serverVersion = t.serverVersion;
+    c.quirks = serverQuirks(t.serverVersion);
+    c.limiter.cap(c.quirks.maxSessions);
+    if (t.keepalive) c.startKeepalive(t.keepalive, t.sock);
+    return c;
   }
 
   private startKeepalive(k: KeepaliveConfig, sock: Duplex): void {
@@ -477,6 +232,30 @@ export class SSHConnection implements AsyncDisposable {
 
   /** Closes the transport (idempotent); resolves once the socket is closed. */
   async close(): Promise<void> {
+    await this.closeTransport();
+    await this.closeOwned();
+  }
+
+  /**
+   * Ties resources to this connection: they are closed when it closes, on its own or through
+   * close(), which then also waits for them. One call's closers run last first; calls run in
+   * the order made (so jump hosts close before the event log that records them).
+   */
+  own(...closers: Array<() => Promise<void> | void>): this {
+    if (!this.owned.length) this.onClose(() => void this.closeOwned());
+    this.owned.push(...closers.reverse());
+    return this;
+  }
+
+  private closeOwned(): Promise<void> {
+    if (!this.owned.length) return Promise.resolve();
+    this.closingOwned ??= (async () => {
+      for (const c of this.owned) await Promise.resolve(c()).catch(() => {});
+    })();
+    return this.closingOwned;
+  }
+
+  private async closeTransport(): Promise<void> {
     if (this.isAlive) {
       this.closeReason ??= undefined;
       this.client.end();
@@ -513,15 +292,14 @@ export class SSHConnection implements AsyncDisposable {
     for (let attempt = 0; ; attempt++) {
       if (!this.isAlive) throw this.lostError("before the command started");
       if (signal.aborted) throw signal.reason;
-      if (this.inFlight >= this.limit) await this.waitSlot(signal);
-      else this.inFlight++;
+      await this.limiter.acquire(signal);
       if (!this.isAlive) {
-        this.release();
+        this.limiter.release();
         throw this.lostError("before the command started");
       }
       if (this.sessionsStarted >= this.quirks.sessionsPerConnection) {
         // The server closes this connection after the session it has: ask on another one.
-        this.release();
+        this.limiter.release();
         throw this.spentError();
       }
       let ch: ExecChannel;
@@ -533,9 +311,8 @@ export class SSHConnection implements AsyncDisposable {
         const openRefused = isChannelOpenRefused(e);
         if (openRefused || this.isAlive) {
           // The server is at its limit: remember it (what is open now is what it allows).
-          this.limit = Math.max(1, this.inFlight);
-          this.opensSinceRefusal = 0;
-          if (this.inFlight === 0) {
+          this.limiter.refused();
+          if (this.limiter.count === 0) {
             if (!openRefused && ++refusedAlone >= REFUSED_ALONE_MAX) {
               throw new SSHConnectionError(
                 `SSH server ${this.host}:${this.port} would not run the command (it refused the exec ` +
@@ -556,11 +333,7 @@ export class SSHConnection implements AsyncDisposable {
         }
         throw this.lostError("before the command started", e);
       }
-      if (this.inFlight >= this.limit && this.limit < this.maxLimit && ++this.opensSinceRefusal >= 32) {
-        // Probe upward now and then: the limit may have been transient.
-        this.limit++;
-        this.opensSinceRefusal = 0;
-      }
+      this.limiter.opened();
       return ch;
     }
   }
@@ -595,7 +368,7 @@ export class SSHConnection implements AsyncDisposable {
 
   /** Channels this connection holds or waits for (its limiter's count), for diagnostics. */
   get channelsInFlight(): number {
-    return this.inFlight;
+    return this.limiter.count;
   }
 
   /**
@@ -614,7 +387,7 @@ export class SSHConnection implements AsyncDisposable {
     const free = () => {
       if (slotHeld) {
         slotHeld = false;
-        this.release();
+        this.limiter.release();
       }
     };
     return new Promise<ExecChannel>((resolve, reject) => {
@@ -640,7 +413,7 @@ export class SSHConnection implements AsyncDisposable {
         settle(() => {
           free();
           // The exec request may have started the command: close the channel and sweep by run id.
-          if (pending) this.terminate(this.execState(pending, runId));
+          if (pending) this.terminate(execState(pending, runId));
           reject(signal.reason);
         });
       };
@@ -663,7 +436,7 @@ export class SSHConnection implements AsyncDisposable {
         // Exit status and close can arrive in the same packet batch as the exec reply, before a
         // promise continuation runs: record them synchronously here.
         channel.once("close", free);
-        const st = this.execState(channel, runId);
+        const st = execState(channel, runId);
         if (!settle(() => resolve(st))) {
           // Abandoned (deadline or signal) before the server answered: stop what it started.
           this.terminate(st);
@@ -700,54 +473,6 @@ export class SSHConnection implements AsyncDisposable {
         if (mgr && add) mgr.add = add;
       }
     });
-  }
-
-  /** Wraps an exec channel with its exit status and close, recorded from now on. */
-  private execState(channel: ClientChannel, runId: string): ExecChannel {
-    const st: ExecChannel = {
-      channel,
-      runId,
-      exitCode: null,
-      signal: null,
-      closed: false,
-      onClose: undefined,
-    };
-    channel.on("exit", (code: number | null, sig?: string) => {
-      if (code !== null && code !== undefined) st.exitCode = code;
-      else if (sig) st.signal = sig.startsWith("SIG") ? sig.slice(3) : sig;
-    });
-    channel.once("close", () => {
-      st.closed = true;
-      st.onClose?.();
-    });
-    return st;
-  }
-
-  private waitSlot(signal: AbortSignal): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const w = {
-        signal,
-        grant: () => {
-          signal.removeEventListener("abort", w.onAbort);
-          resolve();
-        },
-        onAbort: () => {
-          const i = this.waiters.indexOf(w);
-          if (i >= 0) this.waiters.splice(i, 1);
-          reject(signal.reason);
-        },
-      };
-      signal.addEventListener("abort", w.onAbort, { once: true });
-      this.waiters.push(w);
-    });
-  }
-
-  private release(): void {
-    this.inFlight--;
-    while (this.inFlight < this.limit && this.waiters.length) {
-      this.inFlight++;
-      this.waiters.shift()!.grant();
-    }
   }
 
   /** @internal The error for a command cut by the transport's end. */
@@ -880,7 +605,7 @@ export class SSHConnection implements AsyncDisposable {
           command,
           exitCode,
           signal,
-          durationMs: round(durationMs),
+          durationMs: roundMs(durationMs),
           bytesStdout: collector.bytesStdout,
           bytesStderr: collector.bytesStderr,
         });
@@ -929,76 +654,9 @@ export class SSHConnection implements AsyncDisposable {
   }
 
   /** Everything needed to debug this session: events, algorithms, timings, why it ended. */
-  getEvidenceBundle(extra: Parameters<typeof getEvidenceBundle>[1] = {}): EvidenceBundle {
+  getEvidenceBundle(extra: EvidenceExtra = {}): EvidenceBundle {
     return getEvidenceBundle(this, extra);
   }
-}
-
-/**
- * Terminates the remote command: OpenSSH (>= 7.9) delivers a "signal" request with killpg() to
- * the session's process group, so background children die too. ssh2 only sends the request
- * while our side of the channel is writable, but we have usually sent EOF by now, so the
- * request is sent through the protocol object directly.
- */
-export function killChannel(ch: ClientChannel): void {
-  const c = ch as unknown as {
-    outgoing: { id: number; state: string };
-    _client: { _protocol: { signal(id: number, name: string): void } };
-  };
-  try {
-    // Only on an open channel: a request for a channel the server already freed makes OpenSSH
-    // drop the whole connection ("unknown channel").
-    const st = c.outgoing.state;
-    if (st === "open" || st === "eof") c._client._protocol.signal(c.outgoing.id, "KILL");
-  } catch {}
-  try {
-    ch.close();
-  } catch {}
-}
-
-/** What one server allows per connection, from its identification (see serverQuirks). */
-export interface ServerQuirks {
-  /** Sessions that may be open at once. */
-  maxSessions: number;
-  /** Sessions the server serves before it closes the connection (tinysshd: one). */
-  sessionsPerConnection: number;
-  /** Whether it answers keepalive@openssh.com (global requests); tinysshd does not. */
-  answersKeepalive: boolean;
-}
-
-/**
- * Known limits by server identification. dropbear before 2024.86 can close a session that is
- * open but not yet exec'd when another session's command exits in that window (dropbear issue
- * #321): the exec is then refused, or it runs and the connection process dies on
- * `!channel->sent_close`, taking every session with it; one session at a time avoids the
- * window, so commands to those servers queue. tinysshd serves one session per connection and
- * then exits (SSHClient opens a connection per command for it), and leaves keepalive@openssh.com
- * unanswered: the SSH keepalive is off for it and TCP keepalive watches the link instead.
- */
-export function serverQuirks(serverVersion: string | undefined): ServerQuirks {
-  const v = serverVersion ?? "";
-  const none = {
-    maxSessions: Number.POSITIVE_INFINITY,
-    sessionsPerConnection: Number.POSITIVE_INFINITY,
-    answersKeepalive: true,
-  };
-  const m = /^dropbear_(\d{4})\.(\d+)/.exec(v);
-  if (m && Number(m[1]) * 100 + Number(m[2]) < 2024_86) return { ...none, maxSessions: 1 };
-  if (/^tinyssh_/.test(v)) return { maxSessions: 1, sessionsPerConnection: 1, answersKeepalive: false };
-  return none;
-}
-
-function ourLists(algorithms: ConnectConfig["algorithms"] | undefined): AlgorithmLists {
-  const pick = (given: unknown, def: string[] | undefined): string[] =>
-    Array.isArray(given) && given.length ? (given as string[]) : (def ?? []);
-  const a = (algorithms ?? {}) as Record<string, unknown>;
-  return {
-    kex: pick(a.kex, SSH2_DEFAULTS.DEFAULT_KEX),
-    serverHostKey: pick(a.serverHostKey, SSH2_DEFAULTS.DEFAULT_SERVER_HOST_KEY),
-    cipher: pick(a.cipher, SSH2_DEFAULTS.DEFAULT_CIPHER),
-    mac: pick(a.hmac, SSH2_DEFAULTS.DEFAULT_MAC),
-    compress: pick(a.compress, SSH2_DEFAULTS.DEFAULT_COMPRESSION),
-  };
 }
 
 /** Why a transport ended, for DISCONNECT events: "keepalive_timeout", an error code, "closed". */
@@ -1009,240 +667,7 @@ function disconnectReason(e: Error | undefined): string {
   return (e as { code?: string }).code ?? e.name;
 }
 
-function round(ms: number): number {
-  return Math.round(ms * 100) / 100;
-}
-
-/**
- * Output queued for a slow consumer above this pauses the channel: ssh2 then stops granting the
- * server window, so the remote command blocks on write instead of our memory growing. Reading
- * resumes once the queue is below the low-water mark.
- */
-export const STREAM_HIGH_WATER_BYTES = 1024 * 1024;
-export const STREAM_LOW_WATER_BYTES = 256 * 1024;
-
-/** A streamed command: async-iterate its events; write()/end() feed stdin; cancel() kills it. */
-export class ExecStream implements AsyncIterable<StreamExecEvent> {
-  private readonly queue: StreamExecEvent[] = [];
-  private queuedBytes = 0;
-  private paused = false;
-  private waiting: ((v: IteratorResult<StreamExecEvent>) => void) | undefined;
-  private waitingReject: ((e: unknown) => void) | undefined;
-  private error: unknown;
-  private done = false;
-  private channel: ClientChannel | undefined;
-  private exec: ExecChannel | undefined;
-  private readonly conn: SSHConnection;
-  private readonly pendingStdin: Array<Buffer | null> = [];
-  private readonly deadline: Deadline;
-  private readonly opened: Promise<void>;
-  private readonly command: string;
-  private readonly startedAt = performance.now();
-  private bytesStdout = 0;
-  private bytesStderr = 0;
-  private endReported = false;
-
-  constructor(
-    conn: SSHConnection,
-    command: string,
-    private readonly options: StreamExecOptions,
-  ) {
-    this.deadline = new Deadline(options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS, options.signal, "SSH command");
-    const runId = newRunId();
-    const wrapped = wrapCommand(command, {
-      shell: options.shell,
-      shellKind: options.shellKind,
-      env: options.env,
-      cwd: options.cwd,
-      runId,
-    });
-    this.conn = conn;
-    this.command = command;
-    conn.events?.emit("EXEC", { phase: "start", command, host: conn.host, stream: true });
-    this.opened = conn.openExec(wrapped.command, this.deadline.signal, options.pty, runId).then(
-      (st) => {
-        const ch = st.channel;
-        this.channel = ch;
-        this.exec = st;
-        if (this.done) {
-          conn.terminate(st);
-          return;
-        }
-        ch.on("data", (d: Buffer) => {
-          this.bytesStdout += d.length;
-          this.push({ stream: "stdout", data: d });
-        });
-        ch.stderr.on("data", (d: Buffer) => {
-          this.bytesStderr += d.length;
-          this.push({ stream: "stderr", data: d });
-        });
-        const onClose = () => {
-          // 'close' follows stdout's end; stderr may still hold output if we paused it.
-          if (!ch.stderr.readableEnded && !ch.stderr.destroyed && !this.done) {
-            ch.stderr.once("end", onClose);
-            return;
-          }
-          const { exitCode, signal } = st;
-          this.deadline.signal.removeEventListener("abort", this.onAbort);
-          if (exitCode === null && signal === null && !conn.alive && !this.done) {
-            this.fail(conn.lostError("while the command ran (it may or may not have finished)"));
-            return;
-          }
-          this.push({ stream: "exit", exitCode, signal });
-          this.reportEnd({ exitCode, signal });
-          this.finish();
-        };
-        if (st.closed) setImmediate(onClose);
-        else st.onClose = onClose;
-        this.deadline.signal.addEventListener("abort", this.onAbort, { once: true });
-        if (wrapped.stdinPrefix) ch.write(wrapped.stdinPrefix);
-        if (!options.stdin) ch.end();
-        else {
-          for (const p of this.pendingStdin.splice(0)) {
-            if (p === null) ch.end();
-            else ch.write(p);
-          }
-        }
-      },
-      (e) => this.fail(e),
-    );
-    this.opened.catch(() => {});
-  }
-
-  private readonly onAbort = () => {
-    if (this.exec) this.conn.terminate(this.exec);
-    this.fail(this.deadline.reason);
-  };
-
-  private push(ev: StreamExecEvent): void {
-    if (this.done) return;
-    if (this.waiting) {
-      const w = this.waiting;
-      this.waiting = undefined;
-      this.waitingReject = undefined;
-      w({ value: ev, done: false });
-      return;
-    }
-    this.queue.push(ev);
-    if (ev.stream === "exit") return;
-    this.queuedBytes += ev.data.length;
-    if (!this.paused && this.queuedBytes > STREAM_HIGH_WATER_BYTES) this.setFlow(false);
-  }
-
-  private shift(): StreamExecEvent | undefined {
-    const ev = this.queue.shift();
-    if (ev && ev.stream !== "exit") {
-      this.queuedBytes -= ev.data.length;
-      if (this.paused && this.queuedBytes <= STREAM_LOW_WATER_BYTES) this.setFlow(true);
-    }
-    return ev;
-  }
-
-  /** Pauses or resumes reading both output streams of the channel. */
-  private setFlow(on: boolean): void {
-    this.paused = !on;
-    const ch = this.channel;
-    if (!ch) return;
-    if (on) {
-      ch.resume();
-      ch.stderr.resume();
-    } else {
-      ch.pause();
-      ch.stderr.pause();
-    }
-  }
-
-  /** One EXEC end event per stream, however it ended (byte counts, never data or env). */
-  private reportEnd(outcome: Record<string, unknown>): void {
-    if (this.endReported) return;
-    this.endReported = true;
-    this.conn.events?.emit("EXEC", {
-      phase: "end",
-      command: this.command,
-      stream: true,
-      exitCode: null,
-      signal: null,
-      ...outcome,
-      durationMs: round(performance.now() - this.startedAt),
-      bytesStdout: this.bytesStdout,
-      bytesStderr: this.bytesStderr,
-    });
-  }
-
-  private finish(): void {
-    this.done = true;
-    this.deadline.dispose();
-    // Nothing more is delivered: let the channel drain so it can close and free its slot.
-    if (this.paused) this.setFlow(true);
-    if (this.waiting) {
-      const w = this.waiting;
-      this.waiting = undefined;
-      w({ value: undefined, done: true });
-    }
-  }
-
-  private fail(e: unknown): void {
-    if (this.done) return;
-    this.reportEnd({ error: (e as { code?: string } | null)?.code ?? (e as Error | null)?.name ?? "error" });
-    this.error = e;
-    this.done = true;
-    this.deadline.dispose();
-    if (this.paused) this.setFlow(true);
-    if (this.waitingReject) {
-      const r = this.waitingReject;
-      this.waiting = undefined;
-      this.waitingReject = undefined;
-      r(e);
-    }
-  }
-
-  /** Output received but not yet taken by the consumer (bounded by the high-water mark). */
-  get bufferedBytes(): number {
-    return this.queuedBytes;
-  }
-
-  /** Writes to the command's stdin (needs `stdin: true`). */
-  write(data: string | Buffer): void {
-    if (!this.options.stdin) throw new ValidationError("streamExec was started without stdin: true.");
-    const b = typeof data === "string" ? Buffer.from(data) : data;
-    if (this.channel) this.channel.write(b);
-    else this.pendingStdin.push(b);
-  }
-
-  /** Sends EOF on stdin. */
-  end(): void {
-    if (this.channel) this.channel.end();
-    else this.pendingStdin.push(null);
-  }
-
-  /** Kills the remote command and ends the iteration. */
-  async cancel(): Promise<void> {
-    if (this.done) return;
-    if (this.exec) this.conn.terminate(this.exec);
-    this.queue.length = 0;
-    this.queuedBytes = 0;
-    this.reportEnd({ cancelled: true });
-    this.finish();
-    // A channel that opens after this point is terminated by the open handler (done is set).
-    await this.opened.catch(() => {});
-  }
-
-  [Symbol.asyncIterator](): AsyncIterator<StreamExecEvent> {
-    return {
-      next: () => {
-        const ev = this.shift();
-        if (ev) return Promise.resolve({ value: ev, done: false });
-        if (this.error !== undefined) return Promise.reject(this.error);
-        if (this.done) return Promise.resolve({ value: undefined, done: true });
-        return new Promise((resolve, reject) => {
-          this.waiting = resolve;
-          this.waitingReject = reject;
-        });
-      },
-      return: async () => {
-        await this.cancel();
-        return { value: undefined, done: true };
-      },
-    };
-  }
+/** Connects with everything the public options allow (SSHConnection.connect). */
+export function connectSession(opts: SessionConnectOptions): Promise<SSHConnection> {
+  return SSHConnection.connect(opts);
 }

@@ -66,6 +66,11 @@ export interface EventCollectorOptions {
 
 const DEFAULT_MAX_EVENTS = 10_000;
 
+/** Milliseconds as events report them: two decimals. */
+export function roundMs(ms: number): number {
+  return Math.round(ms * 100) / 100;
+}
+
 /**
  * Makes any value JSON-safe: Buffers become `{ type: "Buffer", bytes }` (length only: raw bytes
  * do not belong in logs), bigints strings, Errors `{ name, message, code }`, cycles "[Circular]".

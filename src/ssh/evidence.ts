@@ -8,7 +8,7 @@ import { randomBytes } from "node:crypto";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { ValidationError } from "../errors.js";
-import { jsonSafe, type SSHEvent } from "./events.js";
+import { EventCollector, type EventSink, jsonSafe, type SSHEvent } from "./events.js";
 import { redact } from "./redact.js";
 
 export const EVIDENCE_SCHEMA_VERSION = 1 as const;
@@ -266,4 +266,51 @@ export class EvidenceBundle {
     (b as { errorContext: unknown }).errorContext = d.errorContext;
     return b;
   }
+}
+
+/** What getEvidenceBundle reads from a connection (SSHConnection has all of it). */
+export interface EvidenceSource {
+  readonly host: string;
+  readonly port: number;
+  readonly username: string;
+  readonly negotiated: Record<string, unknown> | undefined;
+  readonly timings: { tcpMs: number; handshakeMs: number; authMs: number };
+  /** Where its events went: an EventCollector's are included. */
+  readonly events: EventSink | undefined;
+}
+
+export interface EvidenceExtra {
+  /** Events to include (default: the connection's collector, if its sink is one). */
+  events?: EventCollector;
+  error?: unknown;
+  transcript?: unknown;
+  disconnectReason?: string;
+  host?: { host: string; port: number; username?: string };
+}
+
+/**
+ * The evidence bundle of a connection: its events (from `events` or the collector it was
+ * connected with), negotiated algorithms, timings, host, why it ended, the error and a transcript.
+ */
+export function getEvidenceBundle(
+  conn: EvidenceSource | undefined,
+  extra: EvidenceExtra = {},
+): EvidenceBundle {
+  const collector = extra.events ?? (conn?.events instanceof EventCollector ? conn.events : undefined);
+  const lastDisconnect = collector?.getByType("DISCONNECT").at(-1);
+  return new EvidenceBundle({
+    events: collector?.events ?? [],
+    transcript: extra.transcript,
+    algorithms: algorithmsFromHandshake(conn?.negotiated as never),
+    timing: conn
+      ? {
+          connectMs: Math.round(conn.timings.tcpMs + conn.timings.handshakeMs),
+          authMs: Math.round(conn.timings.authMs),
+          ...(lastDisconnect ? { disconnectAt: lastDisconnect.ts } : {}),
+        }
+      : {},
+    hostInfo: conn ? { host: conn.host, port: conn.port, username: conn.username } : extra.host,
+    disconnectReason: extra.disconnectReason ?? (lastDisconnect?.data.reason as string | undefined),
+    errorContext: extra.error,
+  });
 }

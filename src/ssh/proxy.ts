@@ -5,58 +5,29 @@
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { Duplex } from "node:stream";
-import { isPort } from "../common/port.js";
+import type { Client } from "ssh2";
 import { ConnectionLostError, SSHConnectionError, ValidationError } from "../errors.js";
-import { type ConnectOptions, SSHConnection } from "./connection.js";
+import type { ConnectOptions } from "./connect-options.js";
+
+/** What a hop or target connection must offer here (SSHConnection does). */
+export interface ProxiedConnection {
+  readonly client: Client;
+  readonly host: string;
+  readonly port: number;
+  readonly alive: boolean;
+  close(): Promise<void>;
+  /** Ties resources to the connection: closed with it. */
+  own(...closers: Array<() => Promise<void> | void>): unknown;
+}
+
+/** Opens one direct connection (SSHConnection.connectDirect). */
+export type DirectConnector<C extends ProxiedConnection> = (opts: ConnectOptions) => Promise<C>;
 
 // ---------------------------------------------------------------- ProxyJump
 
-export interface JumpSpec {
-  user?: string;
-  host: string;
-  port?: number;
-}
-
-/**
- * Parses OpenSSH's ProxyJump / -J syntax: `[user@]host[:port]` or `ssh://[user@]host[:port]`,
- * comma separated, first hop first; IPv6 hosts in brackets. "none" means no jump.
- */
-export function parseProxyJump(spec: string): JumpSpec[] {
-  const s = spec.trim();
-  if (s === "" || s.toLowerCase() === "none") return [];
-  return s.split(",").map((raw) => {
-    let part = raw.trim();
-    if (part.startsWith("ssh://")) part = part.slice(6).replace(/\/$/, "");
-    let user: string | undefined;
-    const at = part.lastIndexOf("@");
-    if (at >= 0) {
-      user = part.slice(0, at);
-      part = part.slice(at + 1);
-    }
-    let host = part;
-    let port: number | undefined;
-    const v6 = /^\[([^\]]+)\](?::(\d+))?$/.exec(part);
-    if (v6) {
-      host = v6[1]!;
-      if (v6[2]) port = Number(v6[2]);
-    } else if ((part.match(/:/g) ?? []).length === 1) {
-      const i = part.indexOf(":");
-      host = part.slice(0, i);
-      port = Number(part.slice(i + 1));
-    }
-    if (!host || (user !== undefined && !user)) {
-      throw new ValidationError(`ProxyJump entry ${JSON.stringify(raw)} is not [user@]host[:port].`);
-    }
-    if (port !== undefined && !isPort(port)) {
-      throw new ValidationError(`ProxyJump entry ${JSON.stringify(raw)} has an invalid port.`);
-    }
-    return { ...(user ? { user } : {}), host, ...(port ? { port } : {}) };
-  });
-}
-
 /** Opens a direct-tcpip channel to host:port through `conn`, bounded by timeoutMs. */
 export function openTunnel(
-  conn: SSHConnection,
+  conn: ProxiedConnection,
   host: string,
   port: number,
   timeoutMs: number,
@@ -98,42 +69,20 @@ export function openTunnel(
 }
 
 /**
- * Ties extra resources to a connection: they are closed when it closes (on its own or through
- * close(), which then also waits for them).
- */
-export function ownResources(conn: SSHConnection, closers: Array<() => Promise<void> | void>): SSHConnection {
-  let closing: Promise<void> | undefined;
-  const closeAll = () =>
-    (closing ??= (async () => {
-      for (const c of [...closers].reverse()) await Promise.resolve(c()).catch(() => {});
-    })());
-  conn.onClose(() => void closeAll());
-  const base = conn.close.bind(conn);
-  // Instance override: close() and Symbol.asyncDispose (which calls close()) wait for the owned resources.
-  Object.defineProperty(conn, "close", {
-    value: async () => {
-      await base();
-      await closeAll();
-    },
-    configurable: true,
-  });
-  return conn;
-}
-
-/**
  * Connects to `target` through `hops` in order. Each hop is connected with its own options
  * (auth, hostKey, timeouts); the tunnel through hop N becomes hop N+1's socket. The hops are
  * closed when the target connection closes; a failure anywhere closes what was opened.
  */
-export async function connectThroughJumps(
+export async function connectThroughJumps<C extends ProxiedConnection>(
   hops: ConnectOptions[],
   target: ConnectOptions,
-): Promise<SSHConnection> {
-  const opened: SSHConnection[] = [];
+  connectDirect: DirectConnector<C>,
+): Promise<C> {
+  const opened: C[] = [];
   try {
     let sock: Duplex | undefined;
     for (const hop of hops) {
-      const c = await SSHConnection.connectDirect({
+      const c = await connectDirect({
         ...hop,
         ...(sock ? { sock } : {}),
         signal: hop.signal ?? target.signal,
@@ -142,11 +91,9 @@ export async function connectThroughJumps(
       const next = hops[opened.length] ?? target;
       sock = await openTunnel(c, next.host, next.port ?? 22, next.connectTimeoutMs ?? 10_000);
     }
-    const conn = await SSHConnection.connectDirect({ ...target, ...(sock ? { sock } : {}) });
-    return ownResources(
-      conn,
-      opened.map((c) => () => c.close()),
-    );
+    const conn = await connectDirect({ ...target, ...(sock ? { sock } : {}) });
+    conn.own(...opened.map((c) => () => c.close()));
+    return conn;
   } catch (e) {
     for (const c of opened.reverse()) await c.close().catch(() => {});
     throw e;
@@ -222,11 +169,16 @@ export class ProxyCommandStream extends Duplex {
 }
 
 /** Connects through a ProxyCommand (its stream is the socket; the command dies with the connection). */
-export async function connectThroughCommand(command: string, target: ConnectOptions): Promise<SSHConnection> {
+export async function connectThroughCommand<C extends ProxiedConnection>(
+  command: string,
+  target: ConnectOptions,
+  connectDirect: DirectConnector<C>,
+): Promise<C> {
   const stream = new ProxyCommandStream(command);
   try {
-    const conn = await SSHConnection.connectDirect({ ...target, sock: stream });
-    return ownResources(conn, [() => void stream.destroy()]);
+    const conn = await connectDirect({ ...target, sock: stream });
+    conn.own(() => void stream.destroy());
+    return conn;
   } catch (e) {
     stream.destroy();
     throw e;

@@ -7,7 +7,7 @@ import type { SFTPWrapper } from "ssh2";
 import { Deadline, sleep } from "../common/deadline.js";
 import { downloadTo, validateMaxBytes } from "../common/safe-download.js";
 import { ConnectionLostError, SmolVMError, ValidationError } from "../errors.js";
-import type { SSHConnection } from "./connection.js";
+import type { SessionHost } from "./session-host.js";
 
 export interface TransferOptions {
   /** Default 120 000. */
@@ -51,7 +51,7 @@ export function call<T>(
 }
 
 export async function withSftp<T>(
-  conn: SSHConnection,
+  conn: SessionHost,
   options: TransferOptions,
   what: string,
   body: (sftp: SFTPWrapper) => Promise<T>,
@@ -94,7 +94,7 @@ function checkPath(p: string, name: string): void {
 
 /** Uploads a local file to `remotePath` (atomically replaced). */
 export async function putFile(
-  conn: SSHConnection,
+  conn: SessionHost,
   localPath: string,
   remotePath: string,
   options: PutFileOptions = {},
@@ -126,7 +126,7 @@ export interface GetFileOptions extends TransferOptions {
  * followed); on failure nothing partial is left; `maxBytes` bounds what the server can send.
  */
 export async function getFile(
-  conn: SSHConnection,
+  conn: SessionHost,
   remotePath: string,
   localPath: string,
   options: GetFileOptions = {},

@@ -5,7 +5,7 @@
  */
 import type { ClientChannel, PseudoTtyOptions } from "ssh2";
 import { ConnectionLostError, OperationTimeoutError, SSHConnectionError } from "../errors.js";
-import type { SSHConnection } from "./connection.js";
+import type { SessionHost } from "./session-host.js";
 
 export interface ShellOptions {
   /** Default "xterm-256color" (or $TERM). */
@@ -31,7 +31,7 @@ export class ShellSession implements AsyncIterable<ShellEvent>, AsyncDisposable 
 
   constructor(
     readonly channel: ClientChannel,
-    conn: SSHConnection,
+    conn: SessionHost,
   ) {
     channel.on("data", (d: Buffer) => this.push({ stream: "stdout", data: d }));
     channel.stderr.on("data", (d: Buffer) => this.push({ stream: "stderr", data: d }));
@@ -110,7 +110,7 @@ export class ShellSession implements AsyncIterable<ShellEvent>, AsyncDisposable 
 }
 
 /** Opens an interactive login shell with a PTY. */
-export function openShell(conn: SSHConnection, options: ShellOptions = {}): Promise<ShellSession> {
+export function openShell(conn: SessionHost, options: ShellOptions = {}): Promise<ShellSession> {
   const pty: PseudoTtyOptions = {
     term: options.term ?? process.env.TERM ?? "xterm-256color",
     rows: options.rows ?? 24,

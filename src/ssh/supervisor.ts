@@ -13,6 +13,7 @@
 import type { Client } from "ssh2";
 import {
   DEFAULT_RUN_TIMEOUT_MS,
+  type ExecExtras,
   type RunOptions,
   type RunOptionsUtf8,
   type RunResult,
@@ -20,15 +21,10 @@ import {
 } from "../command.js";
 import { Deadline, sleep } from "../common/deadline.js";
 import { ConnectionLostError, SSHConnectionError, ValidationError } from "../errors.js";
-import { connectSession, type SessionConnectOptions } from "./connect-options.js";
-import type {
-  ExecExtras,
-  ExecStream,
-  SSHConnection,
-  StreamExecEvent,
-  StreamExecOptions,
-} from "./connection.js";
+import type { SessionConnectOptions } from "./connect-options.js";
+import { connectSession, type SSHConnection } from "./connection.js";
 import { EventCollector, type EventSink } from "./events.js";
+import type { ExecStream, StreamExecEvent, StreamExecOptions } from "./exec-stream.js";
 import {
   type DynamicForwardHandle,
   type DynamicForwardSpec,

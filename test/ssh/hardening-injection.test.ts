@@ -10,7 +10,8 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ValidationError } from "../../src/errors.js";
 import { resolveSshConfig } from "../../src/ssh/config.js";
-import { connectSession, resolveSessionOptions } from "../../src/ssh/connect-options.js";
+import { resolveSessionOptions } from "../../src/ssh/connect-options.js";
+import { connectSession } from "../../src/ssh/connection.js";
 
 let dir: string;
 let marker: string;

@@ -4,10 +4,10 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { HostKeyMismatchError, ValidationError } from "../../src/errors.js";
 import { createKeyAuth, createPasswordAuth } from "../../src/ssh/auth.js";
-import { connectSession, getEvidenceBundle, resolveSessionOptions } from "../../src/ssh/connect-options.js";
+import { parseProxyJump, resolveSessionOptions } from "../../src/ssh/connect-options.js";
+import { connectSession } from "../../src/ssh/connection.js";
 import { EventCollector, parseEventLog } from "../../src/ssh/events.js";
-import { EvidenceBundle } from "../../src/ssh/evidence.js";
-import { parseProxyJump } from "../../src/ssh/proxy.js";
+import { EvidenceBundle, getEvidenceBundle } from "../../src/ssh/evidence.js";
 import { leakedResources, resourceBaseline, useSshd } from "../fixtures/vitest-sshd.js";
 import { until } from "./resilience-helpers.js";
 

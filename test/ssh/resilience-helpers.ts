@@ -2,7 +2,7 @@
 import { createHash } from "node:crypto";
 import net from "node:net";
 import { createKeyAuth } from "../../src/ssh/auth.js";
-import type { ConnectOptions } from "../../src/ssh/connection.js";
+import type { ConnectOptions } from "../../src/ssh/connect-options.js";
 import type { SSHEvent } from "../../src/ssh/events.js";
 import type { SshdFixture } from "../fixtures/sshd.js";
 

@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { ValidationError } from "../../src/errors.js";
-import { killByRunIdScript } from "../../src/ssh/connection.js";
+import { killByRunIdScript } from "../../src/ssh/exec-channel.js";
 
 function pgrepCount(pattern: string): number {
   try {

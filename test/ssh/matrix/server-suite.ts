@@ -19,7 +19,8 @@ import {
   SSHConnectionError,
 } from "../../../src/errors.js";
 import { SSHClient, type SSHClientOptions } from "../../../src/ssh/client.js";
-import { type ConnectOptions, SSHConnection } from "../../../src/ssh/connection.js";
+import type { ConnectOptions } from "../../../src/ssh/connect-options.js";
+import { SSHConnection } from "../../../src/ssh/connection.js";
 import { EventCollector } from "../../../src/ssh/events.js";
 import { forwardDynamic, forwardLocal, forwardRemote } from "../../../src/ssh/forward.js";
 import { socks5Connect } from "../../../src/ssh/socks.js";
