@@ -1,6 +1,7 @@
 /**
- * OpenSSH client configuration (ssh_config(5)): a pure parser plus a resolver that reads files
- * (only regular files, bounded) and computes the settings for one host the way `ssh -G` does.
+ * OpenSSH client configuration (ssh_config(5)) resolution: reads files (only regular files,
+ * bounded) and computes the settings for one host the way `ssh -G` does. Parsing is in
+ * config-parse.ts, tokens in config-tokens.ts.
  *
  * Supported: `Host` (several patterns, `*`/`?` wildcards, `!` negation; matched case-sensitively
  * against the host as typed, as OpenSSH does), `Match` with `all`, `host`, `originalhost`,
@@ -10,33 +11,15 @@
  * IdentityFile (accumulates), case-insensitive keywords, `Key=Value`, quoted values, trailing
  * `#` comments, and tokens `%h %p %r %u %n %d %i %l %L %C %%` plus `~` and `${ENV}`.
  */
-import { createHash } from "node:crypto";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { isPort } from "../common/port.js";
 import { ValidationError } from "../errors.js";
+import { type MatchCriterion, parseSshConfig, type SshConfigFile } from "./config-parse.js";
+import { expandPath, expandTokens, type TokenContext } from "./config-tokens.js";
 import type { HostKeyPolicy } from "./hostkeys.js";
 import { matchHostPattern } from "./known-hosts.js";
-
-export interface MatchCriterion {
-  negate: boolean;
-  /** Lower-cased criterion name: all, host, originalhost, user, localuser, exec, ... */
-  name: string;
-  arg?: string;
-}
-
-export type SshConfigLine =
-  | { kind: "host"; line: number; patterns: string[] }
-  | { kind: "match"; line: number; criteria: MatchCriterion[] }
-  | { kind: "include"; line: number; patterns: string[] }
-  | { kind: "option"; line: number; keyword: string; args: string[]; value: string };
-
-export interface SshConfigFile {
-  filePath?: string;
-  lines: SshConfigLine[];
-  errors: { line: number; message: string }[];
-}
 
 export interface ResolvedSshConfig {
   /** The host as asked for (the alias). */
@@ -81,190 +64,6 @@ export interface ResolveSshConfigOptions {
 const MAX_CONFIG_BYTES = 4 * 1024 * 1024;
 const MAX_INCLUDE_DEPTH = 16;
 /** Keywords whose value is the rest of the line, verbatim. */
-const RAW_VALUE = new Set(["proxycommand", "remotecommand", "localcommand", "knownhostscommand"]);
-
-// ---------------------------------------------------------------- parsing (pure)
-
-/** Splits arguments like OpenSSH's argv_split: quotes, backslash escapes, `#` ends the line. */
-export function splitConfigArgs(s: string): { args: string[]; error?: string } {
-  const args: string[] = [];
-  let i = 0;
-  while (i < s.length) {
-    while (i < s.length && /\s/.test(s[i]!)) i++;
-    if (i >= s.length) break;
-    if (s[i] === "#") break;
-    let cur = "";
-    let quote: string | undefined;
-    for (; i < s.length; i++) {
-      const c = s[i]!;
-      if (quote) {
-        if (c === quote) quote = undefined;
-        else if (c === "\\" && (s[i + 1] === quote || s[i + 1] === "\\")) cur += s[++i];
-        else cur += c;
-      } else if (c === '"' || c === "'") quote = c;
-      else if (/\s/.test(c)) break;
-      else if (c === "\\" && i + 1 < s.length && /[\s"'\\]/.test(s[i + 1]!)) cur += s[++i];
-      else cur += c;
-    }
-    if (quote) return { args, error: "unterminated quote" };
-    args.push(cur);
-  }
-  return { args };
-}
-
-export function parseSshConfig(text: string, opts: { filePath?: string } = {}): SshConfigFile {
-  const out: SshConfigFile = { lines: [], errors: [] };
-  if (opts.filePath !== undefined) out.filePath = opts.filePath;
-  const lines = text.split("\n");
-  for (let n = 0; n < lines.length; n++) {
-    const lineNo = n + 1;
-    const raw = lines[n]!.replace(/\r$/, "");
-    const m = /^\s*([A-Za-z][A-Za-z0-9]*)(?:\s*=\s*|\s+|$)(.*)$/.exec(raw);
-    if (!m) {
-      if (raw.trim() !== "" && !raw.trim().startsWith("#"))
-        out.errors.push({ line: lineNo, message: "not a keyword line" });
-      continue;
-    }
-    const keyword = m[1]!.toLowerCase();
-    const rest = m[2]!;
-    if (RAW_VALUE.has(keyword)) {
-      const value = rest.trim();
-      if (!value) out.errors.push({ line: lineNo, message: `${m[1]} needs a value` });
-      else out.lines.push({ kind: "option", line: lineNo, keyword, args: [value], value });
-      continue;
-    }
-    const { args, error } = splitConfigArgs(rest);
-    if (error) {
-      out.errors.push({ line: lineNo, message: `${m[1]}: ${error}` });
-      continue;
-    }
-    if (keyword === "host") {
-      if (!args.length) out.errors.push({ line: lineNo, message: "Host needs at least one pattern" });
-      else out.lines.push({ kind: "host", line: lineNo, patterns: args });
-    } else if (keyword === "match") {
-      const criteria = parseMatch(args);
-      if (typeof criteria === "string") out.errors.push({ line: lineNo, message: `Match: ${criteria}` });
-      else out.lines.push({ kind: "match", line: lineNo, criteria });
-    } else if (keyword === "include") {
-      if (!args.length) out.errors.push({ line: lineNo, message: "Include needs a path" });
-      else out.lines.push({ kind: "include", line: lineNo, patterns: args });
-    } else if (!args.length) {
-      out.errors.push({ line: lineNo, message: `${m[1]} needs a value` });
-    } else {
-      out.lines.push({ kind: "option", line: lineNo, keyword, args, value: rest.trim() });
-    }
-  }
-  return out;
-}
-
-const NO_ARG = new Set(["all", "canonical", "final"]);
-const WITH_ARG = new Set(["host", "originalhost", "user", "localuser", "exec", "localnetwork", "tagged"]);
-
-function parseMatch(args: string[]): MatchCriterion[] | string {
-  if (!args.length) return "needs criteria";
-  const out: MatchCriterion[] = [];
-  for (let i = 0; i < args.length; i++) {
-    let name = args[i]!.toLowerCase();
-    const negate = name.startsWith("!");
-    if (negate) name = name.slice(1);
-    if (NO_ARG.has(name)) out.push({ negate, name });
-    else if (WITH_ARG.has(name)) {
-      const arg = args[++i];
-      if (arg === undefined) return `${name} needs an argument`;
-      out.push({ negate, name, arg });
-    } else return `unknown criterion ${args[i]}`;
-  }
-  if (out.some((c) => c.name === "all") && out.some((c) => !NO_ARG.has(c.name))) {
-    return "'all' cannot be combined with other criteria";
-  }
-  return out;
-}
-
-// ---------------------------------------------------------------- tokens
-
-export interface TokenContext {
-  /** %h: the resolved host name. */
-  hostName: string;
-  /** %n: the host as given. */
-  originalHost: string;
-  port: number;
-  /** %r */
-  remoteUser: string;
-  /** %u */
-  localUser: string;
-  /** %d */
-  homeDir: string;
-}
-
-/**
- * A host or user name substituted into a command that /bin/sh runs (ProxyCommand's %h %n %r):
- * only characters with no meaning to the shell, and no leading "-" (it would read as an option).
- * Anything else is refused, as OpenSSH does since CVE-2023-51385, rather than run.
- */
-export function shellSafeToken(value: string, what: string): string {
-  if (!/^[A-Za-z0-9._:@%+][A-Za-z0-9._:@%+-]*$/.test(value)) {
-    throw new ValidationError(
-      `${what} ${JSON.stringify(value.slice(0, 80))} cannot go into ProxyCommand: it has characters ` +
-        "the shell would interpret (only letters, digits and . _ : @ % + - are allowed, no leading -). " +
-        "Use the host's plain name or address.",
-      { details: { what } },
-    );
-  }
-  return value;
-}
-
-/**
- * Expands `%` tokens; unknown tokens are left as written. `forShell`: the result is a shell
- * command, so substituted names must pass shellSafeToken.
- */
-export function expandTokens(
-  s: string,
-  ctx: TokenContext,
-  allowed = "hprundilLCk%",
-  forShell = false,
-): string {
-  const name = (v: string, what: string) => (forShell ? shellSafeToken(v, what) : v);
-  return s.replace(/%(.)/g, (m, t: string) => {
-    if (!allowed.includes(t)) return m;
-    switch (t) {
-      case "%":
-        return "%";
-      case "h":
-        return name(ctx.hostName, "host name");
-      case "p":
-        return String(ctx.port);
-      case "r":
-        return name(ctx.remoteUser, "user name");
-      case "u":
-        return name(ctx.localUser, "local user name");
-      case "n":
-      case "k":
-        return name(ctx.originalHost, "host");
-      case "d":
-        return ctx.homeDir;
-      case "i":
-        return String(process.getuid?.() ?? "");
-      case "l":
-        return os.hostname();
-      case "L":
-        return os.hostname().split(".")[0]!;
-      case "C":
-        return createHash("sha1")
-          .update(`${os.hostname()}${ctx.hostName}${ctx.port}${ctx.remoteUser}`)
-          .digest("hex");
-      default:
-        return m;
-    }
-  });
-}
-
-/** `~` and `${VAR}` expansion for file paths (as OpenSSH does for IdentityFile and friends). */
-export function expandPath(p: string, homeDir: string = os.homedir()): string {
-  let s = p.replace(/\$\{([A-Za-z_][A-Za-z0-9_]*)\}/g, (_m, v: string) => process.env[v] ?? "");
-  if (s === "~") s = homeDir;
-  else if (s.startsWith("~/")) s = path.join(homeDir, s.slice(2));
-  return s;
-}
 
 // ---------------------------------------------------------------- resolution
 

@@ -12,22 +12,21 @@ import {
   type AnyCommandResult,
   DEFAULT_RUN_TIMEOUT_MS,
   type ExecExtras,
-  OutputCollector,
   type RunOptions,
   type RunOptionsUtf8,
   type RunResult,
   validateRunOptions,
   validateShellKind,
   validateTimeout,
-  wrapCommand,
 } from "../command.js";
 import { Deadline, sleep } from "../common/deadline.js";
-import { ConnectionLostError, OperationTimeoutError, SmolVMError, SSHConnectionError } from "../errors.js";
+import { ConnectionLostError, SmolVMError, SSHConnectionError } from "../errors.js";
 import { ChannelLimiter } from "./channel-limiter.js";
 import { isChannelOpenRefused } from "./classify.js";
 import { type ConnectOptions, resolveSessionOptions, type SessionConnectOptions } from "./connect-options.js";
-import { EventCollector, type EventSink, roundMs } from "./events.js";
+import { EventCollector, type EventSink } from "./events.js";
 import { type EvidenceBundle, type EvidenceExtra, getEvidenceBundle } from "./evidence.js";
+import { execBuffered } from "./exec-buffered.js";
 import {
   type ExecChannel,
   execState,
@@ -53,8 +52,6 @@ import { watchStream } from "./watchdog.js";
 
 export type CloseListener = (reason: Error | undefined) => void;
 
-/** Grace for the server to confirm a killed channel closed before we report the timeout. */
-const KILL_GRACE_MS = 1000;
 const KILL_SWEEP_TIMEOUT_MS = 5_000;
 /** Refusals in a row with no other channel open before a refused exec request is final. */
 const REFUSED_ALONE_MAX = 5;
@@ -536,90 +533,12 @@ export class SSHConnection implements AsyncDisposable, ExecHost, SessionHost {
    * exec under a caller-owned deadline (SSHClient counts connect time in it). Options must be
    * validated already.
    */
-  async execWithin(
+  execWithin(
     command: string,
     options: RunOptions & ExecExtras,
     deadline: Deadline,
   ): Promise<AnyCommandResult> {
-    const runId = newRunId();
-    const wrapped = wrapCommand(command, {
-      shell: options.shell,
-      shellKind: options.shellKind,
-      env: options.env,
-      cwd: options.cwd,
-      runId,
-    });
-    const started = deadline.startedAt;
-    const events = this.events;
-    events?.emit("EXEC", { phase: "start", command, host: this.host });
-    const collector = new OutputCollector(options.maxOutputBytes, options.onStdout, options.onStderr);
-    const encoding = options.encoding ?? "utf8";
-    const st = await this.openExec(wrapped.command, deadline.signal, false, runId).catch((e) => {
-      throw e instanceof OperationTimeoutError
-        ? e.withPartial(collector.result(null, null, performance.now() - started, encoding))
-        : e;
-    });
-    const ch = st.channel;
-    return new Promise((resolve, reject) => {
-      let settled = false;
-      let graceTimer: NodeJS.Timeout | undefined;
-      ch.on("data", (d: Buffer) => collector.push("stdout", d));
-      ch.stderr.on("data", (d: Buffer) => collector.push("stderr", d));
-      const onAbort = () => {
-        if (settled) return;
-        settled = true;
-        this.terminate(st);
-        // Report once the server confirms the channel (and so the process group) is gone.
-        graceTimer = setTimeout(finishAbort, KILL_GRACE_MS);
-      };
-      const finishAbort = () => {
-        clearTimeout(graceTimer);
-        graceTimer = undefined;
-        reject(
-          deadline.reason!.withPartial(
-            collector.result(st.exitCode, st.signal, performance.now() - started, encoding),
-          ),
-        );
-      };
-      deadline.signal.addEventListener("abort", onAbort, { once: true });
-      const onClose = () => {
-        deadline.signal.removeEventListener("abort", onAbort);
-        if (settled) {
-          if (graceTimer) finishAbort();
-          return;
-        }
-        settled = true;
-        const { exitCode, signal } = st;
-        const durationMs = performance.now() - started;
-        const result = collector.result(exitCode, signal, durationMs, encoding);
-        if (exitCode === null && signal === null && !this.isAlive) {
-          reject(
-            Object.assign(this.lostError("while the command ran (it may or may not have finished)"), {
-              partial: result,
-            }),
-          );
-          return;
-        }
-        events?.emit("EXEC", {
-          phase: "end",
-          command,
-          exitCode,
-          signal,
-          durationMs: roundMs(durationMs),
-          bytesStdout: collector.bytesStdout,
-          bytesStderr: collector.bytesStderr,
-        });
-        resolve(result);
-      };
-      // Buffered data events flush before 'close' (both are queued on the stream), so the
-      // result is complete by the time onClose runs.
-      if (st.closed) setImmediate(onClose);
-      else st.onClose = onClose;
-      // stdin: env prefix, the caller's bytes, then EOF, without waiting for anything.
-      if (wrapped.stdinPrefix) ch.write(wrapped.stdinPrefix);
-      if (options.stdin?.length) ch.write(options.stdin);
-      ch.end();
-    });
+    return execBuffered(this, command, options, deadline);
   }
 
   /** Runs a command and yields its output as it arrives, then one exit event. */

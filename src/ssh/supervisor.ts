@@ -25,15 +25,15 @@ import type { SessionConnectOptions } from "./connect-options.js";
 import { connectSession, type SSHConnection } from "./connection.js";
 import { EventCollector, type EventSink } from "./events.js";
 import type { ExecStream, StreamExecEvent, StreamExecOptions } from "./exec-stream.js";
-import {
-  type DynamicForwardHandle,
-  type DynamicForwardSpec,
-  ForwardManager,
-  type LocalForwardHandle,
-  type LocalForwardSpec,
-  type RemoteForwardHandle,
-  type RemoteForwardSpec,
-} from "./forward.js";
+import { ForwardManager } from "./forward.js";
+import type {
+  DynamicForwardHandle,
+  DynamicForwardSpec,
+  LocalForwardHandle,
+  LocalForwardSpec,
+  RemoteForwardHandle,
+  RemoteForwardSpec,
+} from "./forward-handles.js";
 import { type KeepaliveConfig, resolveKeepalive } from "./keepalive.js";
 import { classifyFailure, RetryPolicy } from "./retry.js";
 import { type WatchedStream, watchStream } from "./watchdog.js";

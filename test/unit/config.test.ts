@@ -4,14 +4,9 @@ import { homedir, userInfo } from "node:os";
 import { join } from "node:path";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { ValidationError } from "../../src/errors.js";
-import {
-  expandTokens,
-  globPaths,
-  parseSshConfig,
-  type ResolvedSshConfig,
-  resolveSshConfig,
-  splitConfigArgs,
-} from "../../src/ssh/config.js";
+import { globPaths, type ResolvedSshConfig, resolveSshConfig } from "../../src/ssh/config.js";
+import { parseSshConfig, splitConfigArgs } from "../../src/ssh/config-parse.js";
+import { expandTokens } from "../../src/ssh/config-tokens.js";
 
 let dir: string;
 const savedHome = process.env.HOME;

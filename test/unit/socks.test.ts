@@ -4,6 +4,7 @@ import http from "node:http";
 import net from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import { ProtocolError } from "../../src/errors.js";
+import { SocksReplyError, SocksServer, type SocksServerOptions, socks5Connect } from "../../src/ssh/socks.js";
 import {
   encodeReply,
   encodeRequest,
@@ -15,12 +16,8 @@ import {
   parseUserPass,
   replyForError,
   SocksReply,
-  SocksReplyError,
   SocksRequestError,
-  SocksServer,
-  type SocksServerOptions,
-  socks5Connect,
-} from "../../src/ssh/socks.js";
+} from "../../src/ssh/socks-codec.js";
 
 describe("SOCKS5 codec", () => {
   it("parses a greeting only once complete", () => {
