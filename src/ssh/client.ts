@@ -24,22 +24,25 @@ import { validatePort } from "../common/port.js";
 import {
   AuthenticationError,
   ConnectionLostError,
-  ConnectionRefusedError,
-  ConnectionTimeoutError,
   OperationTimeoutError,
   SmolVMError,
   SSHConnectionError,
   ValidationError,
 } from "../errors.js";
-import { type AuthConfig, createAgentAuth, createKeyAuth } from "./auth.js";
+import {
+  authFromOptions,
+  type CredentialOptions,
+  type KeepaliveSpellings,
+  keepaliveFromOptions,
+  userFromOptions,
+} from "./client-options.js";
 import type { ConnectOptions } from "./connect-options.js";
 import { SSHConnection } from "./connection.js";
 import type { EventSink } from "./events.js";
 import type { HostKeyOptions } from "./hostkeys.js";
 import { resolveKeepalive } from "./keepalive.js";
+import { RetryPolicy } from "./retry.js";
 
-/** Reconnects one run() may make for a command that never reached the server. */
-const MAX_RECONNECTS = 20;
 /**
  * Connections open at once for servers that serve one session per connection (tinysshd), where
  * each command gets a connection of its own.
@@ -48,33 +51,37 @@ export const PER_COMMAND_CONNECTIONS = 8;
 /** Bound on a kill sweep sent over a connection of its own. */
 const SWEEP_TIMEOUT_MS = 5_000;
 
-export interface SSHClientOptions {
+/**
+ * The reconnect policy of SSHClient.run: a command that never reached the server is retried on
+ * a new connection up to 20 times, 50 ms apart doubling to 1 s, while its deadline has time.
+ */
+export function defaultClientRetryPolicy(): RetryPolicy {
+  return new RetryPolicy({ maxRetries: 20, baseDelayMs: 50, maxDelayMs: 1000, jitter: false });
+}
+
+/**
+ * Credentials in either spelling (`user` or `username`, default "root"; `keyPath`,
+ * `password`, `agent` or `auth`) and the keepalive in either spelling (`keepalive: {...}` or
+ * `keepaliveIntervalMs`/`keepaliveCountMax`): a link silent for interval x count is closed with
+ * ConnectionLostError and replaced by the next call.
+ */
+export interface SSHClientOptions extends CredentialOptions, KeepaliveSpellings {
   host: string;
-  /** Default "root". */
-  user?: string;
   /** Default 22. */
   port?: number;
-  keyPath?: string;
-  passphrase?: string;
-  password?: string;
-  /** true: $SSH_AUTH_SOCK; a string: that agent socket. */
-  agent?: boolean | string;
-  /** Explicit ordered methods (overrides keyPath/password/agent). */
-  auth?: AuthConfig | AuthConfig[];
   /** TCP + handshake + auth. Default 10 000. */
   connectTimeoutMs?: number;
   /** How `shell: "login"` wraps commands. Default "sh". */
   shellKind?: ShellKind;
   /** Default: strict, ~/.ssh/known_hosts. */
   hostKey?: HostKeyOptions;
-  /**
-   * keepalive@openssh.com every this many ms; a link silent for interval x count is closed with
-   * ConnectionLostError and replaced by the next call. Default 15 000; 0 turns keepalive off.
-   */
-  keepaliveIntervalMs?: number;
-  /** Unanswered keepalives before the connection is declared dead. Default 3. */
-  keepaliveCountMax?: number;
   events?: EventSink;
+  /**
+   * When a command that never reached the server is retried on a new connection (the same
+   * RetryPolicy and failure classes as SSHSupervisor's reconnects). Default
+   * defaultClientRetryPolicy(); the call's deadline bounds it in any case.
+   */
+  retryPolicy?: RetryPolicy;
 }
 
 export interface WaitForSshOptions {
@@ -92,6 +99,8 @@ export class SSHClient implements AsyncDisposable, Runner<ExecExtras> {
   readonly user: string;
   readonly port: number;
   readonly shellKind: ShellKind;
+  /** When run() retries a command that never reached the server on a new connection. */
+  readonly retryPolicy: RetryPolicy;
   private readonly connectOptions: ConnectOptions;
   private conn: SSHConnection | undefined;
   private connecting: Promise<SSHConnection> | undefined;
@@ -110,11 +119,13 @@ export class SSHClient implements AsyncDisposable, Runner<ExecExtras> {
     }
     const port = validatePort("port", options.port ?? 22);
     validateTimeout("connectTimeoutMs", options.connectTimeoutMs);
-    if (options.keepaliveIntervalMs !== 0)
-      validateTimeout("keepaliveIntervalMs", options.keepaliveIntervalMs);
     validateShellKind(options.shellKind);
+    if (options.retryPolicy !== undefined && !(options.retryPolicy instanceof RetryPolicy)) {
+      throw new ValidationError("retryPolicy must be a RetryPolicy.");
+    }
+    this.retryPolicy = options.retryPolicy ?? defaultClientRetryPolicy();
     this.host = options.host;
-    this.user = options.user ?? "root";
+    this.user = userFromOptions(options) ?? "root";
     this.port = port;
     this.shellKind = options.shellKind ?? "sh";
     this.connectOptions = {
@@ -124,15 +135,7 @@ export class SSHClient implements AsyncDisposable, Runner<ExecExtras> {
       auth: authFromOptions(options),
       hostKey: options.hostKey,
       connectTimeoutMs: options.connectTimeoutMs ?? 10_000,
-      keepalive:
-        options.keepaliveIntervalMs === 0
-          ? false
-          : resolveKeepalive({
-              ...(options.keepaliveIntervalMs !== undefined
-                ? { intervalMs: options.keepaliveIntervalMs }
-                : {}),
-              ...(options.keepaliveCountMax !== undefined ? { countMax: options.keepaliveCountMax } : {}),
-            }),
+      keepalive: resolveKeepalive(keepaliveFromOptions(options)),
       events: options.events,
       signal: this.lifetime.signal,
     };
@@ -203,8 +206,8 @@ export class SSHClient implements AsyncDisposable, Runner<ExecExtras> {
           // Reopening after a lost connection (or, for a server that needs a connection per
           // command, opening one more): a server that is restarting refuses for a moment.
           const reopening = attempt > 0 || this.onePerConnection;
-          if (reopening && attempt < MAX_RECONNECTS && isTransient(e) && !deadline.expired) {
-            await sleep(Math.min(50 * 2 ** attempt, 1000), deadline.signal).catch(() => {
+          if (reopening && !this.isClosed && this.retryPolicy.shouldRetry(e, attempt) && !deadline.expired) {
+            await sleep(this.retryPolicy.delayMs(attempt), deadline.signal).catch(() => {
               throw withEmptyPartial(deadline, encoding);
             });
             continue;
@@ -218,7 +221,7 @@ export class SSHClient implements AsyncDisposable, Runner<ExecExtras> {
           // The transport died before the command reached the server: safe to run it on a new
           // one, as long as the deadline has time (a server dying under load may need a few).
           if (
-            attempt < MAX_RECONNECTS &&
+            attempt < this.retryPolicy.maxRetries &&
             e instanceof ConnectionLostError &&
             e.details.commandStarted === false &&
             !deadline.expired
@@ -401,28 +404,6 @@ export class SSHClient implements AsyncDisposable, Runner<ExecExtras> {
       { code: "SSH_CLIENT_CLOSED" },
     );
   }
-}
-
-/** Connect failures that a moment may fix (not auth, host keys or bad options). */
-function isTransient(e: unknown): boolean {
-  return (
-    e instanceof ConnectionRefusedError ||
-    e instanceof ConnectionTimeoutError ||
-    e instanceof ConnectionLostError
-  );
-}
-
-function authFromOptions(o: SSHClientOptions): AuthConfig | AuthConfig[] | undefined {
-  if (o.auth) return o.auth;
-  const list: AuthConfig[] = [];
-  if (o.keyPath) list.push(createKeyAuth(o.keyPath, o.passphrase));
-  if (o.agent) list.push(createAgentAuth(typeof o.agent === "string" ? o.agent : undefined));
-  if (o.password !== undefined) {
-    list.push({ method: "password", password: o.password });
-    // Servers that only offer keyboard-interactive usually ask for the same password.
-    list.push({ method: "keyboardInteractive", password: o.password });
-  }
-  return list.length ? list : undefined;
 }
 
 /** The deadline's error carrying an empty result: nothing ran yet. */

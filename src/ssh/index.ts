@@ -68,11 +68,13 @@ export {
   type TranscriptKind,
 } from "./automation.js";
 export {
+  defaultClientRetryPolicy,
   PER_COMMAND_CONNECTIONS,
   SSHClient,
   type SSHClientOptions,
   type WaitForSshOptions,
 } from "./client.js";
+export type { CredentialOptions, KeepaliveSpellings } from "./client-options.js";
 export { type ResolvedSshConfig, type ResolveSshConfigOptions, resolveSshConfig } from "./config.js";
 export {
   type MatchCriterion,

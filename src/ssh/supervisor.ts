@@ -21,6 +21,13 @@ import {
 } from "../command.js";
 import { Deadline, sleep } from "../common/deadline.js";
 import { ConnectionLostError, SSHConnectionError, ValidationError } from "../errors.js";
+import {
+  authFromOptions,
+  type CredentialOptions,
+  type KeepaliveSpellings,
+  keepaliveFromOptions,
+  userFromOptions,
+} from "./client-options.js";
 import type { SessionConnectOptions } from "./connect-options.js";
 import { connectSession, type SSHConnection } from "./connection.js";
 import { EventCollector, type EventSink } from "./events.js";
@@ -50,8 +57,15 @@ export type ConnectionState = (typeof ConnectionState)[keyof typeof ConnectionSt
 
 export type Connector = (options: SessionConnectOptions) => Promise<SSHConnection>;
 
-/** Connect options (sshConfig, proxyJump and proxyCommand included: proxies are rebuilt per attempt) plus supervision. */
-export interface SupervisorOptions extends Omit<SessionConnectOptions, "signal" | "eventLogPath"> {
+/**
+ * Connect options (sshConfig, proxyJump and proxyCommand included: proxies are rebuilt per
+ * attempt) plus supervision. Credentials and keepalive are accepted in SSHClient's spelling too
+ * (`user`, `keyPath`, `password`, `agent`, `keepaliveIntervalMs`/`keepaliveCountMax`).
+ */
+export interface SupervisorOptions
+  extends Omit<SessionConnectOptions, "signal" | "eventLogPath">,
+    CredentialOptions,
+    KeepaliveSpellings {
   /** Default: new RetryPolicy() (5 retries, 1 s base, x2, 60 s max, jitter). */
   retryPolicy?: RetryPolicy;
   /**
@@ -104,17 +118,42 @@ export class SSHSupervisor implements AsyncDisposable {
   private readonly connectOptions: SessionConnectOptions;
 
   private constructor(options: SupervisorOptions) {
-    const { retryPolicy, eventLogPath, forwardPendingTimeoutMs, connect, ...connectOptions } = options;
     if (!options || typeof options.host !== "string" || !options.host) {
       throw new ValidationError("SSHSupervisor needs host.");
     }
+    const {
+      retryPolicy,
+      eventLogPath,
+      forwardPendingTimeoutMs,
+      connect,
+      user: _user,
+      username: _username,
+      keyPath: _keyPath,
+      passphrase: _passphrase,
+      password: _password,
+      agent: _agent,
+      auth: _auth,
+      keepalive: _keepalive,
+      keepaliveIntervalMs: _interval,
+      keepaliveCountMax: _count,
+      ...rest
+    } = options;
+    const username = userFromOptions(options);
+    const auth = authFromOptions(options);
+    const keepalive = keepaliveFromOptions(options);
+    const connectOptions: SessionConnectOptions = {
+      ...rest,
+      ...(username !== undefined ? { username } : {}),
+      ...(auth !== undefined ? { auth } : {}),
+      ...(keepalive !== undefined ? { keepalive } : {}),
+    };
     if (retryPolicy !== undefined && !(retryPolicy instanceof RetryPolicy)) {
       throw new ValidationError("retryPolicy must be a RetryPolicy.");
     }
     this.retryPolicy = retryPolicy ?? new RetryPolicy();
-    this.keepalive = options.keepalive;
+    this.keepalive = keepalive;
     // Invalid settings fail here, not on every connect attempt.
-    resolveKeepalive(options.keepalive);
+    resolveKeepalive(keepalive);
     if (!options.events && eventLogPath) this.ownedEvents = new EventCollector({ logPath: eventLogPath });
     this.events = options.events ?? this.ownedEvents;
     this.connectOptions = { ...connectOptions, events: this.events };
