@@ -64,6 +64,7 @@ export type SmolVMErrorCode =
   | "VM_CRASHED"
   | "VM_PAUSED"
   | "VM_STOP_FAILED"
+  | "VM_RECORD_DAMAGED"
   | "QEMU_MISSING"
   | "QEMU_START_FAILED"
   | "QEMU_UNKILLABLE"
