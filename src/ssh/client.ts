@@ -41,7 +41,7 @@ import { SSHConnection } from "./connection.js";
 import type { EventSink } from "./events.js";
 import type { HostKeyOptions } from "./hostkeys.js";
 import { resolveKeepalive } from "./keepalive.js";
-import { RetryPolicy } from "./retry.js";
+import { RetryPolicy, retryWithPolicy } from "./retry.js";
 
 /**
  * Connections open at once for servers that serve one session per connection (tinysshd), where
@@ -195,23 +195,27 @@ export class SSHClient implements AsyncDisposable, Runner<ExecExtras> {
     const encoding = options.encoding ?? "utf8";
     try {
       for (let attempt = 0; ; attempt++) {
-        const c = this.conn;
+        const acquire = async (): Promise<{ conn: SSHConnection; done: (() => void) | undefined }> => {
+          const c = this.conn;
+          if (c?.reusable) return { conn: c, done: undefined };
+          if (!this.onePerConnection)
+            return { conn: await this.connectWithin(deadline, encoding), done: undefined };
+          return this.perCommandConnection(deadline, encoding);
+        };
+        // Reopening after a lost connection (or, for a server that needs a connection per
+        // command, opening one more): a server that is restarting refuses for a moment, so the
+        // open is retried under the client's RetryPolicy (the supervisor's reconnect loop).
+        const reopening = attempt > 0 || this.onePerConnection;
         let acquired: { conn: SSHConnection; done: (() => void) | undefined };
         try {
-          acquired =
-            c?.reusable || !this.onePerConnection
-              ? { conn: c?.reusable ? c : await this.connectWithin(deadline, encoding), done: undefined }
-              : await this.perCommandConnection(deadline, encoding);
+          acquired = reopening
+            ? await retryWithPolicy(this.retryPolicy, acquire, {
+                signal: AbortSignal.any([deadline.signal, this.lifetime.signal]),
+              })
+            : await acquire();
         } catch (e) {
-          // Reopening after a lost connection (or, for a server that needs a connection per
-          // command, opening one more): a server that is restarting refuses for a moment.
-          const reopening = attempt > 0 || this.onePerConnection;
-          if (reopening && !this.isClosed && this.retryPolicy.shouldRetry(e, attempt) && !deadline.expired) {
-            await sleep(this.retryPolicy.delayMs(attempt), deadline.signal).catch(() => {
-              throw withEmptyPartial(deadline, encoding);
-            });
-            continue;
-          }
+          if (this.isClosed) throw this.closedError();
+          if (deadline.expired && e === deadline.reason) throw withEmptyPartial(deadline, encoding);
           throw e;
         }
         const { conn, done } = acquired;

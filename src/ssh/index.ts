@@ -132,7 +132,14 @@ export {
 } from "./hostkeys.js";
 export { DEFAULT_KEEPALIVE, type KeepaliveConfig } from "./keepalive.js";
 export { REDACTED, type RedactOptions, redact, redactText } from "./redact.js";
-export { classifyFailure, type FailureKind, RetryPolicy, type RetryPolicyOptions } from "./retry.js";
+export {
+  classifyFailure,
+  type FailureKind,
+  type RetryLoopOptions,
+  RetryPolicy,
+  type RetryPolicyOptions,
+  retryWithPolicy,
+} from "./retry.js";
 export { type ServerQuirks, serverQuirks } from "./server-quirks.js";
 export type { GetFileOptions, PutFileOptions, TransferOptions } from "./sftp.js";
 export { openShell, type ShellOptions, type ShellSession } from "./shell.js";

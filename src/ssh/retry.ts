@@ -1,8 +1,9 @@
 /**
  * Reconnection policy: how long to wait before each attempt and which failures are worth
  * another attempt. Classification goes by error class (and errno codes for raw socket errors),
- * never by message text. Pure: no timers here.
+ * never by message text; retryWithPolicy is the loop that applies it (its only timer is the wait).
  */
+import { sleep } from "../common/deadline.js";
 import {
   AuthenticationError,
   ConnectionError,
@@ -132,5 +133,41 @@ export class RetryPolicy {
       exponentialBase: this.exponentialBase,
       jitter: this.jitter,
     };
+  }
+}
+
+export interface RetryLoopOptions {
+  /** Ends the loop: a pending wait rejects with its reason, and no attempt starts after it. */
+  signal: AbortSignal;
+  /** Called before waiting `delayMs` for retry `attempt` (0-based) after `error`. */
+  onRetry?: (error: unknown, attempt: number, delayMs: number) => void;
+  /** Called once when a failure ends the loop: permanent, or the retries are used up. */
+  onGiveUp?: (error: unknown, attempts: number, kind: FailureKind) => void;
+}
+
+/**
+ * The one reconnect loop of SSHClient and SSHSupervisor: runs `attempt` until it succeeds; a
+ * failure is retried while `policy.shouldRetry` allows (transient, retries left), after
+ * `policy.delayMs` (rounded), else rethrown. The signal bounds every wait.
+ */
+export async function retryWithPolicy<T>(
+  policy: RetryPolicy,
+  attempt: () => Promise<T>,
+  options: RetryLoopOptions,
+): Promise<T> {
+  for (let n = 0; ; n++) {
+    options.signal.throwIfAborted();
+    try {
+      return await attempt();
+    } catch (e) {
+      if (options.signal.aborted) throw e;
+      if (!policy.shouldRetry(e, n)) {
+        options.onGiveUp?.(e, n + 1, classifyFailure(e));
+        throw e;
+      }
+      const delayMs = Math.round(policy.delayMs(n));
+      options.onRetry?.(e, n, delayMs);
+      await sleep(delayMs, options.signal);
+    }
   }
 }

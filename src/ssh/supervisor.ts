@@ -42,7 +42,7 @@ import type {
   RemoteForwardSpec,
 } from "./forward-handles.js";
 import { type KeepaliveConfig, resolveKeepalive } from "./keepalive.js";
-import { classifyFailure, RetryPolicy } from "./retry.js";
+import { RetryPolicy, retryWithPolicy } from "./retry.js";
 import { type WatchedStream, watchStream } from "./watchdog.js";
 
 export const ConnectionState = {
@@ -216,51 +216,47 @@ export class SSHSupervisor implements AsyncDisposable {
 
   private async connectLoop(reconnect: boolean): Promise<void> {
     this.setState(reconnect ? ConnectionState.RECONNECTING : ConnectionState.CONNECTING);
-    for (let attempt = 0; ; attempt++) {
-      if (this.stopped) return;
-      let conn: SSHConnection;
-      try {
-        conn = await this.connector({ ...this.connectOptions, signal: this.stop.signal });
-      } catch (e) {
-        if (this.stopped) return;
-        this.lastError = e;
-        const kind = classifyFailure(e);
-        if (kind === "permanent" || attempt >= this.retryPolicy.maxRetries) {
-          this.setState(
-            ConnectionState.FAILED,
-            { code: (e as { code?: string }).code, attempts: attempt + 1, failure: kind },
-            e,
-          );
-          return;
-        }
-        const delayMs = Math.round(this.retryPolicy.delayMs(attempt));
-        this.events?.emit("ERROR", {
-          phase: reconnect ? "reconnect" : "connect",
-          code: (e as { code?: string }).code,
-          attempt: attempt + 1,
-          retryInMs: delayMs,
-        });
-        try {
-          await sleep(delayMs, this.stop.signal);
-        } catch {
-          return;
-        }
-        continue;
-      }
-      if (this.stopped) {
-        await conn.close().catch(() => {});
-        return;
-      }
-      this.adopt(conn);
-      if (reconnect) this.reconnectionCount++;
-      this.setState(
-        ConnectionState.CONNECTED,
-        reconnect ? { reconnectionCount: this.reconnectionCount } : {},
+    if (this.stopped) return;
+    let conn: SSHConnection;
+    try {
+      conn = await retryWithPolicy(
+        this.retryPolicy,
+        () => this.connector({ ...this.connectOptions, signal: this.stop.signal }),
+        {
+          signal: this.stop.signal,
+          onRetry: (e, attempt, delayMs) => {
+            this.lastError = e;
+            this.events?.emit("ERROR", {
+              phase: reconnect ? "reconnect" : "connect",
+              code: (e as { code?: string }).code,
+              attempt: attempt + 1,
+              retryInMs: delayMs,
+            });
+          },
+          onGiveUp: (e, attempts, kind) => {
+            if (this.stopped) return;
+            this.lastError = e;
+            this.setState(
+              ConnectionState.FAILED,
+              { code: (e as { code?: string }).code, attempts, failure: kind },
+              e,
+            );
+          },
+        },
       );
-      this.wakeWaiters();
-      await this.forwardManager.attach(conn.client);
+    } catch {
+      // FAILED (set by onGiveUp) or closed: either way this loop is over.
       return;
     }
+    if (this.stopped) {
+      await conn.close().catch(() => {});
+      return;
+    }
+    this.adopt(conn);
+    if (reconnect) this.reconnectionCount++;
+    this.setState(ConnectionState.CONNECTED, reconnect ? { reconnectionCount: this.reconnectionCount } : {});
+    this.wakeWaiters();
+    await this.forwardManager.attach(conn.client);
   }
 
   private adopt(conn: SSHConnection): void {

@@ -6,6 +6,7 @@ import { CommandResult, emptyResult } from "../../src/command.js";
 import { Deadline } from "../../src/common/deadline.js";
 import { isPort, validatePort } from "../../src/common/port.js";
 import {
+  AuthFailedError,
   ConnectionError,
   ConnectionLostError,
   ConnectionRefusedError,
@@ -17,6 +18,7 @@ import {
 import { SSHClient } from "../../src/ssh/client.js";
 import { authFromOptions, keepaliveFromOptions, userFromOptions } from "../../src/ssh/client-options.js";
 import * as ssh from "../../src/ssh/index.js";
+import { RetryPolicy, retryWithPolicy } from "../../src/ssh/retry.js";
 
 describe("port check", () => {
   it("accepts 1..65535 (0 only when asked) and names the option it refuses", () => {
@@ -141,5 +143,60 @@ describe("smolvm/ssh exports", () => {
     ]) {
       expect(ssh, name).not.toHaveProperty(name);
     }
+  });
+});
+
+describe("one reconnect loop (SSHClient and SSHSupervisor)", () => {
+  const policy = new RetryPolicy({ maxRetries: 3, baseDelayMs: 1, maxDelayMs: 2, jitter: false });
+
+  it("retries transient failures with the policy's delays, then succeeds", async () => {
+    let calls = 0;
+    const retries: Array<[number, number]> = [];
+    const r = await retryWithPolicy(
+      policy,
+      async () => {
+        if (++calls < 3) throw new ConnectionRefusedError("refused");
+        return "up";
+      },
+      {
+        signal: new AbortController().signal,
+        onRetry: (_e, attempt, delayMs) => retries.push([attempt, delayMs]),
+      },
+    );
+    expect(r).toBe("up");
+    expect(retries).toEqual([
+      [0, 1],
+      [1, 2],
+    ]);
+  });
+
+  it("gives up at once on a permanent failure and after maxRetries on transient ones", async () => {
+    const gaveUp: Array<[number, string]> = [];
+    const onGiveUp = (_e: unknown, attempts: number, kind: string) => gaveUp.push([attempts, kind]);
+    const signal = new AbortController().signal;
+    await expect(
+      retryWithPolicy(policy, () => Promise.reject(new AuthFailedError("no")), { signal, onGiveUp }),
+    ).rejects.toBeInstanceOf(AuthFailedError);
+    await expect(
+      retryWithPolicy(policy, () => Promise.reject(new ConnectionLostError("gone")), { signal, onGiveUp }),
+    ).rejects.toBeInstanceOf(ConnectionLostError);
+    expect(gaveUp).toEqual([
+      [1, "permanent"],
+      [4, "transient"],
+    ]);
+  });
+
+  it("stops when the signal fires, without calling onGiveUp", async () => {
+    const ac = new AbortController();
+    const onGiveUp = () => {
+      throw new Error("must not give up");
+    };
+    const slow = new RetryPolicy({ maxRetries: 5, baseDelayMs: 10_000, jitter: false });
+    const p = retryWithPolicy(slow, () => Promise.reject(new ConnectionRefusedError("refused")), {
+      signal: ac.signal,
+      onGiveUp,
+    });
+    setTimeout(() => ac.abort(new Error("closed")), 20);
+    await expect(p).rejects.toThrow("closed");
   });
 });
