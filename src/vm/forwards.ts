@@ -5,16 +5,12 @@
  * and the SSH port with ready-to-paste OpenSSH commands that pin the VM's host key.
  */
 import { quoteSh } from "../command.js";
+import { validatePort } from "../common/port.js";
 import { ValidationError } from "../errors.js";
 import { hostForward } from "./network/host.js";
 import { leasePort, releasePorts } from "./ports.js";
 import type { VmRuntime } from "./runtime.js";
 import type { SshCommands } from "./vm-types.js";
-
-function checkPort(what: string, p: number): void {
-  if (!Number.isInteger(p) || p < 1 || p > 65535)
-    throw new ValidationError(`${what} must be an integer 1..65535, got ${String(p)}.`);
-}
 
 /** Forwards host 127.0.0.1:hostPort (leased when omitted) to the guest's guestPort. */
 export async function exposeLocal(
@@ -23,8 +19,8 @@ export async function exposeLocal(
   hostPort: number | undefined,
   options: { timeoutMs?: number },
 ): Promise<number> {
-  checkPort("guestPort", guestPort);
-  if (hostPort !== undefined) checkPort("hostPort", hostPort);
+  validatePort("guestPort", guestPort);
+  if (hostPort !== undefined) validatePort("hostPort", hostPort);
   rt.requireRunning("expose a port");
   const { store, id } = rt;
   let port: number;
@@ -58,7 +54,7 @@ export async function unexposeLocal(
   hostPort: number,
   options: { timeoutMs?: number },
 ): Promise<void> {
-  checkPort("hostPort", hostPort);
+  validatePort("hostPort", hostPort);
   const { store, id } = rt;
   if (!rt.record.ports.some((p) => p.hostPort === hostPort)) {
     throw new ValidationError(`host port ${hostPort} is not exposed by VM ${id}.`);

@@ -27,6 +27,7 @@ import { appendFileSync, readFileSync, renameSync, rmSync, statSync, writeFileSy
 import { createServer, connect as netConnect, type Server, type Socket } from "node:net";
 import { networkInterfaces, setPriority } from "node:os";
 import { setTimeout as sleep } from "node:timers/promises";
+import { isPort } from "../../common/port.js";
 import { originalDestination } from "./conntrack.js";
 import { buildResponse, parseQuery, QTYPE_A, RCODE_NXDOMAIN, RCODE_SERVFAIL } from "./dns-wire.js";
 import { networkFiles } from "./files.js";
@@ -448,7 +449,7 @@ async function waitForQemu(): Promise<number> {
 
 /** The host-side listener of one forward: each connection is tunnelled to QEMU's 127.0.0.1:port. */
 async function forwardPort(port: number): Promise<void> {
-  if (!Number.isInteger(port) || port < 1 || port > 65535) throw new Error(`bad port ${port}`);
+  if (!isPort(port)) throw new Error(`bad port ${port}`);
   if (forwards.has(port)) return;
   const server = createServer({ pauseOnConnect: true }, (c) => {
     c.on("error", () => {});
