@@ -25,6 +25,8 @@ export interface ConnectContext {
   tried?: string[];
   /** Error the host key verifier decided on, if it rejected the key. */
   hostKeyError?: SmolVMError;
+  /** The socket closed before the session was ready (set by the handshake). */
+  closedDuringSetup?: boolean;
   /** Our offered algorithm lists and the server's, when the server's KEXINIT was seen. */
   ours?: AlgorithmLists;
   theirs?: AlgorithmLists;
@@ -117,9 +119,9 @@ export function classifyConnectError(err: unknown, ctx: ConnectContext): SmolVME
       );
     }
   }
-  if (code && LOST.has(code)) {
+  if ((code && LOST.has(code)) || ctx.closedDuringSetup) {
     return new ConnectionLostError(
-      `SSH connection to ${where(ctx)} was cut during setup (${code}): retry; if it persists check the server log.`,
+      `SSH connection to ${where(ctx)} was cut during setup (${code ?? "closed by the server"}): retry; if it persists check the server log.`,
       { cause: err, details },
     );
   }

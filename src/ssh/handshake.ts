@@ -132,6 +132,11 @@ export async function openTransport(opts: ConnectOptions, hooks: TransportHooks)
     }
     timings.tcpMs = performance.now() - t0;
     phase = "handshake";
+    // The server hanging up before we are in (a restart, a connection limit) is a lost
+    // connection, whatever ssh2 makes of it: the caller may retry on a new one.
+    sock.once("close", () => {
+      ctx.closedDuringSetup = true;
+    });
 
     // The server's KEXINIT is in clear: keep it to name both lists if negotiation fails.
     let head = Buffer.alloc(0);
