@@ -14,9 +14,20 @@ import type { Deadline } from "../common/deadline.js";
 import { AuthenticationError, CommandExecutionUnavailableError } from "../errors.js";
 import { SSHClient } from "../ssh/client.js";
 import { acquireAgentLock } from "./agent-lock.js";
-import type { VmRuntime } from "./runtime.js";
 import { rotateSerialLog } from "./serial-log.js";
+import type { VmRecord, vmFiles } from "./store.js";
+import type { VmConfig } from "./vm-config.js";
 import type { CommChannelChoice } from "./vm-types.js";
+
+/** What the selector needs of its VM (VmRuntime provides it; kept narrow so neither imports the other). */
+export interface ChannelHost {
+  readonly id: string;
+  readonly name: string;
+  readonly record: VmRecord;
+  readonly config: VmConfig;
+  readonly paths: ReturnType<typeof vmFiles>;
+  requireRunning(action: string): void;
+}
 
 /** auto: how long boot waits for the agent before settling for SSH. */
 const AUTO_AGENT_WAIT_MS = 60_000;
@@ -55,7 +66,7 @@ export class ChannelSelector {
   private agentChan: AgentChannel | undefined;
 
   constructor(
-    private readonly rt: VmRuntime,
+    private readonly rt: ChannelHost,
     choice?: CommChannelChoice,
   ) {
     this.choice = choice ?? parseChannelChoice(rt.record.channel) ?? "auto";
