@@ -4,6 +4,7 @@
  * do next. Every agent module builds its errors here, so one failure reads the same everywhere.
  */
 
+import type { AnyCommandResult } from "../command.js";
 import type { Deadline } from "../common/deadline.js";
 import { guestText } from "../common/guest-text.js";
 import {
@@ -11,7 +12,6 @@ import {
   ConnectionLostError,
   ConnectionRefusedError,
   type FileErrorCode,
-  OperationAbortedError,
   OperationTimeoutError,
   ProtocolError,
   SmolVMError,
@@ -49,10 +49,9 @@ export function channelClosed(message: string): ConnectionLostError {
 }
 
 /** The deadline's own error again, carrying `partial` (the output gathered so far). */
-export function deadlineError(deadline: Deadline, partial?: unknown): OperationTimeoutError {
-  return deadline.reason instanceof OperationAbortedError
-    ? deadline.abortError(partial)
-    : deadline.timeoutError(partial);
+export function deadlineError(deadline: Deadline, partial?: AnyCommandResult): OperationTimeoutError {
+  const e = deadline.reason ?? deadline.timeoutError();
+  return partial ? e.withPartial(partial) : e;
 }
 
 /** An agent ERROR reply as the typed error a caller of `what` can act on. */

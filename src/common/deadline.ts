@@ -73,23 +73,19 @@ export class Deadline {
     if (this.signal.aborted) throw this.signal.reason;
   }
 
-  /**
-   * This deadline's timeout error. A command's partial result is attached with
-   * `error.withPartial(result)`; the `partial` argument stays for callers not moved to it yet
-   * and must be a CommandResult.
-   */
-  timeoutError(partial?: AnyCommandResult | unknown): OperationTimeoutError {
+  /** This deadline's timeout error, with a command's partial result when there is one. */
+  timeoutError(partial?: AnyCommandResult): OperationTimeoutError {
     return new OperationTimeoutError(
       `${this.what} did not finish within ${this.timeoutMs} ms${this.while()}: raise timeoutMs if it needs longer.`,
-      { details: { timeoutMs: this.timeoutMs, phase: this.phase }, partial: partial as AnyCommandResult },
+      { details: { timeoutMs: this.timeoutMs, phase: this.phase }, partial },
     );
   }
 
   /** This deadline's abort error (see timeoutError for `partial`). */
-  abortError(partial?: AnyCommandResult | unknown): OperationAbortedError {
+  abortError(partial?: AnyCommandResult): OperationAbortedError {
     return new OperationAbortedError(`${this.what} was aborted by the caller's signal${this.while()}.`, {
       details: { phase: this.phase },
-      partial: partial as AnyCommandResult,
+      partial,
     });
   }
 
