@@ -50,28 +50,29 @@ export interface RunOptions {
 export type RunOptionsUtf8 = RunOptions & { encoding?: "utf8" };
 export type RunOptionsBuffer = RunOptions & { encoding: "buffer" };
 
-type EncodingOf<O> = O extends { encoding?: infer E } ? E : undefined;
+/** The `encoding` a run asks for; absent means "utf8". */
+export type RunEncoding = "utf8" | "buffer" | undefined;
 
 /**
- * What running a command with options `O` resolves to: strings by default (`encoding` "utf8"
- * or absent), exact Buffers with `encoding: "buffer"`, either when the encoding is not known
- * until run time.
+ * What a run with `encoding` E resolves to: strings by default (`encoding` "utf8" or absent),
+ * exact Buffers with `encoding: "buffer"`, either when the encoding is not known until run time.
  */
-export type RunResult<O> = [EncodingOf<O>] extends ["buffer"]
+export type RunResult<E extends RunEncoding> = [E] extends ["buffer"]
   ? CommandResult<Buffer>
-  : [EncodingOf<O>] extends ["utf8" | undefined]
+  : [E] extends ["utf8" | undefined]
     ? CommandResult<string>
     : CommandResult<string> | CommandResult<Buffer>;
 
 /**
  * The runner contract: how every "run a shell command" method is typed (SSHClient.run,
  * SSHConnection.exec, SSHSupervisor.exec, the channels, SmolVM.run). `X` adds the runner's own
- * options (e.g. `shellKind`). Non-zero exit is a result, never an error.
+ * options (e.g. `shellKind`). Only the encoding is a type parameter, so it is inferred even when
+ * the options also hold callbacks. Non-zero exit is a result, never an error.
  */
-export type RunCommand<X = unknown> = <O extends RunOptions & X = RunOptionsUtf8 & X>(
+export type RunCommand<X = unknown> = <E extends RunEncoding = undefined>(
   command: string,
-  options?: O,
-) => Promise<RunResult<O>>;
+  options?: RunOptions & X & { encoding?: E },
+) => Promise<RunResult<E>>;
 
 /** Anything that runs shell commands with `run` (channels, SSHClient, SmolVM). */
 export interface Runner<X = unknown> {

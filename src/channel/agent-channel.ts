@@ -10,13 +10,14 @@
  */
 import {
   type CommandResult,
+  type RunEncoding,
   type RunOptions,
-  type RunOptionsBuffer,
-  type RunOptionsUtf8,
+  type RunResult,
   validateRunOptions,
   wrapCommand,
 } from "../command.js";
 import { type Deadline, sleep } from "../common/deadline.js";
+import { validatePort } from "../common/port.js";
 import {
   AuthenticationError,
   type OperationTimeoutError,
@@ -65,23 +66,30 @@ export class AgentChannel implements CommChannel {
 
   // ------------------------------------------------------------ run / exec
 
-  run(command: string, options?: RunOptionsUtf8): Promise<CommandResult<string>>;
-  run(command: string, options: RunOptionsBuffer): Promise<CommandResult<Buffer>>;
-  run(command: string, options?: RunOptions): Promise<CommandResult<string> | CommandResult<Buffer>>;
-  async run(
+  async run<E extends RunEncoding = undefined>(
     command: string,
-    options: RunOptions = {},
-  ): Promise<CommandResult<string> | CommandResult<Buffer>> {
-    validateRunOptions(command, options);
-    const wrapped = wrapCommand(command, { shell: options.shell, env: options.env, cwd: options.cwd });
-    const stdin = Buffer.concat([wrapped.stdinPrefix ?? Buffer.alloc(0), toBuffer(options.stdin)]);
-    return execCollect(this.connector, shellRequest(wrapped, options.shell), stdin, options, "command");
+    options?: RunOptions & { encoding?: E },
+  ): Promise<RunResult<E>> {
+    const o: RunOptions = options ?? {};
+    validateRunOptions(command, o);
+    const wrapped = wrapCommand(command, { shell: o.shell, env: o.env, cwd: o.cwd });
+    const stdin = Buffer.concat([wrapped.stdinPrefix ?? Buffer.alloc(0), toBuffer(o.stdin)]);
+    return (await execCollect(
+      this.connector,
+      shellRequest(wrapped, o.shell),
+      stdin,
+      o,
+      "command",
+    )) as RunResult<E>;
   }
 
-  /** Runs argv directly (no shell). `env` and `cwd` are applied by the agent. */
-  exec(argv: string[], options?: ExecArgvOptions & { encoding?: "utf8" }): Promise<CommandResult<string>>;
-  exec(argv: string[], options: ExecArgvOptions & { encoding: "buffer" }): Promise<CommandResult<Buffer>>;
-  async exec(
+  /**
+   * Runs argv directly (no shell): the agent's own form, named apart from the shell-string
+   * `run`/`exec` of the other runners. `env` and `cwd` are applied by the agent.
+   */
+  runArgv(argv: string[], options?: ExecArgvOptions & { encoding?: "utf8" }): Promise<CommandResult<string>>;
+  runArgv(argv: string[], options: ExecArgvOptions & { encoding: "buffer" }): Promise<CommandResult<Buffer>>;
+  async runArgv(
     argv: string[],
     options: ExecArgvOptions = {},
   ): Promise<CommandResult<string> | CommandResult<Buffer>> {
@@ -191,9 +199,7 @@ export class AgentChannel implements CommChannel {
 
   /** Waits until something accepts TCP connections on 127.0.0.1:`port` inside the guest. */
   async waitForPort(port: number, options: CallOptions = {}): Promise<void> {
-    if (!Number.isInteger(port) || port < 1 || port > 65535) {
-      throw new ValidationError(`port must be 1..65535, got ${String(port)}.`);
-    }
+    validatePort("port", port);
     return bounded(options, `waiting for guest port ${port}`, async (deadline) => {
       const p = await this.simple(
         FrameType.WAIT_PORT,

@@ -7,8 +7,8 @@ import { posix } from "node:path";
 import {
   DEFAULT_RUN_TIMEOUT_MS,
   quoteSh,
+  type RunEncoding,
   type RunOptions,
-  type RunOptionsUtf8,
   type RunResult,
 } from "../command.js";
 import { Deadline } from "../common/deadline.js";
@@ -49,8 +49,11 @@ export class SshChannel implements CommChannel {
     private readonly envFilePath = ENV_FILE_PATH,
   ) {}
 
-  run<O extends RunOptions = RunOptionsUtf8>(command: string, options?: O): Promise<RunResult<O>> {
-    return this.client.run(command, options as RunOptions) as Promise<RunResult<O>>;
+  run<E extends RunEncoding = undefined>(
+    command: string,
+    options?: RunOptions & { encoding?: E },
+  ): Promise<RunResult<E>> {
+    return this.client.run(command, options);
   }
 
   stream(

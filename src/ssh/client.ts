@@ -10,9 +10,9 @@ import {
   DEFAULT_RUN_TIMEOUT_MS,
   type ExecExtras,
   emptyResult,
+  type RunEncoding,
   type Runner,
   type RunOptions,
-  type RunOptionsUtf8,
   type RunResult,
   type ShellKind,
   validateRunOptions,
@@ -179,10 +179,10 @@ export class SSHClient implements AsyncDisposable, Runner<ExecExtras> {
    * command is killed and OperationTimeoutError carries the output so far on `partial`.
    * `shellKind` overrides the client's for this call.
    */
-  async run<O extends RunOptions & ExecExtras = RunOptionsUtf8>(
+  async run<E extends RunEncoding = undefined>(
     command: string,
-    options: O = {} as O,
-  ): Promise<RunResult<O>> {
+    options: RunOptions & ExecExtras & { encoding?: E } = {},
+  ): Promise<RunResult<E>> {
     validateRunOptions(command, options);
     validateShellKind(options.shellKind);
     if (this.isClosed) throw this.closedError();
@@ -220,7 +220,7 @@ export class SSHClient implements AsyncDisposable, Runner<ExecExtras> {
         }
         const { conn, done } = acquired;
         try {
-          return (await conn.execWithin(command, opts, deadline)) as RunResult<O>;
+          return (await conn.execWithin(command, opts, deadline)) as RunResult<E>;
         } catch (e) {
           // The transport died before the command reached the server: safe to run it on a new
           // one, as long as the deadline has time (a server dying under load may need a few).

@@ -12,8 +12,8 @@ import {
   type AnyCommandResult,
   DEFAULT_RUN_TIMEOUT_MS,
   type ExecExtras,
+  type RunEncoding,
   type RunOptions,
-  type RunOptionsUtf8,
   type RunResult,
   validateRunOptions,
   validateShellKind,
@@ -515,15 +515,15 @@ export class SSHConnection implements AsyncDisposable, ExecHost, SessionHost {
   // ------------------------------------------------------------ exec
 
   /** Runs a command and buffers its output. Non-zero exit is a result, not an error. */
-  async exec<O extends RunOptions & ExecExtras = RunOptionsUtf8>(
+  async exec<E extends RunEncoding = undefined>(
     command: string,
-    options: O = {} as O,
-  ): Promise<RunResult<O>> {
+    options: RunOptions & ExecExtras & { encoding?: E } = {},
+  ): Promise<RunResult<E>> {
     validateRunOptions(command, options);
     validateShellKind(options.shellKind);
     const deadline = new Deadline(options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS, options.signal, "SSH command");
     try {
-      return (await this.execWithin(command, options, deadline)) as RunResult<O>;
+      return (await this.execWithin(command, options, deadline)) as RunResult<E>;
     } finally {
       deadline.dispose();
     }

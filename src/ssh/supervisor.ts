@@ -14,8 +14,8 @@ import type { Client } from "ssh2";
 import {
   DEFAULT_RUN_TIMEOUT_MS,
   type ExecExtras,
+  type RunEncoding,
   type RunOptions,
-  type RunOptionsUtf8,
   type RunResult,
   validateRunOptions,
 } from "../command.js";
@@ -365,10 +365,10 @@ export class SSHSupervisor implements AsyncDisposable {
    * command cut by a drop fails with ConnectionLostError (it may or may not have run), unless
    * `idempotent: true`, in which case it is run again once the session is back.
    */
-  async exec<O extends SupervisorExecOptions = RunOptionsUtf8>(
+  async exec<E extends RunEncoding = undefined>(
     command: string,
-    options: O = {} as O,
-  ): Promise<RunResult<O>> {
+    options: SupervisorExecOptions & { encoding?: E } = {},
+  ): Promise<RunResult<E>> {
     validateRunOptions(command, options);
     const { idempotent, ...runOptions } = options;
     const deadline = new Deadline(options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS, options.signal, "SSH command");
@@ -376,7 +376,7 @@ export class SSHSupervisor implements AsyncDisposable {
       for (;;) {
         const conn = await this.acquire(deadline);
         try {
-          return (await conn.execWithin(command, runOptions, deadline)) as RunResult<O>;
+          return (await conn.execWithin(command, runOptions, deadline)) as RunResult<E>;
         } catch (e) {
           if (e instanceof ConnectionLostError && idempotent && !deadline.expired && !this.stopped) {
             // Wait for the drop to be seen, then for the reconnect.

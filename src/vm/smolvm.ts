@@ -7,13 +7,7 @@
  * SSH commands) and vm-snapshots.ts. State lives in the store, so `fromId` works from any process.
  */
 import type { CommandStream, CommChannel } from "../channel/types.js";
-import {
-  type CommandResult,
-  type RunOptions,
-  type RunOptionsBuffer,
-  type RunOptionsUtf8,
-  validateEnv,
-} from "../command.js";
+import { type RunEncoding, type RunOptions, type RunResult, validateEnv } from "../command.js";
 import { Deadline } from "../common/deadline.js";
 import { dataDir as defaultDataDir } from "../common/paths.js";
 import { ValidationError, VMNotFoundError } from "../errors.js";
@@ -284,13 +278,15 @@ export class SmolVM implements AsyncDisposable {
 
   // ------------------------------------------------------------ commands, files, env
 
-  run(command: string, options?: RunOptionsUtf8): Promise<CommandResult<string>>;
-  run(command: string, options: RunOptionsBuffer): Promise<CommandResult<Buffer>>;
-  run(command: string, options?: RunOptions): Promise<CommandResult<string> | CommandResult<Buffer>>;
-  async run(
+  /**
+   * Runs a shell command in the guest (login shell unless `shell: "raw"`) and collects its output.
+   * A non-zero exit is a result, not an error; `timeoutMs` (default 30 s) kills it and raises
+   * OperationTimeoutError with the partial output.
+   */
+  async run<E extends RunEncoding = undefined>(
     command: string,
-    options: RunOptions = {},
-  ): Promise<CommandResult<string> | CommandResult<Buffer>> {
+    options?: RunOptions & { encoding?: E },
+  ): Promise<RunResult<E>> {
     const ch = await this.channel();
     return explain(this.rt, () => ch.run(command, options));
   }

@@ -145,9 +145,9 @@ describe("exec semantics", () => {
 
   it("runs argv directly with env and cwd, and reports a missing program", async () => {
     await using ch = agent.channel();
-    const r = await ch.exec(["/bin/sh", "-c", 'echo "$X" && pwd'], { env: { X: "y z" }, cwd: work });
+    const r = await ch.runArgv(["/bin/sh", "-c", 'echo "$X" && pwd'], { env: { X: "y z" }, cwd: work });
     expect(r.stdout).toBe(`y z\n${work}\n`);
-    const err = await ch.exec(["/nonexistent/program"]).catch((e) => e);
+    const err = await ch.runArgv(["/nonexistent/program"]).catch((e) => e);
     expect(err).toBeInstanceOf(SmolVMError);
     expect(err.code).toBe("GUEST_SPAWN_FAILED");
     expect(err.details.errno).toBe(2);
