@@ -1,8 +1,8 @@
 // The shared pieces one module each owns: the port check, the connection-error base, a
 // timeout's partial result, the two option spellings of SSHClient/SSHSupervisor, and the
 // by-name exports of smolvm/ssh.
-import { describe, expect, it } from "vitest";
-import { CommandResult, emptyResult } from "../../src/command.js";
+import { describe, expect, expectTypeOf, it } from "vitest";
+import { CommandResult, emptyResult, type Runner, type RunOptions } from "../../src/command.js";
 import { Deadline } from "../../src/common/deadline.js";
 import { isPort, validatePort } from "../../src/common/port.js";
 import {
@@ -198,5 +198,23 @@ describe("one reconnect loop (SSHClient and SSHSupervisor)", () => {
     });
     setTimeout(() => ac.abort(new Error("closed")), 20);
     await expect(p).rejects.toThrow("closed");
+  });
+});
+
+describe("the runner contract", () => {
+  it("types every runner's result by the encoding, also when the options hold callbacks", () => {
+    // Compile-time checks (tsc runs over the tests); the runner itself is never called.
+    const runner = {} as Runner;
+    expectTypeOf<ReturnType<typeof use>>().toEqualTypeOf<
+      Promise<[Buffer, string, string, string | Buffer]>
+    >();
+    async function use(o: RunOptions) {
+      const b = (await runner.run("x", { encoding: "buffer", onStdout: (d) => d.length })).stdout;
+      const s = (await runner.run("x", { shell: "raw", onStderr: (d) => d.length })).stdout;
+      const d = (await runner.run("x")).stdout;
+      const u = (await runner.run("x", o)).stdout;
+      return [b, s, d, u] as [typeof b, typeof s, typeof d, typeof u];
+    }
+    expect(typeof use).toBe("function");
   });
 });
