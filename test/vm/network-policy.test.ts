@@ -7,7 +7,7 @@
 import { execFile } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { createServer, type Server } from "node:http";
-import { networkInterfaces, tmpdir } from "node:os";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -15,6 +15,7 @@ import { ValidationError } from "../../src/errors.js";
 import { cgroup2Mount, tableName } from "../../src/vm/network/firewall.js";
 import type { NetworkPolicy } from "../../src/vm/network/policy.js";
 import { SmolVM } from "../../src/vm/smolvm.js";
+import { guestHttp, guestLookup, hostAddresses, listen } from "../fixtures/guest-net.js";
 import { httpGet } from "../fixtures/http-get.js";
 import { createTestHosts, type TestHosts } from "../fixtures/test-hosts.js";
 
@@ -23,33 +24,8 @@ const CLI = join(import.meta.dirname, "../../src/cli/smolvm.ts");
 const ALLOWED_IP = "198.51.100.10";
 const DENIED_IP = "203.0.113.10";
 
-/** One HTTP/1.0 request from the guest with busybox nc; the response, or "" when refused. */
-async function guestHttp(vm: SmolVM, target: string, host: string, port = 80): Promise<string> {
-  const r = await vm.run(
-    `printf 'GET / HTTP/1.0\\r\\nHost: ${host}\\r\\n\\r\\n' | nc -w 5 ${target} ${port} 2>/dev/null; true`,
-    { timeoutMs: 30_000 },
-  );
-  return r.stdout;
-}
-
-async function guestLookup(vm: SmolVM, name: string): Promise<string> {
-  return (await vm.run(`nslookup ${name} 2>&1; true`, { timeoutMs: 30_000 })).stdout;
-}
-
 async function nftTables(): Promise<string> {
   return (await pexec("nft", ["list", "tables"])).stdout;
-}
-
-function hostAddresses(): string[] {
-  return Object.values(networkInterfaces())
-    .flat()
-    .filter((a) => a && a.family === "IPv4" && !a.internal)
-    .map((a) => a!.address);
-}
-
-async function listen(server: Server, host: string): Promise<number> {
-  await new Promise<void>((r) => server.listen(0, host, r));
-  return (server.address() as { port: number }).port;
 }
 
 describe("network policy on real microVMs", () => {

@@ -22,7 +22,7 @@ import {
   statSync,
 } from "node:fs";
 import { createServer, type Server } from "node:http";
-import { networkInterfaces, tmpdir } from "node:os";
+import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -30,6 +30,7 @@ import { cacheDir } from "../../src/common/paths.js";
 import { ensureImage } from "../../src/image/index.js";
 import { networkMechanisms } from "../../src/vm/network/firewall.js";
 import type { NetworkLogEntry } from "../../src/vm/network/policy.js";
+import { hostAddresses, listen } from "../fixtures/guest-net.js";
 import { createTestHosts, type TestHosts } from "../fixtures/test-hosts.js";
 import { processesUnder } from "../global-setup.js";
 
@@ -91,18 +92,6 @@ function processes(uid?: number): { pid: number; netns: string; args: string }[]
     }
   }
   return out;
-}
-
-function hostAddresses(): string[] {
-  return Object.values(networkInterfaces())
-    .flat()
-    .filter((a) => a && a.family === "IPv4" && !a.internal)
-    .map((a) => a!.address);
-}
-
-async function listen(server: Server, host: string): Promise<number> {
-  await new Promise<void>((r) => server.listen(0, host, r));
-  return (server.address() as { port: number }).port;
 }
 
 describe("network policy without root (QEMU in its own user + network namespace)", () => {
