@@ -143,16 +143,12 @@ void set_terminal(stream_t *s, uint8_t type, const void *payload, size_t len) {
 }
 
 void set_error(stream_t *s, uint16_t code, int err, const char *fmt, ...) {
-  uint8_t buf[6 + 1024];
-  put16(buf, code);
-  put32(buf + 2, (uint32_t)err);
+  uint8_t buf[ERROR_PAYLOAD_MAX];
   va_list ap;
   va_start(ap, fmt);
-  int n = vsnprintf((char *)buf + 6, 1024, fmt, ap);
+  size_t len = error_payload(buf, code, err, fmt, ap);
   va_end(ap);
-  if (n < 0) n = 0;
-  if (n > 1023) n = 1023;
-  set_terminal(s, T_ERROR, buf, 6 + (size_t)n);
+  set_terminal(s, T_ERROR, buf, len);
 }
 
 void drop_all_streams(void) {

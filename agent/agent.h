@@ -7,6 +7,7 @@
  */
 #ifndef SMOLVM_AGENT_H
 #define SMOLVM_AGENT_H
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <poll.h>
@@ -158,6 +159,9 @@ size_t out_used(void);
 uint8_t *out_reserve(size_t len);
 void out_commit(uint8_t *p, uint8_t type, uint16_t flags, uint32_t stream, size_t len);
 int send_frame(uint8_t type, uint16_t flags, uint32_t stream, const void *payload, size_t len);
+/* An ERROR payload (code, errno, message of at most 1023 bytes); returns its length. */
+#define ERROR_PAYLOAD_MAX (6 + 1024)
+size_t error_payload(uint8_t buf[ERROR_PAYLOAD_MAX], uint16_t code, int err, const char *fmt, va_list ap);
 void send_error(uint32_t stream, uint16_t code, int err, const char *fmt, ...);
 size_t put_field(uint8_t *p, uint8_t tag, const void *v, size_t len);
 int parse_fields(const uint8_t *p, uint32_t len, int *count);

@@ -53,17 +53,22 @@ int send_frame(uint8_t type, uint16_t flags, uint32_t stream, const void *payloa
   return 0;
 }
 
-void send_error(uint32_t stream, uint16_t code, int err, const char *fmt, ...) {
-  uint8_t buf[6 + 1024];
+size_t error_payload(uint8_t buf[ERROR_PAYLOAD_MAX], uint16_t code, int err, const char *fmt, va_list ap) {
   put16(buf, code);
   put32(buf + 2, (uint32_t)err);
+  int n = vsnprintf((char *)buf + 6, ERROR_PAYLOAD_MAX - 6, fmt, ap);
+  if (n < 0) n = 0;
+  if (n > ERROR_PAYLOAD_MAX - 7) n = ERROR_PAYLOAD_MAX - 7;
+  return 6 + (size_t)n;
+}
+
+void send_error(uint32_t stream, uint16_t code, int err, const char *fmt, ...) {
+  uint8_t buf[ERROR_PAYLOAD_MAX];
   va_list ap;
   va_start(ap, fmt);
-  int n = vsnprintf((char *)buf + 6, 1024, fmt, ap);
+  size_t len = error_payload(buf, code, err, fmt, ap);
   va_end(ap);
-  if (n < 0) n = 0;
-  if (n > 1023) n = 1023;
-  send_frame(T_ERROR, 0, stream, buf, 6 + (size_t)n);
+  send_frame(T_ERROR, 0, stream, buf, len);
 }
 
 /* ------------------------------------------------------------------ request fields */
