@@ -6,7 +6,6 @@
  */
 import { execFile } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
-import { createServer, type Server } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -15,7 +14,13 @@ import { ValidationError } from "../../src/errors.js";
 import { cgroup2Mount, tableName } from "../../src/vm/network/firewall.js";
 import type { NetworkPolicy } from "../../src/vm/network/policy.js";
 import { SmolVM } from "../../src/vm/smolvm.js";
-import { guestHttp, guestLookup, hostAddresses, listen } from "../fixtures/guest-net.js";
+import {
+  guestHttp,
+  guestLookup,
+  type HostServices,
+  hostAddresses,
+  startHostServices,
+} from "../fixtures/guest-net.js";
 import { httpGet } from "../fixtures/http-get.js";
 import { createTestHosts, type TestHosts } from "../fixtures/test-hosts.js";
 
@@ -32,11 +37,7 @@ describe("network policy on real microVMs", () => {
   let dataDir: string;
   let hosts: TestHosts;
   let vm: SmolVM;
-  let loopback: Server;
-  let wildcard: Server;
-  let loopbackPort: number;
-  let wildcardPort: number;
-  const hostHits: string[] = [];
+  let host: HostServices;
 
   beforeAll(async () => {
     dataDir = mkdtempSync(join(tmpdir(), "smolvm-netpolicy-"));
@@ -44,23 +45,13 @@ describe("network policy on real microVMs", () => {
       ["allowed.test", ALLOWED_IP],
       ["denied.test", DENIED_IP],
     ]);
-    loopback = createServer((req, res) => {
-      hostHits.push(`loopback ${req.url}`);
-      res.end("host-loopback-secret\n");
-    });
-    wildcard = createServer((req, res) => {
-      hostHits.push(`wildcard ${req.url}`);
-      res.end("host-wildcard-secret\n");
-    });
-    loopbackPort = await listen(loopback, "127.0.0.1");
-    wildcardPort = await listen(wildcard, "0.0.0.0");
+    host = await startHostServices();
     vm = await SmolVM.create({ dataDir, network: { allow: ["allowed.test"] } });
   }, 240_000);
 
   afterAll(async () => {
     await vm?.delete();
-    loopback?.close();
-    wildcard?.close();
+    host?.close();
     hosts?.cleanup();
     rmSync(dataDir, { recursive: true, force: true });
   });
@@ -107,20 +98,20 @@ describe("network policy on real microVMs", () => {
     const policies: NetworkPolicy[] = [{ allow: ["allowed.test", "0.0.0.0/0"] }, "public"];
     for (const policy of policies) {
       await vm.setNetwork(policy);
-      expect(await guestHttp(vm, "10.0.2.2", "localhost", loopbackPort)).toBe("");
-      expect(await guestHttp(vm, "10.0.2.2", "localhost", wildcardPort)).toBe("");
-      for (const ip of hostAddresses()) expect(await guestHttp(vm, ip, ip, wildcardPort)).toBe("");
+      expect(await guestHttp(vm, "10.0.2.2", "localhost", host.loopbackPort)).toBe("");
+      expect(await guestHttp(vm, "10.0.2.2", "localhost", host.wildcardPort)).toBe("");
+      for (const ip of hostAddresses()) expect(await guestHttp(vm, ip, ip, host.wildcardPort)).toBe("");
       expect(await guestHttp(vm, "169.254.169.254", "169.254.169.254")).toBe("");
     }
-    expect(hostHits).toEqual([]);
+    expect(host.hits).toEqual([]);
     const log = await vm.networkLog({ limit: 100 });
     expect(
       log.some((e) => e.ip === "169.254.169.254" && e.verdict === "deny" && e.rule === "public:link-local"),
     ).toBe(true);
-    expect(log.some((e) => e.port === loopbackPort && e.verdict === "deny")).toBe(true);
-    expect(log.filter((e) => e.verdict === "allow" && [loopbackPort, wildcardPort].includes(e.port))).toEqual(
-      [],
-    );
+    expect(log.some((e) => e.port === host.loopbackPort && e.verdict === "deny")).toBe(true);
+    expect(
+      log.filter((e) => e.verdict === "allow" && [host.loopbackPort, host.wildcardPort].includes(e.port)),
+    ).toEqual([]);
   });
 
   it("a network command can be the very first command after create(), cold or from the template", async () => {

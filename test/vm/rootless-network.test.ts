@@ -21,7 +21,6 @@ import {
   rmSync,
   statSync,
 } from "node:fs";
-import { createServer, type Server } from "node:http";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { promisify } from "node:util";
@@ -30,7 +29,7 @@ import { cacheDir } from "../../src/common/paths.js";
 import { ensureImage } from "../../src/image/index.js";
 import { networkMechanisms } from "../../src/vm/network/firewall.js";
 import type { NetworkLogEntry } from "../../src/vm/network/policy.js";
-import { hostAddresses, listen } from "../fixtures/guest-net.js";
+import { type HostServices, hostAddresses, startHostServices } from "../fixtures/guest-net.js";
 import { createTestHosts, type TestHosts } from "../fixtures/test-hosts.js";
 import { processesUnder } from "../global-setup.js";
 
@@ -97,12 +96,8 @@ function processes(uid?: number): { pid: number; netns: string; args: string }[]
 describe("network policy without root (QEMU in its own user + network namespace)", () => {
   let dir: string;
   let hosts: TestHosts;
-  let loopback: Server;
-  let wildcard: Server;
-  let loopbackPort: number;
-  let wildcardPort: number;
+  let host: HostServices;
   let ids: { uid: number; gid: number };
-  const hostHits: string[] = [];
 
   beforeAll(async () => {
     ids = userIds();
@@ -127,21 +122,11 @@ describe("network policy without root (QEMU in its own user + network namespace)
       ["allowed.test", ALLOWED_IP],
       ["denied.test", DENIED_IP],
     ]);
-    loopback = createServer((req, res) => {
-      hostHits.push(`loopback ${req.url}`);
-      res.end("host-loopback-secret\n");
-    });
-    wildcard = createServer((req, res) => {
-      hostHits.push(`wildcard ${req.url}`);
-      res.end("host-wildcard-secret\n");
-    });
-    loopbackPort = await listen(loopback, "127.0.0.1");
-    wildcardPort = await listen(wildcard, "0.0.0.0");
+    host = await startHostServices();
   }, 120_000);
 
   afterAll(() => {
-    loopback?.close();
-    wildcard?.close();
+    host?.close();
     hosts?.cleanup();
     if (dir) {
       for (const p of processesUnder(dir)) {
@@ -171,8 +156,8 @@ describe("network policy without root (QEMU in its own user + network namespace)
           SMOLVM_DATA_DIR: join(dir, "data"),
           SMOLVM_CACHE_DIR: join(dir, "cache"),
           ROOTLESS_CHECK: JSON.stringify({
-            loopbackPort,
-            wildcardPort,
+            loopbackPort: host.loopbackPort,
+            wildcardPort: host.wildcardPort,
             hostAddrs: hostAddresses(),
             allowedIp: ALLOWED_IP,
           }),
@@ -194,7 +179,7 @@ describe("network policy without root (QEMU in its own user + network namespace)
     const publicLog = r.publicLog as NetworkLogEntry[];
     expect(publicLog.some((e) => e.ip === "169.254.169.254" && e.rule === "public:link-local")).toBe(true);
     expect(
-      publicLog.some((e) => e.ip === "127.0.0.1" && e.port === loopbackPort && e.verdict === "deny"),
+      publicLog.some((e) => e.ip === "127.0.0.1" && e.port === host.loopbackPort && e.verdict === "deny"),
     ).toBe(true);
 
     // The allow-list.
@@ -225,7 +210,7 @@ describe("network policy without root (QEMU in its own user + network namespace)
       verdict: "deny",
       rule: "none",
     });
-    expect(hostHits).toEqual([]);
+    expect(host.hits).toEqual([]);
 
     // After delete(): no QEMU, daemon or relay of the user's, and so no namespace of theirs.
     expect(processes(ids.uid).map((p) => p.args)).toEqual([]);
