@@ -12,7 +12,14 @@ import { validateEnv } from "../command.js";
 import { Deadline } from "../common/deadline.js";
 import { dataDir as defaultDataDir } from "../common/paths.js";
 import { ValidationError } from "../errors.js";
-import { composeInitrd, ensureClientKey, ensureImage, generateHostKey } from "../image/index.js";
+import {
+  type ClientKey,
+  composeInitrd,
+  ensureClientKey,
+  ensureImage,
+  generateHostKey,
+  type HostKey,
+} from "../image/index.js";
 import { detectAccelerator, findQemu, qemuVersion } from "./accel.js";
 import { bootFromSnapshot, bootOrFallBack, reportAccel } from "./boot.js";
 import { isAgentChoice, noAgentError } from "./channel-selector.js";
@@ -72,7 +79,7 @@ export async function createVm(options: SmolVMCreateOptions): Promise<VmRuntime>
       }
       if (meta) {
         store.close();
-        const rt = await restoreVm(base, dir, meta, opts, "template", deadline);
+        const rt = await restoreVm(base, dir, meta, opts, "template", deadline, { clientKey, hostKey });
         if (rt.bootTimings) rt.bootTimings.totalMs = Math.round(performance.now() - t0);
         return rt;
       }
@@ -210,18 +217,22 @@ async function restoreVm(
   o: FromSnapshotOptions & { labels?: Record<string, string>; ttlMs?: number },
   source: "snapshot" | "template",
   deadline: Deadline,
+  keys?: { clientKey: ClientKey; hostKey: HostKey },
 ): Promise<VmRuntime> {
   const t0 = performance.now();
   const store = VmStore.open(base);
   let rt: VmRuntime | undefined;
   try {
     deadline.phase = "restoring the VM";
-    const [clientKey, hostKey] = await deadline.race(
-      Promise.all([
-        ensureClientKey(base, { signal: deadline.signal }),
-        generateHostKey({ signal: deadline.signal }),
-      ]),
-    );
+    // create() made both already, beside the image check: a key is not made twice.
+    const [clientKey, hostKey] = keys
+      ? [keys.clientKey, keys.hostKey]
+      : await deadline.race(
+          Promise.all([
+            ensureClientKey(base, { signal: deadline.signal }),
+            generateHostKey({ signal: deadline.signal }),
+          ]),
+        );
     const id = newVmId();
     const name = o.name ?? id;
     const vmDir = join(base, "vms", id);
