@@ -15,7 +15,7 @@ import type { ImageManifest } from "../image/index.js";
 import { type AccelVerdict, recordAccelVerdict } from "./accel.js";
 import { type CrashReport, CrashWatch } from "./crash-watch.js";
 import { untilCrash } from "./guard.js";
-import { prepareVmNetwork, startNetworkDaemon, teardownVmNetwork } from "./network/host.js";
+import { networkPrepared, prepareVmNetwork, startNetworkDaemon, teardownVmNetwork } from "./network/host.js";
 import { isQemuAlive, type LaunchedQemu, launchQemu } from "./process.js";
 import { becomeItself, launchBase, type NewIdentity, overlayFor, vmInitrd } from "./provision.js";
 import { buildQemuArgv, type VmLaunchSpec } from "./qemu.js";
@@ -260,7 +260,7 @@ async function launchWithPolicy(
 ): Promise<{ launched: LaunchedQemu; networkReady: Promise<void> }> {
   const dir = rt.record.vmDir;
   // A daemon left from a QEMU that just died would otherwise outlive it into this boot.
-  await teardownVmNetwork(dir, rt.id);
+  if (networkPrepared(dir)) await teardownVmNetwork(dir, rt.id);
   rt.reload();
   const net = prepareVmNetwork(dir, rt.id, rt.config.network ?? "public");
   const daemon = startNetworkDaemon(dir, rt.id, {

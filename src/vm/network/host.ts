@@ -6,7 +6,7 @@
  * and teardown once QEMU is gone.
  */
 import { spawn } from "node:child_process";
-import { closeSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, existsSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { connect } from "node:net";
 import { join } from "node:path";
@@ -57,17 +57,28 @@ export function prepareVmNetwork(vmDir: string, vmId: string, policy: NetworkPol
     );
   }
   const files = networkFiles(vmDir);
+  // Written first: a VM directory without it has never had anything to tear down (see
+  // networkPrepared).
   if (m.mechanism === "userns-nftables-proxy") {
+    writeFileSync(files.policy, JSON.stringify({ policy, mechanism: "userns" }), { mode: 0o600 });
     rmSync(files.netnsPid, { force: true });
     writeFileSync(files.netnsRules, renderNetnsRuleset(), { mode: 0o600 });
-    writeFileSync(files.policy, JSON.stringify({ policy, mechanism: "userns" }), { mode: 0o600 });
     return { launch: { wrap: netnsWrap(files.netnsRules, files.netnsPid) } };
   }
+  writeFileSync(files.policy, JSON.stringify({ policy, mechanism: "cgroup" }), { mode: 0o600 });
   const cg = vmCgroup(vmId);
   createCgroup(cg);
   applyRuleset(renderRuleset(vmId, cg));
-  writeFileSync(files.policy, JSON.stringify({ policy, mechanism: "cgroup" }), { mode: 0o600 });
   return { launch: { cgroupProcs: join(cg.dir, "cgroup.procs") } };
+}
+
+/**
+ * Whether prepareVmNetwork ever ran for this VM directory. When it did not (a VM's first start),
+ * there is no daemon, cgroup or table to tear down, and the nft and cgroup calls that would find
+ * that out are saved.
+ */
+export function networkPrepared(vmDir: string): boolean {
+  return existsSync(networkFiles(vmDir).policy);
 }
 
 /**
