@@ -214,7 +214,8 @@ export async function bootFromSnapshot(
     spec.rootfsPath = overlay;
   }
   const t0 = performance.now();
-  const { launched, networkReady } = await launchWithPolicy(rt, spec, deadline);
+  const { launched, networkReady } = await launchWithPolicy(rt, spec, deadline, true);
+  const qmp = launched.qmp!;
   const qemuStartMs = performance.now() - t0;
   rt.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
   const watch = new CrashWatch({ pid: launched.pid, files: rt.paths, accel }, false);
@@ -225,8 +226,13 @@ export async function bootFromSnapshot(
         deadline.phase = "loading the snapshot";
         // Connected before the devices load: the port's "host connected" state then matches
         // the snapshot's, so the guest agent sees no hang-up and answers the HELLO at once.
-        rt.channels.pendingAgentSocket = await connectUnix(rt.paths.agentSocket, deadline.signal);
-        await restoreFrom(rt.paths.qmpSocket, f.state, !ramInState, deadline);
+        try {
+          rt.channels.pendingAgentSocket = await connectUnix(rt.paths.agentSocket, deadline.signal);
+        } catch (e) {
+          await qmp.close();
+          throw e;
+        }
+        await restoreFrom(qmp, f.state, !ramInState, deadline);
         deadline.phase = "giving the VM its own identity";
         await becomeItself(rt, deadline, id);
       })(),
@@ -257,6 +263,7 @@ async function launchWithPolicy(
   rt: VmRuntime,
   spec: VmLaunchSpec,
   deadline: Deadline,
+  keepQmp = false,
 ): Promise<{ launched: LaunchedQemu; networkReady: Promise<void> }> {
   const dir = rt.record.vmDir;
   // A daemon left from a QEMU that just died would otherwise outlive it into this boot.
@@ -273,6 +280,7 @@ async function launchWithPolicy(
     launched = await launchQemu(spec, {
       timeoutMs: deadline.remaining(30_000),
       signal: deadline.signal,
+      keepQmp,
       ...net.launch,
     });
   } catch (e) {

@@ -30,24 +30,29 @@ export interface LaunchOptions {
    * namespace launcher, network/netns.ts). The prefix must exec QEMU, so that the pid stays QEMU's.
    */
   wrap?: { argv: string[]; env: NodeJS.ProcessEnv };
+  /**
+   * Hand the QMP connection that proved the monitor up to the caller (LaunchedQemu.qmp), who
+   * then closes it: a restore goes on on it rather than connecting and greeting again.
+   */
+  keepQmp?: boolean;
 }
 
 export interface LaunchedQemu {
   pid: number;
   argv: string[];
   logPath: string;
+  /** With LaunchOptions.keepQmp: the open, negotiated QMP connection (the caller closes it). */
+  qmp?: QmpClient;
 }
 
-/** Connects and greets once, to prove the monitor is up. */
-async function qmpAnswers(path: string, signal: AbortSignal): Promise<boolean> {
+/** Connects and greets once, to prove the monitor is up; the connection, or undefined. */
+async function qmpAnswers(path: string, signal: AbortSignal): Promise<QmpClient | undefined> {
   try {
-    const c = await QmpClient.connect(path, { timeoutMs: 2_000, signal });
-    await c.close();
-    return true;
+    return await QmpClient.connect(path, { timeoutMs: 2_000, signal });
   } catch (e) {
     if (signal.aborted) throw signal.reason;
     void e;
-    return false;
+    return undefined;
   }
 }
 
@@ -164,19 +169,25 @@ export async function launchQemu(spec: VmLaunchSpec, options: LaunchOptions = {}
         { details: { vm: spec.name, qemuLogTail: log } },
       );
     }
-    if (!(await qmpAnswers(spec.qmpSocketPath, deadline.signal))) {
+    const qmp = await qmpAnswers(spec.qmpSocketPath, deadline.signal);
+    if (!qmp) {
       if (exited) await fail(`exited during start (${exited.signal ?? `code ${exited.code}`})`);
       killQuietly(child.pid);
-      await fail("opened its monitor but QMP did not answer");
+      return await fail("opened its monitor but QMP did not answer");
     }
-    if (spec.agentSocketPath) await chmod(spec.agentSocketPath, 0o600);
-    const pid = child.pid!;
-    // The vCPUs start after the monitor: with a broken KVM QEMU dies right here, not later.
-    if (spec.accel === "kvm") {
-      await sleep(200, deadline.signal);
-      if (exited) await fail(`exited right after start (${exited.signal ?? `code ${exited.code}`})`);
+    try {
+      if (spec.agentSocketPath) await chmod(spec.agentSocketPath, 0o600);
+      // The vCPUs start after the monitor: with a broken KVM QEMU dies right here, not later.
+      if (spec.accel === "kvm") {
+        await sleep(200, deadline.signal);
+        if (exited) await fail(`exited right after start (${exited.signal ?? `code ${exited.code}`})`);
+      }
+    } catch (e) {
+      await qmp.close();
+      throw e;
     }
-    return { pid, argv, logPath };
+    if (!options.keepQmp) await qmp.close();
+    return { pid: child.pid!, argv, logPath, ...(options.keepQmp ? { qmp } : {}) };
   } catch (e) {
     if (!exited && child.pid) {
       killQuietly(child.pid);

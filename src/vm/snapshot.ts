@@ -182,17 +182,16 @@ export async function captureInto(
   }
 }
 
-/** After QEMU was started with `-incoming defer`: loads the device state and runs the guest. */
+/**
+ * After QEMU was started with `-incoming defer`: loads the device state and runs the guest, on
+ * the QMP connection launchQemu kept (closed here).
+ */
 export async function restoreFrom(
-  qmpSocket: string,
+  qmp: QmpClient,
   stateFile: string,
   ramInFile: boolean,
   deadline: Deadline,
 ): Promise<void> {
-  const qmp = await QmpClient.connect(qmpSocket, {
-    timeoutMs: deadline.remaining(5_000),
-    signal: deadline.signal,
-  });
   try {
     await qmp.execute(
       "migrate-set-capabilities",
