@@ -231,7 +231,8 @@ export async function becomeItself(rt: VmRuntime, deadline: Deadline, id: NewIde
     { mode: 0o600 },
   );
   configCpio.catch(() => {});
-  await agent.waitReady({ timeoutMs: deadline.remaining(), signal: deadline.signal });
+  // No ping first: the agent socket was connected before the devices loaded (bootFromSnapshot),
+  // and the IDENTITY request opens the session itself, one round trip sooner.
   await setIdentity(
     agent,
     {
