@@ -269,7 +269,7 @@ async function launchWithPolicy(
   // A daemon left from a QEMU that just died would otherwise outlive it into this boot.
   if (networkPrepared(dir)) await teardownVmNetwork(dir, rt.id);
   rt.reload();
-  const net = prepareVmNetwork(dir, rt.id, rt.config.network ?? "public");
+  const net = await prepareVmNetwork(dir, rt.id, rt.config.network ?? "public");
   const daemon = startNetworkDaemon(dir, rt.id, {
     timeoutMs: deadline.remaining(30_000),
     signal: deadline.signal,

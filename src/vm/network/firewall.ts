@@ -6,7 +6,7 @@
  * opened to the guest (SSH, exposeLocal forwards) pass. The guest cannot change any of it: it is
  * host kernel state keyed on the QEMU process, outside the VM.
  */
-import { spawnSync } from "node:child_process";
+import { execFile, spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from "node:fs";
 import { join, relative } from "node:path";
 import { HostDependencyError } from "../../errors.js";
@@ -168,25 +168,43 @@ ${nat}  chain out {
 `;
 }
 
+const NFT_OPTIONS = {
+  timeout: 10_000,
+  env: { ...process.env, PATH: `${process.env.PATH ?? "/usr/bin:/bin"}:/usr/sbin:/sbin` },
+};
+
 function runNft(args: string[], input?: string): { ok: boolean; err: string } {
-  const r = spawnSync("nft", args, {
-    input,
-    encoding: "utf8",
-    timeout: 10_000,
-    env: { ...process.env, PATH: `${process.env.PATH ?? "/usr/bin:/bin"}:/usr/sbin:/sbin` },
-  });
+  const r = spawnSync("nft", args, { ...NFT_OPTIONS, input, encoding: "utf8" });
   if (r.error) return { ok: false, err: String((r.error as Error).message) };
   return { ok: r.status === 0, err: (r.stderr ?? "").trim() };
 }
 
+/** runNft without blocking the event loop: several VMs starting at once apply theirs in parallel. */
+function runNftAsync(args: string[], input: string): Promise<{ ok: boolean; err: string }> {
+  return new Promise((resolve) => {
+    const child = execFile("nft", args, NFT_OPTIONS, (error, _stdout, stderr) =>
+      resolve({ ok: !error, err: (String(stderr).trim() || error?.message) ?? "" }),
+    );
+    child.stdin?.end(input);
+  });
+}
+
+function rulesetRefused(err: string): HostDependencyError {
+  return new HostDependencyError(
+    `nftables refused the VM's network rules (${err.split("\n").slice(-3).join(" | ")}): network policies need root (CAP_NET_ADMIN) and the Debian package nftables (apt-get install nftables).`,
+    { code: "NETWORK_POLICY_UNAVAILABLE" },
+  );
+}
+
 export function applyRuleset(text: string): void {
   const r = runNft(["-f", "-"], text);
-  if (!r.ok) {
-    throw new HostDependencyError(
-      `nftables refused the VM's network rules (${r.err.split("\n").slice(-3).join(" | ")}): network policies need root (CAP_NET_ADMIN) and the Debian package nftables (apt-get install nftables).`,
-      { code: "NETWORK_POLICY_UNAVAILABLE" },
-    );
-  }
+  if (!r.ok) throw rulesetRefused(r.err);
+}
+
+/** applyRuleset, for the SDK's path before QEMU starts (see runNftAsync). */
+export async function applyRulesetAsync(text: string): Promise<void> {
+  const r = await runNftAsync(["-f", "-"], text);
+  if (!r.ok) throw rulesetRefused(r.err);
 }
 
 /** Deletes the VM's table (a no-op when it is gone). */

@@ -15,7 +15,7 @@ import { HostDependencyError, SmolVMError, VMStateError } from "../../errors.js"
 import { daemonArgv } from "./daemon-bundle.js";
 import { networkFiles } from "./files.js";
 import {
-  applyRuleset,
+  applyRulesetAsync,
   cgroupEmpty,
   createCgroup,
   networkMechanisms,
@@ -48,7 +48,11 @@ function mechanismOf(vmDir: string): "cgroup" | "userns" {
  * QEMU's sockets in it start; rootless, writes the rules QEMU's namespace is born with (nothing
  * leaves it but through the daemon). Call before QEMU is spawned.
  */
-export function prepareVmNetwork(vmDir: string, vmId: string, policy: NetworkPolicy): PreparedNetwork {
+export async function prepareVmNetwork(
+  vmDir: string,
+  vmId: string,
+  policy: NetworkPolicy,
+): Promise<PreparedNetwork> {
   const m = networkMechanisms();
   if (!m.mechanism) {
     throw new HostDependencyError(
@@ -68,7 +72,7 @@ export function prepareVmNetwork(vmDir: string, vmId: string, policy: NetworkPol
   writeFileSync(files.policy, JSON.stringify({ policy, mechanism: "cgroup" }), { mode: 0o600 });
   const cg = vmCgroup(vmId);
   createCgroup(cg);
-  applyRuleset(renderRuleset(vmId, cg));
+  await applyRulesetAsync(renderRuleset(vmId, cg));
   return { launch: { cgroupProcs: join(cg.dir, "cgroup.procs") } };
 }
 
