@@ -3,9 +3,8 @@
  * host keys, generated on the host so the runtime can pin the fingerprint before first contact.
  */
 
-import { createHash } from "node:crypto";
+import { createHash, generateKeyPairSync, randomBytes } from "node:crypto";
 import { chmod, link, mkdir, mkdtemp, readFile, rename, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ensureDataDir } from "../common/data-dir.js";
 import { dataDir as defaultDataDir, keysDir } from "../common/paths.js";
@@ -88,19 +87,49 @@ export async function ensureClientKey(
   return { privateKeyPath, publicKey };
 }
 
-/** A fresh ed25519 host key for one VM; the private key never touches disk outside a 0700 temp dir. */
+/** An SSH wire-format string: u32 length, then the bytes. */
+function sshString(b: Buffer | string): Buffer {
+  const data = typeof b === "string" ? Buffer.from(b) : b;
+  const len = Buffer.alloc(4);
+  len.writeUInt32BE(data.length);
+  return Buffer.concat([len, data]);
+}
+
+/**
+ * A fresh ed25519 host key for one VM, made in this process (no ssh-keygen run on every VM's
+ * path) and written in OpenSSH's own unencrypted format (PROTOCOL.key), which sshd loads; the
+ * private key never touches the host's disk.
+ */
 export async function generateHostKey(options: { signal?: AbortSignal } = {}): Promise<HostKey> {
-  const dir = await mkdtemp(join(tmpdir(), "smolvm-hostkey-"));
-  try {
-    await chmod(dir, 0o700);
-    const key = join(dir, "key");
-    await keygen(key, "smolvm-host", options.signal);
-    const privateKeyPem = await readFile(key, "utf8");
-    const publicKey = (await readFile(`${key}.pub`, "utf8")).trim();
-    return { privateKeyPem, publicKey, fingerprint: publicKeyFingerprint(publicKey) };
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
+  options.signal?.throwIfAborted();
+  const { privateKey } = generateKeyPairSync("ed25519");
+  const jwk = privateKey.export({ format: "jwk" });
+  const pub = Buffer.from(jwk.x!, "base64url");
+  const seed = Buffer.from(jwk.d!, "base64url");
+  const type = "ssh-ed25519";
+  const pubBlob = Buffer.concat([sshString(type), sshString(pub)]);
+  const check = randomBytes(4);
+  const parts = [check, check, pubBlob, sshString(Buffer.concat([seed, pub])), sshString("smolvm-host")];
+  let priv = Buffer.concat(parts);
+  // Padded with 1, 2, 3... to the cipher block size ("none": 8).
+  const pad = (8 - (priv.length % 8)) % 8;
+  priv = Buffer.concat([priv, Buffer.from(Array.from({ length: pad }, (_, i) => i + 1))]);
+  const nKeys = Buffer.alloc(4);
+  nKeys.writeUInt32BE(1);
+  const body = Buffer.concat([
+    Buffer.from("openssh-key-v1\0"),
+    sshString("none"),
+    sshString("none"),
+    sshString(""),
+    nKeys,
+    sshString(pubBlob),
+    sshString(priv),
+  ]);
+  const b64 = body.toString("base64").replace(/.{70}/g, "$&\n");
+  const privateKeyPem = `-----BEGIN OPENSSH PRIVATE KEY-----\n${b64.endsWith("\n") ? b64 : `${b64}\n`}-----END OPENSSH PRIVATE KEY-----\n`;
+  seed.fill(0);
+  const publicKey = `${type} ${pubBlob.toString("base64")} smolvm-host`;
+  return { privateKeyPem, publicKey, fingerprint: publicKeyFingerprint(publicKey) };
 }
 
 /** A known_hosts line pinning `hostKey` for `[host]:port` (what the runtime and tests use). */
