@@ -45,6 +45,14 @@ i=0; until /usr/sbin/sshd -E /var/log/sshd.log || [ $i -ge 100 ]; do sleep 0.1; 
 renice 0 -p "$(cat /run/sshd.pid)"
 read up _ < /proc/uptime; echo "smolvm: \${up%.*}\${up#*.}0 sshd-rekeyed" > /dev/console`;
 
+/**
+ * When commands go over the agent, sshd is re-keyed this many seconds after the restore rather
+ * than at once: its restart costs a guest under TCG about a third of a second of host CPU, which
+ * would otherwise compete with the first commands (of this VM, and of its siblings in a fork).
+ * Only SSH waits for it (waitForSsh() waits for the sshd-rekeyed milestone).
+ */
+const REKEY_SSHD_DELAY_S = 1;
+
 /** A new VM id. */
 export function newVmId(): string {
   return `vm-${randomBytes(6).toString("hex")}`;
@@ -208,7 +216,8 @@ export interface NewIdentity {
  * Every restored VM wakes with the snapshot's memory: before its first command it gets a new
  * agent secret (over the session the old one opened), host entropy and an immediate RNG
  * reseed, the host's clock, its hostname, its env file and a new SSH host key (sshd restarts
- * with it in the background; SSH users wait for that).
+ * with it in the background, a second later when SSH is not its channel; SSH users wait for
+ * that).
  */
 export async function becomeItself(rt: VmRuntime, deadline: Deadline, id: NewIdentity): Promise<void> {
   const agent = rt.channels.agent();
@@ -247,7 +256,7 @@ export async function becomeItself(rt: VmRuntime, deadline: Deadline, id: NewIde
         { path: "/etc/hostname", mode: 0o644, data: `${hostname}\n` },
         { path: "/etc/hosts", mode: 0o644, data: `127.0.0.1 localhost\n127.0.1.1 ${hostname}\n` },
       ],
-      run: REKEY_SSHD,
+      run: rt.channels.planned() === "ssh" ? REKEY_SSHD : `sleep ${REKEY_SSHD_DELAY_S}\n${REKEY_SSHD}`,
     },
     deadline,
   );
