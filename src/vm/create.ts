@@ -5,6 +5,7 @@
  * is deleted.
  */
 import { randomBytes } from "node:crypto";
+import { setMaxListeners } from "node:events";
 import { readFileSync } from "node:fs";
 import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
@@ -180,6 +181,9 @@ export async function forkVm(
     throw new ValidationError(`fork count must be an integer from 1 to 64, got ${String(options.count)}.`);
   }
   const deadline = new Deadline(options.timeoutMs ?? 120_000, options.signal, `forking VM ${rt.id}`);
+  // Every clone's restore waits on this one signal in several places at once: without this, Node
+  // prints a listener-leak warning to stderr for any fork of more than one.
+  setMaxListeners(Math.max(10, count * 10), deadline.signal);
   try {
     const meta = await captureSnapshot(
       rt,
