@@ -255,7 +255,7 @@ export async function bootFromSnapshot(
 
 /**
  * Starts QEMU inside the VM's network policy: its cgroup and a closed nftables table first, the
- * policy daemon beside QEMU (network/host.ts). `networkReady` settles once the daemon serves
+ * policy daemon once QEMU answers (network/host.ts). `networkReady` settles once the daemon serves
  * (QEMU is killed when it cannot: a guest never runs without its policy), so a caller overlaps
  * that start with the guest's own and awaits it before handing the VM out.
  */
@@ -270,11 +270,6 @@ async function launchWithPolicy(
   if (networkPrepared(dir)) await teardownVmNetwork(dir, rt.id);
   rt.reload();
   const net = await prepareVmNetwork(dir, rt.id, rt.config.network ?? "public");
-  const daemon = startNetworkDaemon(dir, rt.id, {
-    timeoutMs: deadline.remaining(30_000),
-    signal: deadline.signal,
-  });
-  daemon.catch(() => {});
   let launched: LaunchedQemu;
   try {
     launched = await launchQemu(spec, {
@@ -284,10 +279,15 @@ async function launchWithPolicy(
       ...net.launch,
     });
   } catch (e) {
-    await daemon.catch(() => {});
     await teardownVmNetwork(dir, rt.id);
     throw e;
   }
+  // Started once QEMU answers, not beside it: the two starts competed for the CPU, and QEMU's is
+  // on the path while the daemon's is not (the guest cannot get out before it is ready anyway).
+  const daemon = startNetworkDaemon(dir, rt.id, {
+    timeoutMs: deadline.remaining(30_000),
+    signal: deadline.signal,
+  });
   const networkReady = daemon.then(
     () => undefined,
     (e) => {
