@@ -12,9 +12,12 @@ import { decodeU64 } from "./agent-messages.js";
 import { encodeGet, encodePut, FrameType, MAX_PAYLOAD } from "./agent-protocol.js";
 import { bounded, request, type SessionSource } from "./agent-request.js";
 import { validateGuestPath } from "./guest-path.js";
-import type { CallOptions, GetFileOptions, PutFileOptions } from "./types.js";
-
-const FILE_TIMEOUT_MS = 300_000;
+import {
+  type CallOptions,
+  DEFAULT_FILE_TIMEOUT_MS,
+  type GetFileOptions,
+  type PutFileOptions,
+} from "./types.js";
 
 export type TransferTarget = { path: string } | { envFile: true };
 
@@ -99,7 +102,7 @@ export function getStream(
   );
 }
 
-/** A transfer under the caller's options: FILE_TIMEOUT_MS by default, local errors typed. */
+/** A transfer under the caller's options: DEFAULT_FILE_TIMEOUT_MS by default, local errors typed. */
 function transfer<T>(options: CallOptions, what: string, fn: (deadline: Deadline) => Promise<T>): Promise<T> {
   return bounded(
     options,
@@ -111,7 +114,7 @@ function transfer<T>(options: CallOptions, what: string, fn: (deadline: Deadline
         throw transferError(err, deadline);
       }
     },
-    FILE_TIMEOUT_MS,
+    DEFAULT_FILE_TIMEOUT_MS,
   );
 }
 

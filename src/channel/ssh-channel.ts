@@ -26,16 +26,16 @@ import {
   renderEnvFile,
 } from "./env-file.js";
 import { validateGuestPath } from "./guest-path.js";
-import type {
-  CallOptions,
-  CommandStream,
-  CommChannel,
-  GetFileOptions,
-  PutFileOptions,
-  StreamEvent,
+import {
+  type CallOptions,
+  type CommandStream,
+  type CommChannel,
+  DEFAULT_FILE_TIMEOUT_MS,
+  type GetFileOptions,
+  type PutFileOptions,
+  type StreamEvent,
 } from "./types.js";
 
-const FILE_TIMEOUT_MS = 300_000;
 /** Internal commands (mkdir, writing the env file) print next to nothing; keep at most this. */
 const INTERNAL_OUTPUT_MAX = 4096;
 
@@ -84,7 +84,11 @@ export class SshChannel implements CommChannel {
 
   async putFile(localPath: string, guestPath: string, options: PutFileOptions = {}): Promise<void> {
     validateGuestPath(guestPath);
-    const deadline = new Deadline(options.timeoutMs ?? FILE_TIMEOUT_MS, options.signal, "file upload");
+    const deadline = new Deadline(
+      options.timeoutMs ?? DEFAULT_FILE_TIMEOUT_MS,
+      options.signal,
+      "file upload",
+    );
     try {
       const conn = await this.client.connection({ signal: deadline.signal });
       if (options.mkdirs !== false) await this.mkdirs(posix.dirname(guestPath), deadline.signal);
@@ -100,7 +104,11 @@ export class SshChannel implements CommChannel {
 
   async getFile(guestPath: string, localPath: string, options: GetFileOptions = {}): Promise<void> {
     validateGuestPath(guestPath);
-    const deadline = new Deadline(options.timeoutMs ?? FILE_TIMEOUT_MS, options.signal, "file download");
+    const deadline = new Deadline(
+      options.timeoutMs ?? DEFAULT_FILE_TIMEOUT_MS,
+      options.signal,
+      "file download",
+    );
     try {
       const conn = await this.client.connection({ signal: deadline.signal });
       await getFile(conn, guestPath, localPath, {

@@ -7,6 +7,9 @@ import type { OutputChunk, Runner, RunOptions } from "../command.js";
 
 export type ChannelKind = "ssh" | "agent";
 
+/** How long a file transfer may take unless its `timeoutMs` says otherwise: 5 minutes. */
+export const DEFAULT_FILE_TIMEOUT_MS = 300_000;
+
 export interface CallOptions {
   timeoutMs?: number;
   signal?: AbortSignal;

@@ -23,7 +23,7 @@ import {
 import { MAX_PAYLOAD } from "../channel/agent-protocol.js";
 import { guestPathProblem, validateGuestPath } from "../channel/guest-path.js";
 import { SshChannel } from "../channel/ssh-channel.js";
-import type { CallOptions, CommChannel } from "../channel/types.js";
+import { type CallOptions, type CommChannel, DEFAULT_FILE_TIMEOUT_MS } from "../channel/types.js";
 import { validateTimeout } from "../command.js";
 import { Deadline } from "../common/deadline.js";
 import { CommandExecutionUnavailableError, SmolVMError, ValidationError } from "../errors.js";
@@ -59,7 +59,6 @@ export interface Watcher {
   readonly ended: Promise<void>;
 }
 
-const DEFAULT_FILE_TIMEOUT_MS = 300_000;
 const DEFAULT_OP_TIMEOUT_MS = 30_000;
 const DEFAULT_MAX_READ = 256 << 20;
 
