@@ -3,17 +3,11 @@
  * collects its output up to maxOutputBytes, and ends with a CommandResult, or, at the deadline
  * or signal, kills the command remotely and throws the timeout carrying the output so far.
  */
-import {
-  type AnyCommandResult,
-  type ExecExtras,
-  OutputCollector,
-  type RunOptions,
-  wrapCommand,
-} from "../command.js";
+import { type AnyCommandResult, type ExecExtras, OutputCollector, type RunOptions } from "../command.js";
 import type { Deadline } from "../common/deadline.js";
 import { OperationTimeoutError } from "../errors.js";
 import { roundMs } from "./events.js";
-import { newRunId } from "./exec-channel.js";
+import { taggedCommand } from "./exec-channel.js";
 import type { ExecHost } from "./session-host.js";
 
 /** Grace for the server to confirm a killed channel closed before we report the timeout. */
@@ -26,14 +20,7 @@ export async function execBuffered(
   options: RunOptions & ExecExtras,
   deadline: Deadline,
 ): Promise<AnyCommandResult> {
-  const runId = newRunId();
-  const wrapped = wrapCommand(command, {
-    shell: options.shell,
-    shellKind: options.shellKind,
-    env: options.env,
-    cwd: options.cwd,
-    runId,
-  });
+  const { wrapped, runId } = taggedCommand(command, options);
   const started = deadline.startedAt;
   const events = conn.events;
   events?.emit("EXEC", { phase: "start", command, host: conn.host });

@@ -5,6 +5,7 @@
  */
 import { randomBytes } from "node:crypto";
 import type { ClientChannel } from "ssh2";
+import { type ExecExtras, type RunOptions, type WrappedCommand, wrapCommand } from "../command.js";
 import { ValidationError } from "../errors.js";
 
 /** An open exec channel with its exit status and close recorded from the moment it opened. */
@@ -45,6 +46,19 @@ export const RUN_ID_ENV = "SMOLVM_RUN_ID";
 
 export function newRunId(): string {
   return randomBytes(8).toString("hex");
+}
+
+/**
+ * A command as an SSH exec runs it: wrapped for its shell, env and cwd, and tagged with a new run
+ * id so a timeout can kill everything it started (killByRunIdScript).
+ */
+export function taggedCommand(
+  command: string,
+  options: Pick<RunOptions, "shell" | "env" | "cwd"> & ExecExtras,
+): { wrapped: WrappedCommand; runId: string } {
+  const runId = newRunId();
+  const { shell, shellKind, env, cwd } = options;
+  return { wrapped: wrapCommand(command, { shell, shellKind, env, cwd, runId }), runId };
 }
 
 /**

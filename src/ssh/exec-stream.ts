@@ -4,11 +4,11 @@
  * the consumer is behind; cancel() kills the command remotely.
  */
 import type { ClientChannel } from "ssh2";
-import { DEFAULT_RUN_TIMEOUT_MS, type RunOptions, type ShellKind, wrapCommand } from "../command.js";
+import { DEFAULT_RUN_TIMEOUT_MS, type RunOptions, type ShellKind } from "../command.js";
 import { Deadline } from "../common/deadline.js";
 import { ValidationError } from "../errors.js";
 import { roundMs } from "./events.js";
-import { type ExecChannel, newRunId } from "./exec-channel.js";
+import { type ExecChannel, taggedCommand } from "./exec-channel.js";
 import type { ExecHost } from "./session-host.js";
 
 export interface StreamExecOptions
@@ -62,14 +62,7 @@ export class ExecStream implements AsyncIterable<StreamExecEvent> {
     private readonly options: StreamExecOptions,
   ) {
     this.deadline = new Deadline(options.timeoutMs ?? DEFAULT_RUN_TIMEOUT_MS, options.signal, "SSH command");
-    const runId = newRunId();
-    const wrapped = wrapCommand(command, {
-      shell: options.shell,
-      shellKind: options.shellKind,
-      env: options.env,
-      cwd: options.cwd,
-      runId,
-    });
+    const { wrapped, runId } = taggedCommand(command, options);
     this.conn = conn;
     this.command = command;
     conn.events?.emit("EXEC", { phase: "start", command, host: conn.host, stream: true });
