@@ -41,6 +41,17 @@ const MECHANISMS = join(REPO, "test/fixtures/network-mechanisms.ts");
 const ALLOWED_IP = "198.51.100.10";
 const DENIED_IP = "203.0.113.10";
 
+/** The test user's environment: its own home, temp, data and cache dirs under `dir`. */
+function userEnv(dir: string): NodeJS.ProcessEnv {
+  return {
+    PATH: process.env.PATH,
+    HOME: join(dir, "home"),
+    TMPDIR: join(dir, "home"),
+    SMOLVM_DATA_DIR: join(dir, "data"),
+    SMOLVM_CACHE_DIR: join(dir, "cache"),
+  };
+}
+
 function userIds(): { uid: number; gid: number } {
   const id = (flag: string) => Number(execFileSync("id", [flag, USER], { encoding: "utf8" }).trim());
   try {
@@ -150,11 +161,7 @@ describe("network policy without root (QEMU in its own user + network namespace)
         timeout: 150_000,
         maxBuffer: 16 * 1024 * 1024,
         env: {
-          PATH: process.env.PATH,
-          HOME: join(dir, "home"),
-          TMPDIR: join(dir, "home"),
-          SMOLVM_DATA_DIR: join(dir, "data"),
-          SMOLVM_CACHE_DIR: join(dir, "cache"),
+          ...userEnv(dir),
           ROOTLESS_CHECK: JSON.stringify({
             loopbackPort: host.loopbackPort,
             wildcardPort: host.wildcardPort,
@@ -251,13 +258,7 @@ describe("network policy without root (QEMU in its own user + network namespace)
         {
           cwd: REPO,
           timeout: 60_000,
-          env: {
-            PATH: process.env.PATH,
-            HOME: join(dir, "home"),
-            TMPDIR: join(dir, "home"),
-            SMOLVM_DATA_DIR: join(dir, "data"),
-            SMOLVM_CACHE_DIR: join(dir, "cache"),
-          },
+          env: userEnv(dir),
         },
       );
       return JSON.parse(stdout.trim().split("\n").pop()!);
