@@ -109,6 +109,17 @@ async function run(cmd: string, args: string[], cwd: string, timeoutMs: number, 
 }
 
 /** Compiles the agent if needed and returns the path of the binary. */
+/** `cc --version`'s first line, asked once per process and compiler (it keys the build cache). */
+const compilerVersions = new Map<string, string>();
+
+async function compilerVersion(cc: string, cwd: string, signal?: AbortSignal): Promise<string> {
+  const known = compilerVersions.get(cc);
+  if (known !== undefined) return known;
+  const v = (await run(cc, ["--version"], cwd, 10_000, signal)).stdout.split("\n")[0] ?? "";
+  compilerVersions.set(cc, v);
+  return v;
+}
+
 export async function buildAgent(options: BuildAgentOptions = {}): Promise<string> {
   const sourceDir = resolve(options.sourceDir ?? agentSourceDir());
   const cc = options.cc ?? process.env.CC ?? "cc";
@@ -128,7 +139,7 @@ export async function buildAgent(options: BuildAgentOptions = {}): Promise<strin
   const sources = await agentSources(sourceDir);
   let ccVersion: string;
   try {
-    ccVersion = (await run(cc, ["--version"], sourceDir, 10_000, options.signal)).stdout.split("\n")[0] ?? "";
+    ccVersion = await compilerVersion(cc, sourceDir, options.signal);
   } catch (err) {
     throw new HostDependencyError(
       `the C compiler ${JSON.stringify(cc)} is not usable, so the guest agent cannot be built: install gcc (apt-get install gcc libc6-dev) or set CC.`,

@@ -214,13 +214,15 @@ export async function bootFromSnapshot(
     spec.rootfsPath = overlay;
   }
   const t0 = performance.now();
-  const { launched, networkReady } = await launchWithPolicy(rt, spec, deadline, true);
+  const { launched, networkReady, closed } = await launchWithPolicy(rt, spec, deadline);
   const qmp = launched.qmp!;
   const qemuStartMs = performance.now() - t0;
   rt.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
   const watch = new CrashWatch({ pid: launched.pid, files: rt.paths, accel }, false);
   await untilCrash(rt, watch, 250, () =>
-    // The policy daemon's failure ends the restore at once, with its own error.
+    // The policy daemon's failure ends the restore at once, with its own error. On any failure
+    // the daemon's start is let finish first (it is bounded by the deadline), so the teardown
+    // that follows finds it rather than racing it.
     Promise.all([
       (async () => {
         deadline.phase = "loading the snapshot";
@@ -232,13 +234,16 @@ export async function bootFromSnapshot(
           await qmp.close();
           throw e;
         }
-        await restoreFrom(qmp, f.state, !ramInState, deadline);
+        await restoreFrom(qmp, f.state, !ramInState, deadline, closed);
         deadline.phase = "giving the VM its own identity";
         await becomeItself(rt, deadline, id);
       })(),
       deadline.race(networkReady),
     ]),
-  );
+  ).catch(async (e) => {
+    await networkReady.catch(() => {});
+    throw e;
+  });
   rt.qemuLogSeen = watch.logSize;
   deadline.phase = undefined;
   const total = Math.round(performance.now() - id.t0);
@@ -263,31 +268,39 @@ async function launchWithPolicy(
   rt: VmRuntime,
   spec: VmLaunchSpec,
   deadline: Deadline,
-  keepQmp = false,
-): Promise<{ launched: LaunchedQemu; networkReady: Promise<void> }> {
+): Promise<{ launched: LaunchedQemu; networkReady: Promise<void>; closed: Promise<void> }> {
   const dir = rt.record.vmDir;
   // A daemon left from a QEMU that just died would otherwise outlive it into this boot.
   if (networkPrepared(dir)) await teardownVmNetwork(dir, rt.id);
   rt.reload();
-  const net = await prepareVmNetwork(dir, rt.id, rt.config.network ?? "public");
+  // A restore's guest stays stopped until the caller's `cont`: its QEMU starts while the closed
+  // table loads, and the caller awaits `closed` before letting the guest run.
+  const restore = spec.incomingDefer === true;
+  const net = await prepareVmNetwork(dir, rt.id, rt.config.network ?? "public", { deferRules: restore });
+  // The daemon replaces the closed table with its own: it starts once that table is in. A
+  // restore's starts beside QEMU's (its guest waits for the daemon anyway); a cold boot's once
+  // QEMU answers, as the two starts compete for the CPU and QEMU's is on the path.
+  const startDaemon = () =>
+    startNetworkDaemon(dir, rt.id, {
+      timeoutMs: deadline.remaining(30_000),
+      signal: deadline.signal,
+    });
+  const early = restore ? net.closed.then(startDaemon) : undefined;
+  early?.catch(() => {});
   let launched: LaunchedQemu;
   try {
     launched = await launchQemu(spec, {
       timeoutMs: deadline.remaining(30_000),
       signal: deadline.signal,
-      keepQmp,
+      keepQmp: restore,
       ...net.launch,
     });
   } catch (e) {
+    await early?.catch(() => {});
     await teardownVmNetwork(dir, rt.id);
     throw e;
   }
-  // Started once QEMU answers, not beside it: the two starts competed for the CPU, and QEMU's is
-  // on the path while the daemon's is not (the guest cannot get out before it is ready anyway).
-  const daemon = startNetworkDaemon(dir, rt.id, {
-    timeoutMs: deadline.remaining(30_000),
-    signal: deadline.signal,
-  });
+  const daemon = early ?? startDaemon();
   const networkReady = daemon.then(
     () => undefined,
     (e) => {
@@ -300,5 +313,5 @@ async function launchWithPolicy(
     },
   );
   networkReady.catch(() => {});
-  return { launched, networkReady };
+  return { launched, networkReady, closed: net.closed };
 }

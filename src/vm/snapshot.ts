@@ -183,14 +183,16 @@ export async function captureInto(
 }
 
 /**
- * After QEMU was started with `-incoming defer`: loads the device state and runs the guest, on
- * the QMP connection launchQemu kept (closed here).
+ * After QEMU was started with `-incoming defer`: loads the device state and, once `runnable`
+ * settled (the VM's closed network table is in), runs the guest, on the QMP connection
+ * launchQemu kept (closed here).
  */
 export async function restoreFrom(
   qmp: QmpClient,
   stateFile: string,
   ramInFile: boolean,
   deadline: Deadline,
+  runnable: Promise<void> = Promise.resolve(),
 ): Promise<void> {
   try {
     await qmp.execute(
@@ -222,6 +224,7 @@ export async function restoreFrom(
         },
       );
     }
+    await deadline.race(runnable);
     await qmp.cont({ timeoutMs: deadline.remaining(5_000) });
   } finally {
     await qmp.close();

@@ -30,6 +30,11 @@ import type { NetworkLogEntry, NetworkPolicy } from "./policy.js";
 export interface PreparedNetwork {
   /** How launchQemu must start QEMU: in the VM's cgroup (root) or its own namespaces (rootless). */
   launch: { cgroupProcs: string } | { wrap: ReturnType<typeof netnsWrap> };
+  /**
+   * Settles once the closed table is in place (with `deferRules`; otherwise it already is). The
+   * guest must not run before, nor the daemon start (its own ruleset replaces this one).
+   */
+  closed: Promise<void>;
 }
 
 /** "userns" when the VM's current (or last) start used the rootless mechanism. */
@@ -46,12 +51,15 @@ function mechanismOf(vmDir: string): "cgroup" | "userns" {
 /**
  * Fails closed: as root, creates the VM's cgroup and an nftables table that drops everything
  * QEMU's sockets in it start; rootless, writes the rules QEMU's namespace is born with (nothing
- * leaves it but through the daemon). Call before QEMU is spawned.
+ * leaves it but through the daemon). Call before QEMU is spawned. With `deferRules` (a QEMU
+ * whose guest stays stopped until PreparedNetwork.closed settles) the table is loaded while
+ * QEMU starts rather than before.
  */
 export async function prepareVmNetwork(
   vmDir: string,
   vmId: string,
   policy: NetworkPolicy,
+  options: { deferRules?: boolean } = {},
 ): Promise<PreparedNetwork> {
   const m = networkMechanisms();
   if (!m.mechanism) {
@@ -67,13 +75,15 @@ export async function prepareVmNetwork(
     writeFileSync(files.policy, JSON.stringify({ policy, mechanism: "userns" }), { mode: 0o600 });
     rmSync(files.netnsPid, { force: true });
     writeFileSync(files.netnsRules, renderNetnsRuleset(), { mode: 0o600 });
-    return { launch: { wrap: netnsWrap(files.netnsRules, files.netnsPid) } };
+    return { launch: { wrap: netnsWrap(files.netnsRules, files.netnsPid) }, closed: Promise.resolve() };
   }
   writeFileSync(files.policy, JSON.stringify({ policy, mechanism: "cgroup" }), { mode: 0o600 });
   const cg = vmCgroup(vmId);
   createCgroup(cg);
-  await applyRulesetAsync(renderRuleset(vmId, cg));
-  return { launch: { cgroupProcs: join(cg.dir, "cgroup.procs") } };
+  const closed = applyRulesetAsync(renderRuleset(vmId, cg));
+  if (options.deferRules) closed.catch(() => {});
+  else await closed;
+  return { launch: { cgroupProcs: join(cg.dir, "cgroup.procs") }, closed };
 }
 
 /**
