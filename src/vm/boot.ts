@@ -5,7 +5,7 @@
  * KVM itself, and a restore from a snapshot or template (devices loaded into a new QEMU, then the
  * VM made its own; see provision.ts).
  */
-import { existsSync } from "node:fs";
+import { closeSync, existsSync, openSync } from "node:fs";
 import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import { connectUnix } from "../channel/agent-transport.js";
@@ -16,7 +16,7 @@ import { type AccelVerdict, recordAccelVerdict } from "./accel.js";
 import { type CrashReport, CrashWatch } from "./crash-watch.js";
 import { untilCrash } from "./guard.js";
 import { networkPrepared, prepareVmNetwork, startNetworkDaemon, teardownVmNetwork } from "./network/host.js";
-import { isQemuAlive, type LaunchedQemu, launchQemu } from "./process.js";
+import { INCOMING_FD, isQemuAlive, type LaunchedQemu, launchQemu } from "./process.js";
 import { becomeItself, launchBase, type NewIdentity, overlayFor, vmInitrd } from "./provision.js";
 import { buildQemuArgv, type VmLaunchSpec } from "./qemu.js";
 import type { VmRuntime } from "./runtime.js";
@@ -214,7 +214,15 @@ export async function bootFromSnapshot(
     spec.rootfsPath = overlay;
   }
   const t0 = performance.now();
-  const { launched, networkReady, closed } = await launchWithPolicy(rt, spec, deadline);
+  // QEMU reads the device state from an inherited descriptor (no shell and cat to spawn).
+  const stateFd = openSync(f.state, "r");
+  let launch: Awaited<ReturnType<typeof launchWithPolicy>>;
+  try {
+    launch = await launchWithPolicy(rt, spec, deadline, stateFd);
+  } finally {
+    closeSync(stateFd);
+  }
+  const { launched, networkReady, closed } = launch;
   const qmp = launched.qmp!;
   const qemuStartMs = performance.now() - t0;
   rt.update({ status: "running", pid: launched.pid, sshPort, ports: [] });
@@ -234,7 +242,7 @@ export async function bootFromSnapshot(
           await qmp.close();
           throw e;
         }
-        await restoreFrom(qmp, f.state, !ramInState, deadline, closed);
+        await restoreFrom(qmp, `fd:${INCOMING_FD}`, !ramInState, deadline, closed);
         deadline.phase = "giving the VM its own identity";
         await becomeItself(rt, deadline, id);
       })(),
@@ -268,6 +276,7 @@ async function launchWithPolicy(
   rt: VmRuntime,
   spec: VmLaunchSpec,
   deadline: Deadline,
+  incomingFd?: number,
 ): Promise<{ launched: LaunchedQemu; networkReady: Promise<void>; closed: Promise<void> }> {
   const dir = rt.record.vmDir;
   // A daemon left from a QEMU that just died would otherwise outlive it into this boot.
@@ -293,6 +302,7 @@ async function launchWithPolicy(
       timeoutMs: deadline.remaining(30_000),
       signal: deadline.signal,
       keepQmp: restore,
+      incomingFd,
       ...net.launch,
     });
   } catch (e) {

@@ -35,7 +35,15 @@ export interface LaunchOptions {
    * then closes it: a restore goes on on it rather than connecting and greeting again.
    */
   keepQmp?: boolean;
+  /**
+   * An open file descriptor QEMU inherits as its fd 3 (INCOMING_FD): a restore's device state,
+   * which `migrate-incoming fd:3` then reads without a shell and `cat` in between.
+   */
+  incomingFd?: number;
 }
+
+/** The fd number LaunchOptions.incomingFd has in QEMU. */
+export const INCOMING_FD = 3;
 
 export interface LaunchedQemu {
   pid: number;
@@ -102,7 +110,7 @@ export async function launchQemu(spec: VmLaunchSpec, options: LaunchOptions = {}
       ["-c", `${joinCgroup}umask 077 && exec "$@"`, "sh", ...(options.wrap?.argv ?? []), ...argv],
       {
         detached: true,
-        stdio: ["ignore", logFd, logFd],
+        stdio: ["ignore", logFd, logFd, ...(options.incomingFd !== undefined ? [options.incomingFd] : [])],
         env: options.cgroupProcs ? { ...env, SMOLVM_CGROUP_PROCS: options.cgroupProcs } : env,
       },
     );

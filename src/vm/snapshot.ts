@@ -183,13 +183,14 @@ export async function captureInto(
 }
 
 /**
- * After QEMU was started with `-incoming defer`: loads the device state and, once `runnable`
+ * After QEMU was started with `-incoming defer`: loads the device state from `incomingUri`
+ * (a migration URI such as `fd:3`) and, once `runnable`
  * settled (the VM's closed network table is in), runs the guest, on the QMP connection
  * launchQemu kept (closed here).
  */
 export async function restoreFrom(
   qmp: QmpClient,
-  stateFile: string,
+  incomingUri: string,
   ramInFile: boolean,
   deadline: Deadline,
   runnable: Promise<void> = Promise.resolve(),
@@ -202,10 +203,8 @@ export async function restoreFrom(
     );
     await qmp.execute(
       "migrate-incoming",
-      { uri: `exec:cat ${quoteSh(stateFile)}` },
-      {
-        timeoutMs: deadline.remaining(5_000),
-      },
+      { uri: incomingUri },
+      { timeoutMs: deadline.remaining(5_000) },
     );
     for (;;) {
       const s = await qmp.queryStatus({ timeoutMs: deadline.remaining(5_000) });
