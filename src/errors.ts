@@ -75,6 +75,8 @@ export type SmolVMErrorCode =
   | "SNAPSHOT_FAILED"
   | "SNAPSHOT_NOT_FOUND"
   | "SNAPSHOT_IN_USE"
+  | "POOL_TEMPLATE_MISSING"
+  | "POOL_CLOSED"
   | "SNAPSHOT_DAMAGED"
   | "SNAPSHOT_RESTORE_FAILED"
   // network policy

@@ -181,6 +181,8 @@ export async function bootFromSnapshot(
     hostKey: { publicKey: string };
     t0: number;
     source: "snapshot" | "template";
+    /** A pool's standby: restored, its identity kept for later (VmRuntime.pendingIdentity). */
+    deferIdentity?: boolean;
   },
 ): Promise<void> {
   const cfg = rt.launch;
@@ -243,6 +245,10 @@ export async function bootFromSnapshot(
           throw e;
         }
         await restoreFrom(qmp, `fd:${INCOMING_FD}`, !ramInState, deadline, closed);
+        if (id.deferIdentity) {
+          rt.pendingIdentity = { hostKey: id.hostKey, clientPublicKey: id.clientPublicKey };
+          return;
+        }
         deadline.phase = "giving the VM its own identity";
         await becomeItself(rt, deadline, id);
       })(),

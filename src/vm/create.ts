@@ -12,7 +12,7 @@ import { join } from "node:path";
 import { validateEnv } from "../command.js";
 import { Deadline } from "../common/deadline.js";
 import { dataDir as defaultDataDir } from "../common/paths.js";
-import { ValidationError } from "../errors.js";
+import { ValidationError, VMStateError } from "../errors.js";
 import {
   type ClientKey,
   composeInitrd,
@@ -34,8 +34,12 @@ import { awaitTemplate, loadTemplate, templateDir, templateKey, tryTemplateLock 
 import { captureSnapshot, leaveTemplate } from "./vm-snapshots.js";
 import type { FromSnapshotOptions, SmolVMCreateOptions } from "./vm-types.js";
 
-/** SmolVM.create(): see SmolVMCreateOptions. */
-export async function createVm(options: SmolVMCreateOptions): Promise<VmRuntime> {
+/**
+ * SmolVM.create(): see SmolVMCreateOptions. With `standby` (a pool's refill, pool.ts) the VM is
+ * restored from the template and not made its own (VmRuntime.pendingIdentity); without a
+ * template that raises POOL_TEMPLATE_MISSING instead of booting cold.
+ */
+export async function createVm(options: SmolVMCreateOptions, standby = false): Promise<VmRuntime> {
   const t0 = performance.now();
   const opts = validateCreateOptions(options);
   const deadline = new Deadline(opts.timeoutMs, opts.signal, "creating the VM");
@@ -80,10 +84,26 @@ export async function createVm(options: SmolVMCreateOptions): Promise<VmRuntime>
       }
       if (meta) {
         store.close();
-        const rt = await restoreVm(base, dir, meta, opts, "template", deadline, { clientKey, hostKey });
+        const rt = await restoreVm(
+          base,
+          dir,
+          meta,
+          opts,
+          "template",
+          deadline,
+          { clientKey, hostKey },
+          standby,
+        );
         if (rt.bootTimings) rt.bootTimings.totalMs = Math.round(performance.now() - t0);
         return rt;
       }
+    }
+    if (standby) {
+      template?.release();
+      throw new VMStateError(
+        `image ${image.name} has no template for this size and accelerator yet: create a VM with template: true first.`,
+        { code: "POOL_TEMPLATE_MISSING" },
+      );
     }
     const id = newVmId();
     const name = opts.name ?? id;
@@ -222,6 +242,7 @@ async function restoreVm(
   source: "snapshot" | "template",
   deadline: Deadline,
   keys?: { clientKey: ClientKey; hostKey: HostKey },
+  deferIdentity = false,
 ): Promise<VmRuntime> {
   const t0 = performance.now();
   const store = VmStore.open(base);
@@ -269,6 +290,7 @@ async function restoreVm(
       env: o.env ?? {},
       t0,
       source,
+      deferIdentity,
     });
     if (o.ttlMs !== undefined) await setTtl(rt, o.ttlMs);
     return rt;

@@ -25,6 +25,11 @@ export class VmRuntime {
   /** The boot in flight through this handle (start() calls share it). */
   starting: Promise<void> | undefined;
   readonly channels: ChannelSelector;
+  /**
+   * A pool's standby VM (pool.ts): restored from its template but not yet made its own. It runs
+   * with the template's identity until take() applies this one (and the caller's env).
+   */
+  pendingIdentity: { hostKey: { privateKeyPem: string | Buffer }; clientPublicKey: string } | undefined;
 
   constructor(
     readonly store: VmStore,

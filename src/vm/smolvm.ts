@@ -19,6 +19,7 @@ import { explain } from "./guard.js";
 import { deleteVm, disposeVm, pauseVm, resumeVm, setTtl, startVm, stopVm } from "./lifecycle.js";
 import { readNetworkLog, sendPolicy } from "./network/host.js";
 import { type NetworkLogEntry, type NetworkPolicy, normalizePolicy } from "./network/policy.js";
+import { type PoolCreateOptions, type SmolVMPoolOptions, VmPool } from "./pool.js";
 import { VmProcesses } from "./processes.js";
 import { type PruneResult, pruneDataDir } from "./prune.js";
 import { VmPty } from "./pty.js";
@@ -39,6 +40,7 @@ import type {
   VmStatus,
 } from "./vm-types.js";
 
+export type { PoolCreateOptions, SmolVMPoolOptions } from "./pool.js";
 export type { RestoredFrom, VmConfig } from "./vm-config.js";
 export type {
   AccelProgress,
@@ -73,6 +75,16 @@ export class SmolVM implements AsyncDisposable {
    */
   static async create(options: SmolVMCreateOptions = {}): Promise<SmolVM> {
     return new SmolVM(await createVm(options));
+  }
+
+  /**
+   * A pool of warm VMs: restored from the image's template ahead of need (the template is built
+   * first when there is none) and already past the guest's first-run costs, so pool.create()
+   * hands one out, with its own identity, in tens of milliseconds. Resolves once the pool is
+   * full. Close it (or `await using`) to delete the VMs it still holds.
+   */
+  static async pool(options: SmolVMPoolOptions = {}): Promise<SmolVMPool> {
+    return new SmolVMPool(await VmPool.open(options), (rt) => new SmolVM(rt));
   }
 
   /**
@@ -466,5 +478,48 @@ export class SmolVM implements AsyncDisposable {
 
   private channelAccess(): ChannelAccess {
     return { channel: () => this.channel(), explain: (fn) => explain(this.rt, fn), name: this.name };
+  }
+}
+
+/** Warm VMs of one image and size, handed out by create() (see SmolVM.pool()). */
+export class SmolVMPool implements AsyncDisposable {
+  /** @internal */
+  constructor(
+    private readonly pool: VmPool,
+    private readonly wrap: (rt: VmRuntime) => SmolVM,
+  ) {}
+
+  /** The pool's id: its standbys carry it in their `smolvm.pool` label. */
+  get id(): string {
+    return this.pool.id;
+  }
+
+  /** How many warm VMs the pool keeps. */
+  get size(): number {
+    return this.pool.size;
+  }
+
+  /** Warm VMs ready to hand out right now. */
+  get warm(): number {
+    return this.pool.warm;
+  }
+
+  /**
+   * A VM of the pool, made the caller's (name, labels, TTL, env, and its own agent secret, host
+   * key, hostname, RNG and clock) before it is returned; the handle owns it like create()'s.
+   * With no warm VM ready it waits for the one being warmed, else restores the template on the
+   * spot. The pool refills in the background.
+   */
+  async create(options: PoolCreateOptions = {}): Promise<SmolVM> {
+    return this.wrap(await this.pool.take(options));
+  }
+
+  /** Deletes the warm VMs the pool still holds and stops refilling; VMs handed out stay. */
+  close(): Promise<void> {
+    return this.pool.close();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
   }
 }

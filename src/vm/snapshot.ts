@@ -201,11 +201,7 @@ export async function restoreFrom(
       { capabilities: [{ capability: "x-ignore-shared", state: ramInFile }] },
       { timeoutMs: deadline.remaining(5_000) },
     );
-    await qmp.execute(
-      "migrate-incoming",
-      { uri: incomingUri },
-      { timeoutMs: deadline.remaining(5_000) },
-    );
+    await qmp.execute("migrate-incoming", { uri: incomingUri }, { timeoutMs: deadline.remaining(5_000) });
     for (;;) {
       const s = await qmp.queryStatus({ timeoutMs: deadline.remaining(5_000) });
       if (s.running) return;

@@ -55,7 +55,8 @@ type SettableField =
 export type NewVm = Pick<VmRecord, "id" | "name" | "image" | "vmDir"> &
   Partial<Pick<VmRecord, SettableField>>;
 
-export type VmPatch = Partial<Pick<VmRecord, SettableField>>;
+/** A record's settable fields, and its name (a pool hands a standby out under the caller's). */
+export type VmPatch = Partial<Pick<VmRecord, SettableField | "name">>;
 
 export interface PortLease {
   port: number;
@@ -316,6 +317,7 @@ export class VmStore {
   update(id: string, patch: VmPatch): VmRecord {
     if (patch.status !== undefined) checkStatus(patch.status);
     const cols: Record<keyof VmPatch, [string, (v: never) => unknown]> = {
+      name: ["name", (v) => v],
       status: ["status", (v) => v],
       config: ["config", (v) => JSON.stringify(v)],
       pid: ["pid", (v) => v],
@@ -336,7 +338,18 @@ export class VmStore {
     }
     sets.push("updated_at = ?");
     params.push(new Date().toISOString(), id);
-    const r = this.db.prepare(`UPDATE vms SET ${sets.join(", ")} WHERE id = ?`).run(...params);
+    let r: { changes: number };
+    try {
+      r = this.db.prepare(`UPDATE vms SET ${sets.join(", ")} WHERE id = ?`).run(...params);
+    } catch (e) {
+      if (patch.name !== undefined && isSqliteConstraint(e, "UNIQUE")) {
+        throw new ValidationError(
+          `A VM named ${JSON.stringify(patch.name)} already exists: pick another name or delete it first.`,
+          { code: "VM_NAME_TAKEN", cause: e, details: { name: patch.name, id } },
+        );
+      }
+      throw e;
+    }
     if (r.changes === 0) {
       throw new VMNotFoundError(`No VM with id ${id} to update: it was deleted.`, { details: { id } });
     }

@@ -131,6 +131,8 @@ export interface BootTimings {
   totalMs: number;
   /** The first create of a template: how long capturing it took (the guest was paused for part of it). */
   templateCaptureMs?: number;
+  /** Handed out warm by a pool (SmolVM.pool()); totalMs is then pool.create()'s own time. */
+  pooled?: boolean;
 }
 
 export interface SshCommands {
