@@ -71,6 +71,7 @@ describe("npm start (scripts/start.ts)", () => {
     expect(row("create to first command, cold boot")).toMatch(/ \d+ ms$/);
     // The demo's own create (the first in this data dir) left the template.
     expect(row("create to first command, from the template")).toMatch(/ \d+ ms \(0\.\d\dx\)$/);
+    expect(row("create to first command, from a warm pool")).toMatch(/ \d+ ms \(0\.\d\dx\)$/);
     expect(row("accelerator")).toMatch(new RegExp(`^accelerator +${summary.accel}\\b`));
     expect(summary.warmP50Ms).toBeGreaterThan(0);
     expect(summary.warmP50Ms).toBeLessThan(summary.firstCommandMs + 1_000);
