@@ -18,6 +18,7 @@ import { FileMemo } from "./file-memo.js";
 import { computeFingerprint } from "./fingerprint.js";
 import { renderDebianStage1, renderDebianStage2, SSHD_CONFIG } from "./init-script.js";
 import { pickKernel } from "./kernel.js";
+import { sshdFileReadsHostKeyPerConnection } from "./sshd-facts.js";
 import {
   type BuiltArtifacts,
   busyboxEntries,
@@ -154,6 +155,7 @@ export async function buildDebianInto(
   await copyFile(kernel.vmlinux, join(outDir, "vmlinux"));
 
   const tree = join(outDir, "rootfs-tree");
+  let sshHostKeyPerConnection = false;
   try {
     step("debootstrap (minutes)");
     await exec(
@@ -200,12 +202,14 @@ export async function buildDebianInto(
       ],
       { signal },
     );
+    sshHostKeyPerConnection = await sshdFileReadsHostKeyPerConnection(join(tree, "usr/sbin/sshd"));
   } finally {
     await rm(tree, { recursive: true, force: true });
   }
   return {
     kernelRelease: kernel.release,
     agent: Boolean(plan.agentPath),
+    sshHostKeyPerConnection,
     packages: plan.packages,
     modules: kernel.modules,
   };

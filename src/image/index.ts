@@ -26,7 +26,8 @@ import {
   writeVerifiedStamp,
 } from "./manifest.js";
 import { type ImageBuildProgress, ProgressReporter } from "./progress.js";
-import { buildTinyInto, planTiny } from "./tiny.js";
+import { sshdFileReadsHostKeyPerConnection } from "./sshd-facts.js";
+import { buildTinyInto, planTiny, TINY_SSHD } from "./tiny.js";
 
 export { hostTscKhz } from "../common/host-clock.js";
 export { kernelCmdline } from "./boot-args.js";
@@ -92,6 +93,16 @@ async function sweepDeadBuilds(images: string): Promise<void> {
  * download fails because the host's package lists were stale, they are refreshed and the build
  * is planned again once (new versions, new fingerprint).
  */
+/**
+ * tiny's sshd is the host's own binary (a new one makes a new fingerprint), so a tiny image built
+ * before sshHostKeyPerConnection was recorded gets it from there.
+ */
+async function withSshdFacts(m: ImageManifest): Promise<ImageManifest> {
+  if (m.capabilities.sshHostKeyPerConnection !== undefined || m.name !== "tiny") return m;
+  const perConnection = await sshdFileReadsHostKeyPerConnection(TINY_SSHD);
+  return { ...m, capabilities: { ...m.capabilities, sshHostKeyPerConnection: perConnection } };
+}
+
 export async function buildImage(name: ImageName, opts: BuildImageOptions = {}): Promise<ImageManifest> {
   checkName(name);
   try {
@@ -126,7 +137,7 @@ async function buildOnce(name: ImageName, opts: BuildImageOptions): Promise<Imag
       const cached = await loadVerifiedManifest(dir).catch(() => undefined);
       if (cached) {
         progress.finish("cached");
-        return cached;
+        return withSshdFacts(cached);
       }
     }
     await mkdir(images, { recursive: true, mode: 0o700 });
@@ -139,7 +150,7 @@ async function buildOnce(name: ImageName, opts: BuildImageOptions): Promise<Imag
         const cached = await loadVerifiedManifest(dir).catch(() => undefined);
         if (cached) {
           progress.finish("cached");
-          return cached;
+          return withSshdFacts(cached);
         }
       }
       await sweepDeadBuilds(images);
@@ -166,7 +177,11 @@ async function buildOnce(name: ImageName, opts: BuildImageOptions): Promise<Imag
           kernelRelease: built.kernelRelease,
           kernelCmdline: BASE_KERNEL_CMDLINE,
           artifacts,
-          capabilities: { ssh: true, agent: built.agent },
+          capabilities: {
+            ssh: true,
+            agent: built.agent,
+            sshHostKeyPerConnection: built.sshHostKeyPerConnection,
+          },
           packages: built.packages,
           createdAt: new Date().toISOString(),
           buildMs: Math.round(performance.now() - started),

@@ -33,7 +33,16 @@ export interface ImageManifest {
   /** Kernel command line the image needs (the runtime appends its own console/quiet bits). */
   kernelCmdline: string;
   artifacts: { kernel: ImageArtifact; initrd: ImageArtifact; rootfs?: ImageArtifact };
-  capabilities: { ssh: boolean; agent: boolean };
+  capabilities: {
+    ssh: boolean;
+    agent: boolean;
+    /**
+     * The image's sshd loads its host key file on every connection (OpenSSH before 9.8): a VM
+     * restored from a snapshot is re-keyed by writing the file, with no sshd restart. Absent
+     * (treated as false) in debian images built before it was recorded.
+     */
+    sshHostKeyPerConnection?: boolean;
+  };
   /** Package name -> version, for `image list` and debugging. */
   packages: Record<string, string>;
   createdAt: string;

@@ -16,6 +16,7 @@ import { computeFingerprint } from "./fingerprint.js";
 import { LD_SO_CACHE, sharedLibraries } from "./host-libs.js";
 import { PROFILE, renderTinyInit, SSHD_CONFIG } from "./init-script.js";
 import { pickKernel } from "./kernel.js";
+import { sshdFileReadsHostKeyPerConnection } from "./sshd-facts.js";
 
 /** Modules every image loads, in this order (dependencies are added first automatically). */
 export const NET_MODULES = [
@@ -34,11 +35,9 @@ export const VSOCK_MODULES = [
   "vmw_vsock_virtio_transport",
 ] as const;
 
-export const SSH_BINARIES = [
-  "/usr/sbin/sshd",
-  "/usr/lib/openssh/sftp-server",
-  "/usr/bin/ssh-keygen",
-] as const;
+/** tiny's sshd: the host's own binary (with its libraries). */
+export const TINY_SSHD = "/usr/sbin/sshd";
+export const SSH_BINARIES = [TINY_SSHD, "/usr/lib/openssh/sftp-server", "/usr/bin/ssh-keygen"] as const;
 
 export const ETC_PASSWD = `root:x:0:0:root:/root:/bin/sh
 sshd:x:100:65534:sshd privilege separation:/run/sshd:/bin/false
@@ -203,6 +202,8 @@ export interface BuiltArtifacts {
   kernelRelease: string;
   /** Whether the image ships the guest agent. */
   agent: boolean;
+  /** See ImageManifest.capabilities.sshHostKeyPerConnection. */
+  sshHostKeyPerConnection: boolean;
   packages: Record<string, string>;
   modules: string[];
 }
@@ -234,6 +235,7 @@ export async function buildTinyInto(
   return {
     kernelRelease: kernel.release,
     agent: Boolean(plan.agentPath),
+    sshHostKeyPerConnection: await sshdFileReadsHostKeyPerConnection(TINY_SSHD),
     packages: plan.packages,
     modules: kernel.modules,
   };

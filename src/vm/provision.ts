@@ -28,7 +28,8 @@ export const DEFAULT_CREATE_TIMEOUT_MS = 180_000;
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 const CHANNELS: readonly CommChannelChoice[] = ["ssh", "agent", "vsock", "auto"];
 /**
- * A restored VM's sshd still holds the snapshot's host key: once the init's sshd is up, replace
+ * A restored VM's sshd (OpenSSH 9.8 or later: its listener loaded the key once) still holds the
+ * snapshot's host key: once the init's sshd is up, replace
  * it with one that loads the VM's own key (written just before), and log a milestone on the
  * console. The agent starts it in the background at the lowest priority (sshd itself is set
  * back to normal), so the first commands do not wait for it. Under load the old sshd may be slow
@@ -215,9 +216,10 @@ export interface NewIdentity {
 /**
  * Every restored VM wakes with the snapshot's memory: before its first command it gets a new
  * agent secret (over the session the old one opened), host entropy and an immediate RNG
- * reseed, the host's clock, its hostname, its env file and a new SSH host key (sshd restarts
- * with it in the background, a second later when SSH is not its channel; SSH users wait for
- * that).
+ * reseed, the host's clock, its hostname, its env file and a new SSH host key. An sshd that
+ * loads its key per connection (the image's sshHostKeyPerConnection, OpenSSH before 9.8) serves
+ * the new key from its next connection on; any other restarts with it in the background, a
+ * second later when SSH is not the VM's channel (SSH users wait for that).
  */
 export async function becomeItself(rt: VmRuntime, deadline: Deadline, id: NewIdentity): Promise<void> {
   const agent = rt.channels.agent();
@@ -227,6 +229,7 @@ export async function becomeItself(rt: VmRuntime, deadline: Deadline, id: NewIde
   // small per-VM archive now (vmInitrd() appends it to the image's on that boot), not a copy of
   // the whole initramfs on every restore's path.
   const cfg = rt.config;
+  const perConnection = cfg.capabilities?.sshHostKeyPerConnection === true;
   const configCpio = writeFile(
     join(rt.record.vmDir, VM_CONFIG_CPIO),
     vmConfigCpio({
@@ -256,7 +259,12 @@ export async function becomeItself(rt: VmRuntime, deadline: Deadline, id: NewIde
         { path: "/etc/hostname", mode: 0o644, data: `${hostname}\n` },
         { path: "/etc/hosts", mode: 0o644, data: `127.0.0.1 localhost\n127.0.1.1 ${hostname}\n` },
       ],
-      run: rt.channels.planned() === "ssh" ? REKEY_SSHD : `sleep ${REKEY_SSHD_DELAY_S}\n${REKEY_SSHD}`,
+      // An sshd that reads its host key per connection takes the new file as it is.
+      run: perConnection
+        ? undefined
+        : rt.channels.planned() === "ssh"
+          ? REKEY_SSHD
+          : `sleep ${REKEY_SSHD_DELAY_S}\n${REKEY_SSHD}`,
     },
     deadline,
   );
@@ -265,8 +273,14 @@ export async function becomeItself(rt: VmRuntime, deadline: Deadline, id: NewIde
   await configCpio;
   rt.channels.current = agent;
   if (rt.channels.planned() === "ssh") {
-    deadline.phase = "waiting for sshd with the new host key";
-    await waitForMilestone(rt.paths.serialLog, "sshd-rekeyed", deadline);
+    if (perConnection) {
+      // sshd may still be starting (a template is captured before it listens).
+      deadline.phase = "waiting for SSH";
+      await rt.channels.ssh().waitForSsh({ timeoutMs: deadline.remaining(), signal: deadline.signal });
+    } else {
+      deadline.phase = "waiting for sshd with the new host key";
+      await waitForMilestone(rt.paths.serialLog, "sshd-rekeyed", deadline);
+    }
     rt.channels.current = undefined;
   }
 }

@@ -446,9 +446,11 @@ export class SmolVM implements AsyncDisposable {
   async waitForSsh(options: BoundedOptions = {}): Promise<void> {
     const rt = this.rt;
     rt.requireRunning("wait for SSH");
-    const { lastBoot, restoredFrom } = rt.config;
-    if (lastBoot === "restore" || (lastBoot === undefined && restoredFrom)) {
-      // A restored VM's sshd restarts with the VM's own host key shortly after it is up.
+    const { lastBoot, restoredFrom, capabilities } = rt.config;
+    const restored = lastBoot === "restore" || (lastBoot === undefined && restoredFrom);
+    if (restored && capabilities?.sshHostKeyPerConnection !== true) {
+      // A restored VM's sshd restarts with the VM's own host key shortly after it is up (an
+      // sshd that reads the key per connection needs no restart: see becomeItself).
       const deadline = new Deadline(options.timeoutMs ?? 60_000, options.signal, "waiting for SSH");
       try {
         deadline.phase = "waiting for sshd with the VM's own host key";

@@ -35,7 +35,7 @@ export interface VmConfig {
   kernelCmdline?: string;
   /** The VM's own initramfs (image + per-VM config archive). */
   initrdPath?: string;
-  capabilities?: { ssh: boolean; agent: boolean };
+  capabilities?: { ssh: boolean; agent: boolean; sshHostKeyPerConnection?: boolean };
   /** The guest's SSH host public key, pinned in the VM's known_hosts. */
   hostPublicKey?: string;
   /** The client key authorized in the guest. */
