@@ -34,6 +34,7 @@ import {
   listImages,
   removeImage,
 } from "../../src/image/index.js";
+import { sshdFileReadsHostKeyPerConnection } from "../../src/image/sshd-facts.js";
 import { TCG_CPU } from "../../src/vm/qemu.js";
 
 const work = mkdtempSync(join(tmpdir(), "smolvm-tiny-"));
@@ -82,7 +83,12 @@ describe("tiny image build", () => {
     expect(manifest.dir).toBe(join(dataDir, "images", `tiny-${manifest.fingerprint.slice(0, 16)}`));
     expect(manifest.kernelRelease).toMatch(/^\d+\.\d+\.\d+-\d+-amd64$/);
     // This host has gcc and a static libc (scripts/setup.sh), so tiny ships the guest agent.
-    expect(manifest.capabilities).toEqual({ ssh: true, agent: true });
+    // tiny's sshd is this host's own (OpenSSH 9.2 on Debian 12: it reads its host key per connection).
+    expect(manifest.capabilities).toEqual({
+      ssh: true,
+      agent: true,
+      sshHostKeyPerConnection: await sshdFileReadsHostKeyPerConnection("/usr/sbin/sshd"),
+    });
     expect(manifest.artifacts.initrd.size).toBeGreaterThan(1_000_000);
     expect(readFileSync(manifest.kernelPath).subarray(0, 4).toString("latin1")).toBe("\x7fELF");
     expect(steps.at(-1)?.done).toBe(true);
