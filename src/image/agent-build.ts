@@ -108,7 +108,6 @@ async function run(cmd: string, args: string[], cwd: string, timeoutMs: number, 
   }
 }
 
-/** Compiles the agent if needed and returns the path of the binary. */
 /** `cc --version`'s first line, asked once per process and compiler (it keys the build cache). */
 const compilerVersions = new Map<string, string>();
 
@@ -120,6 +119,7 @@ async function compilerVersion(cc: string, cwd: string, signal?: AbortSignal): P
   return v;
 }
 
+/** Compiles the agent if needed and returns the path of the binary. */
 export async function buildAgent(options: BuildAgentOptions = {}): Promise<string> {
   const sourceDir = resolve(options.sourceDir ?? agentSourceDir());
   const cc = options.cc ?? process.env.CC ?? "cc";

@@ -89,11 +89,6 @@ async function sweepDeadBuilds(images: string): Promise<void> {
 }
 
 /**
- * Builds `name` (or returns the cached, verified image with the same fingerprint). When a
- * download fails because the host's package lists were stale, they are refreshed and the build
- * is planned again once (new versions, new fingerprint).
- */
-/**
  * tiny's sshd is the host's own binary (a new one makes a new fingerprint), so a tiny image built
  * before sshHostKeyPerConnection was recorded gets it from there.
  */
@@ -103,6 +98,11 @@ async function withSshdFacts(m: ImageManifest): Promise<ImageManifest> {
   return { ...m, capabilities: { ...m.capabilities, sshHostKeyPerConnection: perConnection } };
 }
 
+/**
+ * Builds `name` (or returns the cached, verified image with the same fingerprint). When a
+ * download fails because the host's package lists were stale, they are refreshed and the build
+ * is planned again once (new versions, new fingerprint).
+ */
 export async function buildImage(name: ImageName, opts: BuildImageOptions = {}): Promise<ImageManifest> {
   checkName(name);
   try {
