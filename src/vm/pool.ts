@@ -131,9 +131,9 @@ export class VmPool {
     const deadline = new Deadline(o.timeoutMs ?? 60_000, o.signal, `creating a VM from pool ${this.id}`);
     try {
       let rt = this.ready.shift();
-      // A standby being warmed is nearer than a restore started now.
+      // A standby being warmed is nearer than a restore started now (a failed one: see below).
       while (!rt && this.filling) {
-        await deadline.race(this.filling);
+        await deadline.race(this.filling.catch(() => {}));
         rt = this.ready.shift();
       }
       this.scheduleRefill();
