@@ -41,13 +41,25 @@ async function agentSources(sourceDir: string): Promise<string[]> {
   return (await readdir(sourceDir)).filter((f) => /\.[ch]$/.test(f)).sort();
 }
 
+/** The agent's sources, name and bytes, in name order (read at once: every create plans its image). */
+async function readAgentSources(sourceDir: string): Promise<Array<[string, Buffer]>> {
+  const names = await agentSources(sourceDir);
+  const bytes = await Promise.all(names.map((f) => readFile(join(sourceDir, f))));
+  return names.map((f, i) => [f, bytes[i]!]);
+}
+
+/** Feeds each source's name and bytes to `h`. */
+function hashSources(h: ReturnType<typeof createHash>, sources: Array<[string, Buffer]>): void {
+  for (const [f, bytes] of sources) {
+    h.update(`${f}\0`);
+    h.update(bytes);
+  }
+}
+
 /** sha256 over the agent's source names and contents: what a prebuilt binary is checked against. */
 export async function agentSourcesHash(sourceDir: string): Promise<string> {
   const h = createHash("sha256");
-  for (const f of await agentSources(sourceDir)) {
-    h.update(`${f}\0`);
-    h.update(await readFile(join(sourceDir, f)));
-  }
+  hashSources(h, await readAgentSources(sourceDir));
   return h.digest("hex");
 }
 
@@ -136,7 +148,7 @@ export async function buildAgent(options: BuildAgentOptions = {}): Promise<strin
       `the guest agent is x86_64, but this host's compiler builds for ${process.arch} and the package carries no prebuilt agent for these sources: install the published smolvm package, or use commChannel "ssh".`,
     );
   }
-  const sources = await agentSources(sourceDir);
+  const sources = await readAgentSources(sourceDir);
   let ccVersion: string;
   try {
     ccVersion = await compilerVersion(cc, sourceDir, options.signal);
@@ -148,10 +160,7 @@ export async function buildAgent(options: BuildAgentOptions = {}): Promise<strin
   }
   const h = createHash("sha256");
   h.update(`${ccVersion}\0${CFLAGS.join(" ")}\0${isStatic}\0${process.arch}\0`);
-  for (const f of sources) {
-    h.update(`${f}\0`);
-    h.update(await readFile(join(sourceDir, f)));
-  }
+  hashSources(h, sources);
   const fingerprint = h.digest("hex").slice(0, 16);
   const out = join(cacheDir, fingerprint, "smolvm-agent");
   try {
@@ -167,7 +176,7 @@ export async function buildAgent(options: BuildAgentOptions = {}): Promise<strin
     ...CFLAGS,
     "-o",
     tmp,
-    ...sources.filter((f) => f.endsWith(".c")),
+    ...sources.map(([f]) => f).filter((f) => f.endsWith(".c")),
     ...(isStatic ? ["-static"] : []),
   ];
   try {

@@ -280,11 +280,12 @@ export function parseExactDependency(
 
 async function listsKey(): Promise<string> {
   const files = (await readdir(LISTS_DIR).catch(() => [] as string[])).filter((f) => f.includes("_Packages"));
-  const parts: string[] = [];
-  for (const f of files.sort()) {
-    const st = await stat(join(LISTS_DIR, f)).catch(() => undefined);
-    if (st) parts.push(`${f}:${st.size}:${st.mtimeMs}`);
-  }
+  const names = files.sort();
+  const stats = await Promise.all(names.map((f) => stat(join(LISTS_DIR, f)).catch(() => undefined)));
+  const parts = names.flatMap((f, i) => {
+    const st = stats[i];
+    return st ? [`${f}:${st.size}:${st.mtimeMs}`] : [];
+  });
   return createHash("sha256").update(parts.join("\n")).digest("hex");
 }
 

@@ -60,17 +60,23 @@ export interface TinyPlan {
 
 /** Resolves versions and hashes inputs: cheap (no download), decides the fingerprint. */
 export async function planTiny(cacheDir: string, signal?: AbortSignal): Promise<TinyPlan> {
-  const { kernel, pkgs } = await resolveImagePackages(["busybox-static"], cacheDir, signal);
-  const memo = await FileMemo.open(cacheDir);
+  // Independent inputs, looked up together: every create plans its image before QEMU starts.
+  const [{ kernel, pkgs }, memo, agentPath] = await Promise.all([
+    resolveImagePackages(["busybox-static"], cacheDir, signal),
+    FileMemo.open(cacheDir),
+    guestAgent(cacheDir, signal),
+  ]);
   const libs = await memo.remember(
     `ldd:${JSON.stringify(SSH_BINARIES)}`,
     [...SSH_BINARIES, LD_SO_CACHE],
     () => sharedLibraries(SSH_BINARIES, signal),
   );
-  const agentPath = await guestAgent(cacheDir, signal);
-  const hostFiles: Record<string, string> = {};
-  for (const f of [...SSH_BINARIES, ...libs]) hostFiles[f] = await memo.sha256(f);
-  const agentSha = agentPath ? await memo.sha256(agentPath) : null;
+  const files = [...SSH_BINARIES, ...libs];
+  const [shas, agentSha] = await Promise.all([
+    Promise.all(files.map((f) => memo.sha256(f))),
+    agentPath ? memo.sha256(agentPath) : null,
+  ]);
+  const hostFiles = Object.fromEntries(files.map((f, i) => [f, shas[i]!]));
   await memo.save();
   const busybox = pkgs.get("busybox-static")!;
   const fingerprint = computeFingerprint({
