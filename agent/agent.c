@@ -8,7 +8,8 @@
  * This file holds the state, the stream table, the transport (socket, serial port or fd) and
  * main's poll loop. The rest: frames.c (framing, output buffer, fields), auth.c (handshake),
  * dispatch.c (routing frames, pump), exec.c, files.c (PUT/GET), wait.c (WAIT_PORT), fsops.c,
- * procs.c, identity.c; agent.h declares what they share.
+ * procs.c, identity.c, inetd.c (the per-connection listener sshd runs under); agent.h declares
+ * what they share.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -252,12 +253,14 @@ static void read_start_uptime(void) {
 static void usage(void) {
   fputs("usage: smolvm-agent (--serial DEV | --vsock PORT | --unix PATH | --fd N) --secret-file PATH\n"
         "                    [--env-file PATH] [--milestones PATH] [--unlink-secret] [--verbose]\n"
+        "       smolvm-agent --inetd PORT /ABSOLUTE/PROG [ARG...]\n"
         "       smolvm-agent --version | --self-test\n",
         stderr);
   exit(2);
 }
 
 int main(int argc, char **argv) {
+  if (argc > 1 && !strcmp(argv[1], "--inetd")) return inetd_main(argc, argv);
   const char *secret_path = NULL;
   int unlink_secret = 0, have_transport = 0;
   G.env_file = "/etc/profile.d/smolvm_env.sh";

@@ -178,6 +178,8 @@ void on_auth(const uint8_t *p, uint32_t len);
 void set_secret(const uint8_t secret[32]);
 void read_secret(const char *path, int unlink_after);
 int self_test(void);
+/* `--inetd PORT PROG [ARG...]` (inetd.c): a listener that runs PROG per connection. */
+int inetd_main(int argc, char **argv);
 
 /* dispatch.c: frames in, frames out */
 void process_input(void);
