@@ -18,7 +18,6 @@ import { FileMemo } from "./file-memo.js";
 import { computeFingerprint } from "./fingerprint.js";
 import { renderDebianStage1, renderDebianStage2, SSHD_CONFIG } from "./init-script.js";
 import { pickKernel } from "./kernel.js";
-import { sshdFileReadsHostKeyPerConnection } from "./sshd-facts.js";
 import {
   type BuiltArtifacts,
   busyboxEntries,
@@ -155,7 +154,6 @@ export async function buildDebianInto(
   await copyFile(kernel.vmlinux, join(outDir, "vmlinux"));
 
   const tree = join(outDir, "rootfs-tree");
-  let sshHostKeyPerConnection = false;
   try {
     step("debootstrap (minutes)");
     await exec(
@@ -202,14 +200,14 @@ export async function buildDebianInto(
       ],
       { signal },
     );
-    sshHostKeyPerConnection = await sshdFileReadsHostKeyPerConnection(join(tree, "usr/sbin/sshd"));
   } finally {
     await rm(tree, { recursive: true, force: true });
   }
   return {
     kernelRelease: kernel.release,
     agent: Boolean(plan.agentPath),
-    sshHostKeyPerConnection,
+    // sshd runs per connection under the agent (init-script.ts), so it reads the key file each time.
+    sshHostKeyPerConnection: Boolean(plan.agentPath),
     packages: plan.packages,
     modules: kernel.modules,
   };

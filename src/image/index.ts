@@ -26,8 +26,7 @@ import {
   writeVerifiedStamp,
 } from "./manifest.js";
 import { type ImageBuildProgress, ProgressReporter } from "./progress.js";
-import { sshdFileReadsHostKeyPerConnection } from "./sshd-facts.js";
-import { buildTinyInto, planTiny, TINY_SSHD } from "./tiny.js";
+import { buildTinyInto, planTiny } from "./tiny.js";
 
 export { hostTscKhz } from "../common/host-clock.js";
 export { kernelCmdline } from "./boot-args.js";
@@ -89,16 +88,6 @@ async function sweepDeadBuilds(images: string): Promise<void> {
 }
 
 /**
- * tiny's sshd is the host's own binary (a new one makes a new fingerprint), so a tiny image built
- * before sshHostKeyPerConnection was recorded gets it from there.
- */
-async function withSshdFacts(m: ImageManifest): Promise<ImageManifest> {
-  if (m.capabilities.sshHostKeyPerConnection !== undefined || m.name !== "tiny") return m;
-  const perConnection = await sshdFileReadsHostKeyPerConnection(TINY_SSHD);
-  return { ...m, capabilities: { ...m.capabilities, sshHostKeyPerConnection: perConnection } };
-}
-
-/**
  * Builds `name` (or returns the cached, verified image with the same fingerprint). When a
  * download fails because the host's package lists were stale, they are refreshed and the build
  * is planned again once (new versions, new fingerprint).
@@ -137,7 +126,7 @@ async function buildOnce(name: ImageName, opts: BuildImageOptions): Promise<Imag
       const cached = await loadVerifiedManifest(dir).catch(() => undefined);
       if (cached) {
         progress.finish("cached");
-        return withSshdFacts(cached);
+        return cached;
       }
     }
     await mkdir(images, { recursive: true, mode: 0o700 });
@@ -150,7 +139,7 @@ async function buildOnce(name: ImageName, opts: BuildImageOptions): Promise<Imag
         const cached = await loadVerifiedManifest(dir).catch(() => undefined);
         if (cached) {
           progress.finish("cached");
-          return withSshdFacts(cached);
+          return cached;
         }
       }
       await sweepDeadBuilds(images);

@@ -20,9 +20,9 @@ export const AGENT_PORT_NAME = "org.smolvm.agent";
 export const MILESTONES = [
   "init-start",
   "agent-started",
+  "sshd-started",
   "modules-loaded",
   "network-up",
-  "sshd-started",
 ] as const;
 
 export const SSHD_CONFIG = `# Written by the smolvm image builder.
@@ -146,6 +146,15 @@ if [ -x ${AGENT_PATH} ] && [ -e /dev/virtio-ports/${AGENT_PORT_NAME} ] && [ -s $
   milestone agent-started
 fi
 # ---- end of agent hook
+# sshd runs per connection (\`sshd -i\`) under the agent's listener: none starts at boot (under
+# TCG a listening sshd's start costs about a third of a second of guest CPU, in every boot and in
+# every VM restored from a template), and each connection's sshd reads the host key file, so a
+# restored VM serves the key it was given from its first connection on.
+sshd_per_connection=
+if [ -x ${AGENT_PATH} ] && ${AGENT_PATH} --inetd 22 /usr/sbin/sshd -i -E /var/log/sshd.log >/dev/null; then
+  sshd_per_connection=1
+  milestone sshd-started
+fi
 ${lateModules.length ? `${loadModules(lateModules)}\nmilestone modules-loaded\n` : ""}
 # Map up to 2 MiB of an already-cached file per page fault (default 64 KiB): under emulation a
 # fault costs tens of microseconds and every command's exec faults its binary in (busybox:
@@ -162,32 +171,32 @@ ip route add default via 10.0.2.2
 echo "nameserver 10.0.2.3" > /etc/resolv.conf
 milestone network-up
 
-# sshd starts at the lowest priority: nothing the user waits for by default needs it, and a VM
-# restored from a template resumes here, where its first commands must not queue behind it.
-# Once it listens it gets normal priority back.
-(
-  read -r me _ < /proc/self/stat
-  renice 19 -p "$me" >/dev/null 2>&1
-  exec /usr/sbin/sshd -D -E /var/log/sshd.log
-) &
-sshd_pid=$!
-(
-  read -r me _ < /proc/self/stat
-  renice 19 -p "$me" >/dev/null 2>&1
-  # "started" means listening: :22 (0x0016) in LISTEN (0A) state. Shell builtins only: under TCG
-  # a grep per poll cost the vCPU sshd is starting on several ms every 10 ms.
-  listening() {
-    while read -r _ addr _ st _; do
-      [ "\${addr##*:}" = 0016 ] && [ "$st" = 0A ] && return 0
-    done < /proc/net/tcp
-    return 1
-  }
-  i=0
-  until listening || [ $i -ge 500 ]; do sleep 0.01; i=$((i + 1)); done
-  renice 0 -p "$sshd_pid" >/dev/null 2>&1
-  milestone sshd-started
-) &
-
+# Without the agent, a listening sshd, at the lowest priority: nothing the user waits for by
+# default needs it. Once it listens it gets normal priority back.
+if [ -z "$sshd_per_connection" ]; then
+  (
+    read -r me _ < /proc/self/stat
+    renice 19 -p "$me" >/dev/null 2>&1
+    exec /usr/sbin/sshd -D -E /var/log/sshd.log
+  ) &
+  sshd_pid=$!
+  (
+    read -r me _ < /proc/self/stat
+    renice 19 -p "$me" >/dev/null 2>&1
+    # "started" means listening: :22 (0x0016) in LISTEN (0A) state. Shell builtins only: under
+    # TCG a grep per poll cost the vCPU sshd is starting on several ms every 10 ms.
+    listening() {
+      while read -r _ addr _ st _; do
+        [ "\${addr##*:}" = 0016 ] && [ "$st" = 0A ] && return 0
+      done < /proc/net/tcp
+      return 1
+    }
+    i=0
+    until listening || [ $i -ge 500 ]; do sleep 0.01; i=$((i + 1)); done
+    renice 0 -p "$sshd_pid" >/dev/null 2>&1
+    milestone sshd-started
+  ) &
+fi
 # PID 1 stays here: waiting reaps every child, including orphans; SIGTERM powers off.
 trap 'poweroff -f 2>/dev/null || echo o > /proc/sysrq-trigger' TERM USR2
 while :; do

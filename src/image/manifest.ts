@@ -37,9 +37,11 @@ export interface ImageManifest {
     ssh: boolean;
     agent: boolean;
     /**
-     * The image's sshd loads its host key file on every connection (OpenSSH before 9.8): a VM
-     * restored from a snapshot is re-keyed by writing the file, with no sshd restart. Absent
-     * (treated as false) in debian images built before it was recorded.
+     * The image's sshd loads its host key file on every connection: a VM restored from a
+     * snapshot is re-keyed by writing the file, with no sshd restart. True in images with the
+     * agent, whose sshd runs per connection under the agent's listener (`sshd -i`). Images built
+     * before that started a listening sshd and recorded whether it re-read the file per
+     * connection (OpenSSH before 9.8); absent in older ones (treated as false: sshd restarts).
      */
     sshHostKeyPerConnection?: boolean;
   };

@@ -16,7 +16,6 @@ import { computeFingerprint } from "./fingerprint.js";
 import { LD_SO_CACHE, sharedLibraries } from "./host-libs.js";
 import { PROFILE, renderTinyInit, SSHD_CONFIG } from "./init-script.js";
 import { pickKernel } from "./kernel.js";
-import { sshdFileReadsHostKeyPerConnection } from "./sshd-facts.js";
 
 /** Modules every image loads, in this order (dependencies are added first automatically). */
 export const NET_MODULES = [
@@ -241,7 +240,8 @@ export async function buildTinyInto(
   return {
     kernelRelease: kernel.release,
     agent: Boolean(plan.agentPath),
-    sshHostKeyPerConnection: await sshdFileReadsHostKeyPerConnection(TINY_SSHD),
+    // sshd runs per connection under the agent (init-script.ts), so it reads the key file each time.
+    sshHostKeyPerConnection: Boolean(plan.agentPath),
     packages: plan.packages,
     modules: kernel.modules,
   };

@@ -21,7 +21,6 @@ import { createVm } from "./create.js";
 import { deleteVm, setTtl } from "./lifecycle.js";
 import { becomeItself, validateVmName } from "./provision.js";
 import type { VmRuntime } from "./runtime.js";
-import { waitForMilestone } from "./serial-log.js";
 import { validateLabels, validateTtl } from "./ttl.js";
 import type { SmolVMCreateOptions } from "./vm-types.js";
 
@@ -69,8 +68,6 @@ const REFILL_DELAY_MS = 250;
 const REFILL_TIMEOUT_MS = 120_000;
 /** Commands a standby runs before it counts as warm: the first pays the translation, the next few its tail. */
 const WARM_RUNS = 3;
-/** How long a standby waits for its sshd to listen before it counts as warm anyway. */
-const SSHD_WAIT_MS = 10_000;
 
 /** The runtime-level pool behind SmolVMPool (smolvm.ts). */
 export class VmPool {
@@ -224,16 +221,6 @@ export class VmPool {
       for (let i = 0; i < WARM_RUNS; i++) {
         const r = await agent.run("true", { timeoutMs: deadline.remaining(10_000), signal });
         if (r.exitCode !== 0) throw new VMStateError(`warming standby ${rt.id}: true exited ${r.exitCode}.`);
-      }
-      // The template was taken before sshd listened: the standby counts as warm once its sshd
-      // start is over too, so that it does not compete with the taker's first commands.
-      const sshd = new Deadline(deadline.remaining(SSHD_WAIT_MS), signal, `sshd of standby ${rt.id}`);
-      try {
-        await waitForMilestone(rt.paths.serialLog, "sshd-started", sshd);
-      } catch (e) {
-        if (!sshd.expired || deadline.expired || this.closing) throw e;
-      } finally {
-        sshd.dispose();
       }
     } catch (e) {
       await deleteVm(rt).catch(() => {});

@@ -28,12 +28,13 @@ export const DEFAULT_CREATE_TIMEOUT_MS = 180_000;
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 const CHANNELS: readonly CommChannelChoice[] = ["ssh", "agent", "vsock", "auto"];
 /**
- * A restored VM's sshd (OpenSSH 9.8 or later: its listener loaded the key once) still holds the
- * snapshot's host key: once the init's sshd is up, replace
- * it with one that loads the VM's own key (written just before), and log a milestone on the
- * console. The agent starts it in the background at the lowest priority (sshd itself is set
- * back to normal), so the first commands do not wait for it. Under load the old sshd may be slow
- * to go and free port 22: it is killed outright after 5 s, and the new one retried until it binds.
+ * A VM restored from a snapshot of an image built before sshd ran per connection, whose listening
+ * sshd loaded its key once (OpenSSH 9.8 or later, or an image that did not record it), still
+ * holds the snapshot's host key: once the init's sshd is up, replace it with one that loads the
+ * VM's own key (written just before), and log a milestone on the console. The agent starts it in
+ * the background at the lowest priority (sshd itself is set back to normal), so the first
+ * commands do not wait for it. Under load the old sshd may be slow to go and free port 22: it is
+ * killed outright after 5 s, and the new one retried until it binds.
  */
 const REKEY_SSHD = `i=0; while [ $i -lt 1200 ] && ! grep -q ' sshd-started' /run/smolvm/milestones 2>/dev/null; do sleep 0.05; i=$((i + 1)); done
 p=$(pidof sshd || true)
@@ -217,9 +218,10 @@ export interface NewIdentity {
  * Every restored VM wakes with the snapshot's memory: before its first command it gets a new
  * agent secret (over the session the old one opened), host entropy and an immediate RNG
  * reseed, the host's clock, its hostname, its env file and a new SSH host key. An sshd that
- * loads its key per connection (the image's sshHostKeyPerConnection, OpenSSH before 9.8) serves
- * the new key from its next connection on; any other restarts with it in the background, a
- * second later when SSH is not the VM's channel (SSH users wait for that).
+ * loads its key per connection (the image's sshHostKeyPerConnection: it runs per connection under
+ * the agent) serves the new key from the next connection on; an older image's listening sshd
+ * restarts with it in the background, a second later when SSH is not the VM's channel (SSH users
+ * wait for that).
  */
 export async function becomeItself(rt: VmRuntime, deadline: Deadline, id: NewIdentity): Promise<void> {
   const agent = rt.channels.agent();
@@ -274,7 +276,7 @@ export async function becomeItself(rt: VmRuntime, deadline: Deadline, id: NewIde
   rt.channels.current = agent;
   if (rt.channels.planned() === "ssh") {
     if (perConnection) {
-      // sshd may still be starting (a template is captured before it listens).
+      // The first connection starts its sshd (and an older image's listener may still be starting).
       deadline.phase = "waiting for SSH";
       await rt.channels.ssh().waitForSsh({ timeoutMs: deadline.remaining(), signal: deadline.signal });
     } else {

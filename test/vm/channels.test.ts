@@ -218,12 +218,11 @@ describe("agent and SSH channels on one microVM", () => {
   });
 
   it("reports a killed agent clearly when asked for by name; auto and SSH keep working", async () => {
-    const killed = await sshVm.run(
-      "kill -KILL $(pidof smolvm-agent); sleep 0.2; pidof smolvm-agent || echo gone",
-      {
-        shell: "raw",
-      },
-    );
+    // The control agent only: the same binary also listens for sshd (--inetd), which must live on.
+    const agents = `for p in $(pidof smolvm-agent); do tr '\\0' ' ' < /proc/$p/cmdline | grep -q -- --serial && echo $p; done`;
+    const killed = await sshVm.run(`kill -KILL $(${agents}); sleep 0.2; [ -z "$(${agents})" ] && echo gone`, {
+      shell: "raw",
+    });
     expect(killed.stdout).toBe("gone\n");
     await agentVm.close();
     const strict = await SmolVM.fromId(agentVm.id, { dataDir, commChannel: "agent" });
