@@ -121,7 +121,7 @@ export interface BootTimings {
   /** The accelerator the VM runs under, and why it was chosen. */
   accel?: "kvm" | "tcg";
   accelReason?: string;
-  /** /init start until sshd listened. */
+  /** /init start until port 22 listened for sshd (its listener; each connection starts its own sshd). */
   initToSshdMs?: number;
   /** Host side: QEMU spawn until the channel answered (the agent's handshake or SSH's). */
   bootToChannelMs: number;
