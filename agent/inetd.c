@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,7 +26,7 @@
 
 #define INETD_MAX 100
 
-/* Only interrupts accept(): finished programs are reaped in the loop. */
+/* Only wakes ppoll(): finished programs are reaped in the loop. */
 static void on_child(int sig) { (void)sig; }
 
 int inetd_main(int argc, char **argv) {
@@ -35,7 +36,7 @@ int inetd_main(int argc, char **argv) {
     fputs("usage: smolvm-agent --inetd PORT /ABSOLUTE/PROG [ARG...]\n", stderr);
     return 2;
   }
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   int one = 1;
   struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port), .sin_addr.s_addr = htonl(INADDR_ANY)};
   if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
@@ -61,9 +62,18 @@ int inetd_main(int argc, char **argv) {
   sigemptyset(&sa.sa_mask);
   sigaction(SIGCHLD, &sa, NULL);
   signal(SIGPIPE, SIG_IGN);
+  /* SIGCHLD is taken only inside ppoll(), so no exit is missed between reaping and waiting. */
+  sigset_t chld, waiting, none;
+  sigemptyset(&chld);
+  sigaddset(&chld, SIGCHLD);
+  sigprocmask(SIG_BLOCK, &chld, &waiting);
+  sigdelset(&waiting, SIGCHLD);
+  sigemptyset(&none);
   int live = 0;
   for (;;) {
     while (waitpid(-1, NULL, WNOHANG) > 0) live--;
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    if (ppoll(&p, 1, NULL, &waiting) <= 0) continue;
     int c = accept4(fd, NULL, NULL, SOCK_CLOEXEC);
     if (c < 0) {
       /* Out of descriptors: let running programs finish rather than spin. */
@@ -75,6 +85,7 @@ int inetd_main(int argc, char **argv) {
     if (k == 0) {
       signal(SIGCHLD, SIG_DFL);
       signal(SIGPIPE, SIG_DFL);
+      sigprocmask(SIG_SETMASK, &none, NULL);
       dup2(c, 0);
       dup2(c, 1);
       execv(argv[3], argv + 3);
