@@ -19,7 +19,7 @@ interface BootSample {
   qemuStartMs: number;
   kernelMs: number | null;
   initMs: number | null;
-  /** Firmware and kernel loading before the guest clock starts, sshd accept, SSH handshake. */
+  /** Firmware and kernel loading before the guest clock starts, the connection's sshd start, SSH handshake. */
   sshdHandshakeMs: number | null;
   /** Host-side work before QEMU starts: keys, per-VM initrd, store. */
   createOverheadMs: number;
@@ -81,8 +81,8 @@ try {
     ["create overhead", "createOverheadMs"],
     ["QEMU start", "qemuStartMs"],
     ["kernel (to /init)", "kernelMs"],
-    ["init (to sshd)", "initMs"],
-    ["pre-kernel, sshd, handshake", "sshdHandshakeMs"],
+    ["init (to port 22 listening)", "initMs"],
+    ["pre-kernel, sshd start, handshake", "sshdHandshakeMs"],
     ["first command", "firstCommandMs"],
     ["create to first command", "createToFirstCommandMs"],
   ];
