@@ -206,8 +206,6 @@ export async function buildDebianInto(
   return {
     kernelRelease: kernel.release,
     agent: Boolean(plan.agentPath),
-    // sshd runs per connection under the agent (init-script.ts), so it reads the key file each time.
-    sshHostKeyPerConnection: Boolean(plan.agentPath),
     packages: plan.packages,
     modules: kernel.modules,
   };

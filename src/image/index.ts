@@ -169,7 +169,8 @@ async function buildOnce(name: ImageName, opts: BuildImageOptions): Promise<Imag
           capabilities: {
             ssh: true,
             agent: built.agent,
-            sshHostKeyPerConnection: built.sshHostKeyPerConnection,
+            // With the agent, sshd runs per connection under its listener (init-script.ts).
+            sshHostKeyPerConnection: built.agent,
           },
           packages: built.packages,
           createdAt: new Date().toISOString(),

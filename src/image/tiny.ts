@@ -34,9 +34,11 @@ export const VSOCK_MODULES = [
   "vmw_vsock_virtio_transport",
 ] as const;
 
-/** tiny's sshd: the host's own binary (with its libraries). */
-export const TINY_SSHD = "/usr/sbin/sshd";
-export const SSH_BINARIES = [TINY_SSHD, "/usr/lib/openssh/sftp-server", "/usr/bin/ssh-keygen"] as const;
+export const SSH_BINARIES = [
+  "/usr/sbin/sshd",
+  "/usr/lib/openssh/sftp-server",
+  "/usr/bin/ssh-keygen",
+] as const;
 
 export const ETC_PASSWD = `root:x:0:0:root:/root:/bin/sh
 sshd:x:100:65534:sshd privilege separation:/run/sshd:/bin/false
@@ -207,8 +209,6 @@ export interface BuiltArtifacts {
   kernelRelease: string;
   /** Whether the image ships the guest agent. */
   agent: boolean;
-  /** See ImageManifest.capabilities.sshHostKeyPerConnection. */
-  sshHostKeyPerConnection: boolean;
   packages: Record<string, string>;
   modules: string[];
 }
@@ -240,8 +240,6 @@ export async function buildTinyInto(
   return {
     kernelRelease: kernel.release,
     agent: Boolean(plan.agentPath),
-    // sshd runs per connection under the agent (init-script.ts), so it reads the key file each time.
-    sshHostKeyPerConnection: Boolean(plan.agentPath),
     packages: plan.packages,
     modules: kernel.modules,
   };
