@@ -12,6 +12,8 @@ declare -A NEED=(
   [debootstrap]=debootstrap [gcc]=build-essential [make]=build-essential
   [zstd]=zstd [xz]=xz-utils [curl]=curl [ip]=iproute2 [socat]=socat [nft]=nftables
   [qemu-img]=qemu-utils
+  # compiling the tiny image's kernel (src/image/kernel-build.ts)
+  [flex]=flex [bison]=bison [bc]=bc
   # the rootless network policy (QEMU in its own user + network namespace) and its test
   [unshare]=util-linux [nsenter]=util-linux [setpriv]=util-linux
   # the SSH server matrix the tests run (test/fixtures/ssh-servers.ts)
@@ -22,6 +24,7 @@ for cmd in "${!NEED[@]}"; do
   PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
 done
 [ -e /usr/share/doc/busybox-static ] || missing+=(busybox-static)
+[ -e /usr/include/gelf.h ] || missing+=(libelf-dev)
 # asyncssh for the system python the matrix's asyncssh server runs on; sftp-server for tinysshd
 [ -e /usr/lib/python3/dist-packages/asyncssh ] || missing+=(python3-asyncssh)
 [ -x /usr/lib/openssh/sftp-server ] || missing+=(openssh-sftp-server)
@@ -54,3 +57,7 @@ if ! id smolvmtest >/dev/null 2>&1; then
     $SUDO useradd --system --no-create-home --home-dir /nonexistent --shell /bin/sh smolvmtest
   fi
 fi
+
+# tiny's kernel is compiled on first use, once per host (a few minutes on two cores): do it
+# here, with its progress on a terminal, rather than inside the first test or example.
+node_modules/.bin/tsx src/cli/smolvm.ts image build tiny >/dev/null

@@ -299,18 +299,25 @@ export async function resolveImagePackages(
   names: readonly string[],
   cacheDir: string,
   signal?: AbortSignal,
-): Promise<{ kernel: AptPackage; pkgs: Map<string, AptPackage> }> {
+  opts: { kernelSource?: boolean } = {},
+): Promise<{ kernel: AptPackage; pkgs: Map<string, AptPackage>; kernelSource?: AptPackage }> {
   await ensureAptLists(signal);
   const key = createHash("sha256")
-    .update(`${await listsKey()}\n${names.join(",")}`)
+    .update(`${await listsKey()}\n${names.join(",")}${opts.kernelSource ? "\n+source" : ""}`)
     .digest("hex");
   const memoPath = join(cacheDir, "apt-resolve.json");
-  type Memo = Record<string, { kernel: AptPackage; pkgs: AptPackage[] }>;
+  type Memo = Record<string, { kernel: AptPackage; pkgs: AptPackage[]; kernelSource?: AptPackage }>;
   let memo: Memo = {};
   try {
     memo = JSON.parse(await readFile(memoPath, "utf8")) as Memo;
     const hit = memo[key];
-    if (hit) return { kernel: hit.kernel, pkgs: new Map(hit.pkgs.map((p) => [p.name, p])) };
+    if (hit) {
+      return {
+        kernel: hit.kernel,
+        pkgs: new Map(hit.pkgs.map((p) => [p.name, p])),
+        ...(hit.kernelSource ? { kernelSource: hit.kernelSource } : {}),
+      };
+    }
   } catch {
     memo = {};
   }
@@ -325,10 +332,34 @@ export async function resolveImagePackages(
       .next().value;
   if (!kernel) throw new HostDependencyError(`${meta} does not name a concrete kernel package on this host.`);
   const pkgs = new Map(names.map((n) => [n, first.get(n)!]));
-  memo = { [key]: { kernel, pkgs: [...pkgs.values()] } };
+  let kernelSource: AptPackage | undefined;
+  if (opts.kernelSource) {
+    const name = kernelSourcePackage(kernel.name);
+    kernelSource = name ? (await aptShow([name], signal)).get(name) : undefined;
+    if (!kernelSource) {
+      throw new HostDependencyError(
+        `the package lists have no kernel source for ${kernel.name} (${name ?? "no linux-source name"}): run \`apt-get update\`.`,
+        { details: { kernel: kernel.name, source: name } },
+      );
+    }
+  }
+  // Keep a few other entries (tiny and debian resolve different names); older lists age out.
+  memo = {
+    ...Object.fromEntries(Object.entries(memo).slice(-7)),
+    [key]: { kernel, pkgs: [...pkgs.values()], ...(kernelSource ? { kernelSource } : {}) },
+  };
   await mkdir(cacheDir, { recursive: true });
   const tmp = `${memoPath}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
   await writeFile(tmp, JSON.stringify(memo));
   await rename(tmp, memoPath);
-  return { kernel, pkgs };
+  return { kernel, pkgs, ...(kernelSource ? { kernelSource } : {}) };
+}
+
+/**
+ * Debian's source package for a kernel image package: linux-image-6.1.0-57-amd64 is built from
+ * linux-source-6.1. Undefined for a name that does not say its version.
+ */
+export function kernelSourcePackage(imagePackage: string): string | undefined {
+  const m = /^linux-image-(\d+\.\d+)[.-]/.exec(imagePackage);
+  return m ? `linux-source-${m[1]}` : undefined;
 }

@@ -28,6 +28,8 @@ export interface ExecOptions {
   input?: Buffer | string;
   /** Called with each stderr/stdout line, e.g. to surface debootstrap's progress. */
   onLine?: (line: string) => void;
+  /** Run it in its own process group and kill the whole group on abort (make and its compilers). */
+  processGroup?: boolean;
 }
 
 export interface ExecResult {
@@ -44,7 +46,12 @@ export function exec(cmd: string, args: readonly string[], options: ExecOptions 
   return new Promise((resolve, reject) => {
     const env = { ...(options.env ?? process.env) };
     env.PATH = `${env.PATH ?? "/usr/bin:/bin"}:${PATH_EXTRA}`;
-    const child = spawn(cmd, args, { cwd: options.cwd, env, stdio: ["pipe", "pipe", "pipe"] });
+    const child = spawn(cmd, args, {
+      cwd: options.cwd,
+      env,
+      stdio: ["pipe", "pipe", "pipe"],
+      detached: options.processGroup === true,
+    });
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     let errLen = 0;
@@ -67,7 +74,14 @@ export function exec(cmd: string, args: readonly string[], options: ExecOptions 
       while (errLen > 64 * 1024 && err.length > 1) errLen -= err.shift()!.length;
       lines(b);
     });
-    const onAbort = () => child.kill("SIGKILL");
+    const onAbort = () => {
+      try {
+        if (options.processGroup && child.pid) process.kill(-child.pid, "SIGKILL");
+        else child.kill("SIGKILL");
+      } catch {
+        // already gone
+      }
+    };
     signal?.addEventListener("abort", onAbort, { once: true });
     child.on("error", (e: NodeJS.ErrnoException) => {
       signal?.removeEventListener("abort", onAbort);

@@ -61,7 +61,8 @@ export interface BuildImageOptions extends ImageOptions {
 /** Kernel command line every image needs; the runtime adds console/panic options of its own. */
 export const BASE_KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=4";
 
-const DEFAULT_TIMEOUT_MS: Record<ImageName, number> = { tiny: 5 * 60_000, debian: 45 * 60_000 };
+// tiny compiles its kernel on first use (a few minutes on two cores; cached after).
+const DEFAULT_TIMEOUT_MS: Record<ImageName, number> = { tiny: 20 * 60_000, debian: 45 * 60_000 };
 
 function checkName(name: string): asserts name is ImageName {
   if (!IMAGE_NAMES.includes(name as ImageName)) {

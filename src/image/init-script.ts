@@ -16,12 +16,12 @@ export const CONFIG_DIR = "/smolvm/config";
 export const ROOTFS_CONFIG_DIR = "/run/smolvm/config";
 export const AGENT_PATH = "/sbin/smolvm-agent";
 export const AGENT_PORT_NAME = "org.smolvm.agent";
-/** In tiny's order; debian loads every module before its agent starts (modules-loaded second). */
+/** In boot order: every module (tiny has none) is loaded before the agent starts. */
 export const MILESTONES = [
   "init-start",
+  "modules-loaded",
   "agent-started",
   "sshd-started",
-  "modules-loaded",
   "network-up",
 ] as const;
 
@@ -77,17 +77,6 @@ function loadModules(modules: readonly string[]): string {
   return modules.map((m) => `insmod /lib/modules/smolvm/${m}.ko`).join("\n");
 }
 
-/**
- * What the agent's virtio-serial port needs. tiny's /init loads only these before starting the
- * agent and the rest (network, vsock) after it: under TCG every insmod costs tens of ms.
- */
-const AGENT_PORT_MODULES: ReadonlySet<string> = new Set([
-  "virtio_ring",
-  "virtio",
-  "virtio_mmio",
-  "virtio_console",
-]);
-
 /** udev is absent: create the /dev/virtio-ports/<name> links it would make (builtins, no forks). */
 const VIRTIO_PORT_LINKS = `mkdir -p /dev/virtio-ports
 for p in /sys/class/virtio-ports/*; do
@@ -98,9 +87,8 @@ done`;
 
 /**
  * Everything after the early modules: shared by tiny's /init and the debian rootfs init.
- * `lateModules` are loaded once the agent runs (then the modules-loaded milestone).
  */
-function userspace(cfg: string, lateModules: readonly string[] = []): string {
+function userspace(cfg: string): string {
   return `mkdir -p /dev/pts /dev/shm /tmp /run
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
@@ -155,7 +143,6 @@ if [ -x ${AGENT_PATH} ] && ${AGENT_PATH} --inetd 22 /usr/sbin/sshd -i -E /var/lo
   sshd_per_connection=1
   milestone sshd-started
 fi
-${lateModules.length ? `${loadModules(lateModules)}\nmilestone modules-loaded\n` : ""}
 # Map up to 2 MiB of an already-cached file per page fault (default 64 KiB): under emulation a
 # fault costs tens of microseconds and every command's exec faults its binary in (busybox:
 # about 1.5 ms less per exec under TCG). Only page-cache pages are mapped; nothing is read.
@@ -208,14 +195,15 @@ done
 }
 
 /** What every initramfs /init starts with: mounts, milestones, the (early) virtio modules. */
-function initramfsPrologue(title: string, modules: readonly string[], allLoaded: boolean): string {
+function initramfsPrologue(title: string, modules: readonly string[]): string {
   return `#!/bin/sh
 # smolvm ${title} (busybox sh). Generated: edit src/image/init-script.ts.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 ${EARLY_MOUNTS}
 ${MILESTONE_FN}
 milestone init-start
-${loadModules(modules)}${allLoaded ? "\nmilestone modules-loaded" : ""}`;
+${loadModules(modules)}
+milestone modules-loaded`;
 }
 
 /** create({ diskMib }) on tiny: cap the RAM root filesystem (and /tmp, mounted later) at that size. */
@@ -225,20 +213,18 @@ case "$disk_mib" in *[!0-9]*|"") disk_mib= ;; esac
 [ -n "$disk_mib" ] && mount -o remount,size=\${disk_mib}m /`;
 
 /**
- * tiny's /init: everything in the initramfs, busybox userland. The agent starts right after the
- * modules its port needs; the others follow it.
+ * tiny's /init: everything in the initramfs, busybox userland. Its kernel has every driver built
+ * in (kernel-build.ts), so there is no module to load.
  */
-export function renderTinyInit(modules: readonly string[]): string {
-  const early = modules.filter((m) => AGENT_PORT_MODULES.has(m));
-  const late = modules.filter((m) => !AGENT_PORT_MODULES.has(m));
-  return `${initramfsPrologue("tiny image init", early, late.length === 0)}
+export function renderTinyInit(): string {
+  return `${initramfsPrologue("tiny image init", [])}
 ${TINY_DISK_CAP}
-${userspace(CONFIG_DIR, late)}`;
+${userspace(CONFIG_DIR)}`;
 }
 
 /** debian's initramfs /init: modules, mount /dev/vda, hand the config over on a tmpfs, switch_root. */
 export function renderDebianStage1(modules: readonly string[]): string {
-  return `${initramfsPrologue("debian image initramfs", modules, true)}
+  return `${initramfsPrologue("debian image initramfs", modules)}
 ${VIRTIO_PORT_LINKS}
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i + 1)); done

@@ -1,8 +1,8 @@
 /**
- * The `tiny` image: Debian's kernel booted directly, and an initramfs holding busybox-static,
- * OpenSSH (sshd, sftp-server, ssh-keygen) and the virtio modules, with /init from
- * init-script.ts. Built rootless in seconds: packages are unpacked, never installed, and the
- * cpio is written by our own writer (root-owned entries without fakeroot).
+ * The `tiny` image: our own build of Debian's kernel source (kernel-build.ts, everything built
+ * in) booted directly, and an initramfs holding busybox-static and OpenSSH (sshd, sftp-server,
+ * ssh-keygen), with /init from init-script.ts. Built rootless: packages are unpacked, never
+ * installed, and the cpio is written by our own writer (root-owned entries without fakeroot).
  */
 import { copyFile, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
@@ -15,9 +15,9 @@ import { FileMemo } from "./file-memo.js";
 import { computeFingerprint } from "./fingerprint.js";
 import { LD_SO_CACHE, sharedLibraries } from "./host-libs.js";
 import { PROFILE, renderTinyInit, SSHD_CONFIG } from "./init-script.js";
-import { pickKernel } from "./kernel.js";
+import { buildKernel, kernelConfigFragment } from "./kernel-build.js";
 
-/** Modules every image loads, in this order (dependencies are added first automatically). */
+/** Modules the debian image loads, in this order (dependencies are added first automatically). */
 export const NET_MODULES = [
   "virtio_ring",
   "virtio",
@@ -53,7 +53,8 @@ export interface TinyPlan {
   fingerprint: string;
   /** The static guest agent binary, or undefined when this host cannot build it. */
   agentPath?: string;
-  kernel: AptPackage;
+  /** The linux-source package tiny's kernel is compiled from. */
+  kernelSource: AptPackage;
   busybox: AptPackage;
   hostFiles: Record<string, string>;
   packages: Record<string, string>;
@@ -62,8 +63,8 @@ export interface TinyPlan {
 /** Resolves versions and hashes inputs: cheap (no download), decides the fingerprint. */
 export async function planTiny(cacheDir: string, signal?: AbortSignal): Promise<TinyPlan> {
   // Independent inputs, looked up together: every create plans its image before QEMU starts.
-  const [{ kernel, pkgs }, memo, agentPath] = await Promise.all([
-    resolveImagePackages(["busybox-static"], cacheDir, signal),
+  const [{ kernelSource, pkgs }, memo, agentPath] = await Promise.all([
+    resolveImagePackages(["busybox-static"], cacheDir, signal, { kernelSource: true }),
     FileMemo.open(cacheDir),
     guestAgent(cacheDir, signal),
   ]);
@@ -80,15 +81,15 @@ export async function planTiny(cacheDir: string, signal?: AbortSignal): Promise<
   const hostFiles = Object.fromEntries(files.map((f, i) => [f, shas[i]!]));
   await memo.save();
   const busybox = pkgs.get("busybox-static")!;
+  const source = kernelSource!;
   const fingerprint = computeFingerprint({
     image: "tiny",
-    kernel: `${kernel.name}=${kernel.version}`,
+    kernelSource: `${source.name}=${source.version}`,
+    kernelConfig: kernelConfigFragment(),
     busybox: `${busybox.name}=${busybox.version}`,
-    modules: [...NET_MODULES],
-    optionalModules: [...VSOCK_MODULES],
     hostFiles,
     agent: agentSha,
-    init: renderTinyInit([...NET_MODULES]),
+    init: renderTinyInit(),
     sshdConfig: SSHD_CONFIG,
     profile: PROFILE,
     etc: [ETC_PASSWD, ETC_GROUP, ETC_SHADOW],
@@ -96,10 +97,10 @@ export async function planTiny(cacheDir: string, signal?: AbortSignal): Promise<
   return {
     fingerprint,
     agentPath,
-    kernel,
+    kernelSource: source,
     busybox,
     hostFiles,
-    packages: { [kernel.name]: kernel.version, [busybox.name]: busybox.version },
+    packages: { [source.name]: source.version, [busybox.name]: busybox.version },
   };
 }
 
@@ -221,15 +222,15 @@ export async function buildTinyInto(
   step: (name: string, detail?: boolean) => void,
   signal?: AbortSignal,
 ): Promise<BuiltArtifacts> {
-  step("fetching and unpacking the kernel");
-  const kernel = await pickKernel(plan.kernel, NET_MODULES, VSOCK_MODULES, cacheDir, signal);
+  step("preparing the kernel");
+  const kernel = await buildKernel(plan.kernelSource, cacheDir, { signal, onStep: (s) => step(s, true) });
   step("fetching busybox");
   const busybox = await busyboxEntries(plan.busybox, cacheDir, signal);
   step("writing the initramfs");
   const entries = await initramfsEntries({
-    init: renderTinyInit(kernel.modules),
-    modules: kernel.modules,
-    kernelModulesDir: join(kernel.dir, "modules"),
+    init: renderTinyInit(),
+    modules: [],
+    kernelModulesDir: "",
     busybox,
     withSsh: true,
     agentPath: plan.agentPath,
@@ -241,6 +242,6 @@ export async function buildTinyInto(
     kernelRelease: kernel.release,
     agent: Boolean(plan.agentPath),
     packages: plan.packages,
-    modules: kernel.modules,
+    modules: [],
   };
 }

@@ -3,11 +3,13 @@
  * check names what it looked at and what to do when it fails; `required` marks what the
  * default image ("tiny") cannot do without, which `--strict` turns into a non-zero exit.
  */
+
 import { constants, existsSync, readFileSync } from "node:fs";
 import { access, mkdir, stat, statfs } from "node:fs/promises";
 import { delimiter, join } from "node:path";
 import { dataDir as defaultDataDir } from "../common/paths.js";
 import { listImages } from "../image/index.js";
+import { missingKernelBuildPackages } from "../image/kernel-build.js";
 import { detectAccelerator, findQemu, qemuVersion } from "./accel.js";
 import { networkMechanisms } from "./network/firewall.js";
 import { VmStore } from "./store.js";
@@ -177,6 +179,15 @@ export async function doctor(options: DoctorOptions = {}): Promise<DoctorReport>
   });
   checks.push(tool("cpio", ["cpio"], "cpio", env));
   checks.push(tool("C compiler", ["cc", "gcc"], "build-essential (builds the guest agent)", env));
+  const kernelTools = missingKernelBuildPackages();
+  checks.push({
+    name: "kernel build tools",
+    ok: kernelTools.length === 0,
+    detail: kernelTools.length
+      ? `not found: install ${kernelTools.join(" ")} (apt-get install ${kernelTools.join(" ")}; tiny compiles its kernel once per host)`
+      : "gcc, make, flex, bison, bc, xz and libelf headers present (tiny compiles its kernel once per host)",
+    required: true,
+  });
   checks.push(userNamespaces());
   checks.push(networkPolicyCheck());
   checks.push(...(await dataDirCheck(base)));

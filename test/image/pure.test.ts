@@ -11,7 +11,12 @@ import {
 import { kernelCmdline } from "../../src/image/boot-args.js";
 import { BUILDER_VERSION, canonicalJson, computeFingerprint } from "../../src/image/fingerprint.js";
 import { parseLdd } from "../../src/image/host-libs.js";
-import { renderDebianStage1, renderDebianStage2, renderTinyInit } from "../../src/image/init-script.js";
+import {
+  MILESTONES,
+  renderDebianStage1,
+  renderDebianStage2,
+  renderTinyInit,
+} from "../../src/image/init-script.js";
 import { knownHostsLine, publicKeyFingerprint } from "../../src/image/keys.js";
 import { moduleDepends, moduleName, orderModules, parseModulesBuiltin } from "../../src/image/kmod.js";
 
@@ -182,7 +187,7 @@ describe("init scripts", () => {
   const mods = ["virtio_ring", "virtio", "virtio_mmio", "virtio_net"];
   it("parse under busybox sh and dash", () => {
     for (const [shell, script] of [
-      ["busybox", renderTinyInit(mods)],
+      ["busybox", renderTinyInit()],
       ["busybox", renderDebianStage1(mods)],
       ["dash", renderDebianStage2()],
       ["busybox", renderDebianStage2()],
@@ -191,13 +196,19 @@ describe("init scripts", () => {
       execFileSync(shell, args, { input: script });
     }
   });
-  it("load modules in the given order and carry the boot contract", () => {
-    const init = renderTinyInit(mods);
-    const loads = [...init.matchAll(/insmod \/lib\/modules\/smolvm\/(\w+)\.ko/g)].map((m) => m[1]);
+  it("load modules in the given order", () => {
+    const stage1 = renderDebianStage1(mods);
+    const loads = [...stage1.matchAll(/insmod \/lib\/modules\/smolvm\/(\w+)\.ko/g)].map((m) => m[1]);
     expect(loads).toEqual(mods);
-    for (const m of ["init-start", "modules-loaded", "network-up", "agent-started", "sshd-started"]) {
-      expect(init).toContain(`milestone ${m}`);
-    }
+    expect(stage1.indexOf("insmod")).toBeLessThan(stage1.indexOf("milestone modules-loaded"));
+  });
+  it("tiny's init loads no module (its kernel has them built in) and carries the boot contract", () => {
+    const init = renderTinyInit();
+    expect(init).not.toContain("insmod");
+    // In MILESTONES order.
+    const at = MILESTONES.map((m) => init.indexOf(`milestone ${m}`));
+    expect(at.every((i) => i > 0)).toBe(true);
+    expect([...at].sort((a, b) => a - b)).toEqual(at);
     expect(init).toContain("/sbin/smolvm-agent");
     expect(init).toContain("/dev/virtio-ports/org.smolvm.agent");
     expect(init.indexOf("smolvm-agent")).toBeLessThan(init.indexOf("ip link set eth0 up"));
@@ -207,7 +218,7 @@ describe("init scripts", () => {
     expect(init).not.toMatch(/BEGIN OPENSSH PRIVATE KEY/);
   });
   it("runs its milestone function and prints milliseconds since boot", () => {
-    const fn = /milestone\(\) \{[\s\S]*?\n\}/.exec(renderTinyInit(mods))![0];
+    const fn = /milestone\(\) \{[\s\S]*?\n\}/.exec(renderTinyInit())![0];
     const out = execFileSync("busybox", ["sh", "-c", `${fn}\nmilestone test-point`]).toString();
     const m = /^smolvm: (\d+) test-point\n$/.exec(out);
     expect(m).not.toBeNull();

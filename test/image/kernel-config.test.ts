@@ -1,0 +1,57 @@
+/**
+ * tiny's kernel config (kernel-build.ts): the fragment, the check that every option came out
+ * enabled, and the source package name. The build itself runs for real in every image test.
+ */
+import { describe, expect, it } from "vitest";
+import { kernelSourcePackage } from "../../src/image/apt.js";
+import {
+  KERNEL_LOCALVERSION,
+  KERNEL_OPTIONS,
+  KERNEL_OPTIONS_OFF,
+  kernelConfigFragment,
+  missingKernelOptions,
+} from "../../src/image/kernel-build.js";
+
+describe("kernel config", () => {
+  it("is a list of whole option names, none both on and off", () => {
+    for (const o of [...KERNEL_OPTIONS, ...KERNEL_OPTIONS_OFF]) expect(o).toMatch(/^[A-Z0-9_]+$/);
+    expect(new Set(KERNEL_OPTIONS).size).toBe(KERNEL_OPTIONS.length);
+    expect(KERNEL_OPTIONS.filter((o) => KERNEL_OPTIONS_OFF.includes(o))).toEqual([]);
+    // What the microvm, the agent and the files API cannot do without.
+    for (const o of [
+      "PVH",
+      "VIRTIO_MMIO",
+      "VIRTIO_CONSOLE",
+      "VIRTIO_NET",
+      "INOTIFY_USER",
+      "UNIX98_PTYS",
+      "VMGENID",
+    ]) {
+      expect(KERNEL_OPTIONS).toContain(o);
+    }
+    expect(KERNEL_OPTIONS_OFF).toContain("MODULES");
+  });
+
+  it("renders a fragment kconfig reads: =y, is not set, and the local version", () => {
+    const lines = kernelConfigFragment().trim().split("\n");
+    expect(lines).toContain("CONFIG_VIRTIO_NET=y");
+    expect(lines).toContain("# CONFIG_MODULES is not set");
+    expect(lines).toContain(`CONFIG_LOCALVERSION="${KERNEL_LOCALVERSION}"`);
+    expect(lines).toHaveLength(KERNEL_OPTIONS.length + KERNEL_OPTIONS_OFF.length + 2);
+  });
+
+  it("names the options a resolved .config lacks", () => {
+    const all = `${KERNEL_OPTIONS.map((o) => `CONFIG_${o}=y`).join("\n")}\n`;
+    expect(missingKernelOptions(all)).toEqual([]);
+    const without = all
+      .replace("CONFIG_VIRTIO_NET=y\n", "# CONFIG_VIRTIO_NET is not set\n")
+      .replace("CONFIG_PVH=y\n", "CONFIG_PVH=m\n");
+    expect(missingKernelOptions(without)).toEqual(["PVH", "VIRTIO_NET"]);
+  });
+
+  it("maps a Debian kernel image package to its source package", () => {
+    expect(kernelSourcePackage("linux-image-6.1.0-57-amd64")).toBe("linux-source-6.1");
+    expect(kernelSourcePackage("linux-image-6.12.9-amd64")).toBe("linux-source-6.12");
+    expect(kernelSourcePackage("linux-image-amd64")).toBeUndefined();
+  });
+});
