@@ -152,6 +152,9 @@ if mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null; then
 fi
 
 ip link set lo up
+# No IPv6 on eth0: the host drops the guest's IPv6 traffic (network policy), and its address
+# autoconfiguration would otherwise run again in every VM restored from a template.
+[ -w /proc/sys/net/ipv6/conf/eth0/disable_ipv6 ] && echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
