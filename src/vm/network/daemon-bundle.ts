@@ -83,7 +83,20 @@ async function build(root: string, entry: NetworkProgram, out: string): Promise<
   } finally {
     await rm(tmp, { force: true });
   }
+  await pruneStaleBundles(dirname(out), entry, out).catch(() => {});
   return out;
+}
+
+/** Bundles of other source versions not built for a week: every checkout and edit makes one. */
+const STALE_BUNDLE_MS = 7 * 24 * 3600_000;
+
+async function pruneStaleBundles(dir: string, entry: NetworkProgram, keep: string): Promise<void> {
+  const now = Date.now();
+  for (const name of readdirSync(dir)) {
+    const p = join(dir, name);
+    if (p === keep || !name.startsWith(`${entry}-`) || !name.endsWith(".mjs")) continue;
+    if (now - statSync(p).mtimeMs > STALE_BUNDLE_MS) await rm(p, { force: true });
+  }
 }
 
 /** The network policy's programs: the per-VM daemon, and (rootless) its relay in QEMU's namespace. */
