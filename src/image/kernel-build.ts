@@ -84,9 +84,9 @@ const BUILD_TOOLS: readonly [string, string][] = [
   ["/usr/include/gelf.h", "libelf-dev"],
 ];
 
-/** Debian packages the kernel build needs and this host lacks. */
-export function missingKernelBuildPackages(): string[] {
-  const path = `${process.env.PATH ?? ""}:/usr/local/sbin:/usr/sbin:/sbin`.split(":").filter(Boolean);
+/** Debian packages the kernel build needs and this host (with this PATH) lacks. */
+export function missingKernelBuildPackages(env: NodeJS.ProcessEnv = process.env): string[] {
+  const path = `${env.PATH ?? ""}:/usr/local/sbin:/usr/sbin:/sbin`.split(":").filter(Boolean);
   const has = (tool: string) =>
     tool.startsWith("/") ? existsSync(tool) : path.some((d) => existsSync(join(d, tool)));
   return [...new Set(BUILD_TOOLS.filter(([tool]) => !has(tool)).map(([, pkg]) => pkg))];

@@ -179,7 +179,7 @@ export async function doctor(options: DoctorOptions = {}): Promise<DoctorReport>
   });
   checks.push(tool("cpio", ["cpio"], "cpio", env));
   checks.push(tool("C compiler", ["cc", "gcc"], "build-essential (builds the guest agent)", env));
-  const kernelTools = missingKernelBuildPackages();
+  const kernelTools = missingKernelBuildPackages(env);
   checks.push({
     name: "kernel build tools",
     ok: kernelTools.length === 0,

@@ -9,6 +9,7 @@ import {
   KERNEL_OPTIONS,
   KERNEL_OPTIONS_OFF,
   kernelConfigFragment,
+  missingKernelBuildPackages,
   missingKernelOptions,
 } from "../../src/image/kernel-build.js";
 
@@ -53,5 +54,13 @@ describe("kernel config", () => {
     expect(kernelSourcePackage("linux-image-6.1.0-57-amd64")).toBe("linux-source-6.1");
     expect(kernelSourcePackage("linux-image-6.12.9-amd64")).toBe("linux-source-6.12");
     expect(kernelSourcePackage("linux-image-amd64")).toBeUndefined();
+  });
+
+  it("names the Debian packages a host lacks to compile the kernel", () => {
+    // scripts/setup.sh installs them all on this host.
+    expect(missingKernelBuildPackages()).toEqual([]);
+    // Only /usr/sbin and /sbin are searched: none of the tools live there.
+    const missing = missingKernelBuildPackages({ PATH: "/nonexistent" });
+    expect(missing).toEqual(["gcc", "make", "flex", "bison", "bc", "xz-utils"]);
   });
 });
