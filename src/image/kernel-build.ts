@@ -18,6 +18,7 @@ import { HostDependencyError, ImageBuildError } from "../errors.js";
 import { type AptPackage, extractDeb, fetchDeb } from "./apt.js";
 import { exec } from "./exec.js";
 import { acquireLock } from "./lock.js";
+import { sha256File } from "./manifest.js";
 
 /** Appended to the release (`uname -r`): tells our kernel from Debian's. */
 export const KERNEL_LOCALVERSION = "-smolvm";
@@ -123,7 +124,7 @@ export async function buildKernel(
     kernels,
     `smolvm-${src.version.replace(/[^\w.+-]/g, "_")}-${await kernelBuildKey(src, signal)}`,
   );
-  const cached = await readBuilt(dir);
+  const cached = await loadBuiltKernel(dir, signal);
   if (cached) return cached;
   const missing = missingKernelBuildPackages();
   if (missing.length) {
@@ -138,9 +139,11 @@ export async function buildKernel(
     onWait: () => opts.onStep?.("waiting for another build of the guest kernel"),
   });
   try {
-    const again = await readBuilt(dir);
+    const again = await loadBuiltKernel(dir, signal);
     if (again) return again;
     await sweepDeadKernelBuilds(kernels);
+    await rm(dir, { recursive: true, force: true }); // damaged, if anything
+
     const work = join(kernels, `.build-${process.pid}-${Date.now()}`);
     try {
       opts.onStep?.("fetching the kernel source");
@@ -179,15 +182,16 @@ export async function buildKernel(
       const out = join(work, "out");
       await mkdir(out);
       await copyFile(join(tree, "vmlinux"), join(out, "vmlinux"));
+      const sha256 = await sha256File(join(out, "vmlinux"), signal);
       await writeFile(
         join(out, "kernel.json"),
-        JSON.stringify({ release, source: `${src.name}=${src.version}` }),
+        JSON.stringify({ release, sha256, source: `${src.name}=${src.version}` }),
       );
       await rename(out, dir);
     } finally {
       await rm(work, { recursive: true, force: true });
     }
-    const built = await readBuilt(dir);
+    const built = await loadBuiltKernel(dir, signal);
     if (!built) throw new ImageBuildError(`the guest kernel build left no kernel in ${dir}.`);
     return built;
   } finally {
@@ -195,12 +199,22 @@ export async function buildKernel(
   }
 }
 
-async function readBuilt(dir: string): Promise<BuiltKernel | undefined> {
+/**
+ * The kernel cached in `dir`, or undefined when it is missing or its bytes are not the ones
+ * built (a damaged cache is built again, never booted). Read only when an image is built.
+ */
+export async function loadBuiltKernel(dir: string, signal?: AbortSignal): Promise<BuiltKernel | undefined> {
   try {
-    const meta = JSON.parse(await readFile(join(dir, "kernel.json"), "utf8")) as { release: string };
+    const meta = JSON.parse(await readFile(join(dir, "kernel.json"), "utf8")) as {
+      release: string;
+      sha256: string;
+    };
     const vmlinux = join(dir, "vmlinux");
-    return existsSync(vmlinux) ? { vmlinux, release: meta.release } : undefined;
-  } catch {
+    if (typeof meta.release !== "string" || (await sha256File(vmlinux, signal)) !== meta.sha256)
+      return undefined;
+    return { vmlinux, release: meta.release };
+  } catch (e) {
+    if (signal?.aborted) throw e;
     return undefined;
   }
 }

@@ -2,6 +2,10 @@
  * tiny's kernel config (kernel-build.ts): the fragment, the check that every option came out
  * enabled, and the source package name. The build itself runs for real in every image test.
  */
+import { createHash } from "node:crypto";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { kernelSourcePackage } from "../../src/image/apt.js";
 import {
@@ -9,6 +13,7 @@ import {
   KERNEL_OPTIONS,
   KERNEL_OPTIONS_OFF,
   kernelConfigFragment,
+  loadBuiltKernel,
   missingKernelBuildPackages,
   missingKernelOptions,
 } from "../../src/image/kernel-build.js";
@@ -62,5 +67,26 @@ describe("kernel config", () => {
     // Only /usr/sbin and /sbin are searched: none of the tools live there.
     const missing = missingKernelBuildPackages({ PATH: "/nonexistent" });
     expect(missing).toEqual(["gcc", "make", "flex", "bison", "bc", "xz-utils"]);
+  });
+
+  it("uses a cached kernel only while its bytes are the ones built", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "smolvm-kernel-cache-"));
+    try {
+      const bytes = Buffer.from("\x7fELF pretend kernel");
+      const sha256 = createHash("sha256").update(bytes).digest("hex");
+      writeFileSync(join(dir, "vmlinux"), bytes);
+      writeFileSync(join(dir, "kernel.json"), JSON.stringify({ release: "6.1.192-smolvm", sha256 }));
+      expect(await loadBuiltKernel(dir)).toEqual({
+        vmlinux: join(dir, "vmlinux"),
+        release: "6.1.192-smolvm",
+      });
+      writeFileSync(join(dir, "vmlinux"), Buffer.from("\x7fELF damaged kernel"));
+      expect(await loadBuiltKernel(dir)).toBeUndefined();
+      rmSync(join(dir, "vmlinux"));
+      expect(await loadBuiltKernel(dir)).toBeUndefined();
+      expect(await loadBuiltKernel(join(dir, "missing"))).toBeUndefined();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
