@@ -18,17 +18,27 @@ import { FileMemo } from "./file-memo.js";
 import { computeFingerprint } from "./fingerprint.js";
 import { renderDebianStage1, renderDebianStage2, SSHD_CONFIG } from "./init-script.js";
 import { pickKernel } from "./kernel.js";
-import {
-  type BuiltArtifacts,
-  busyboxEntries,
-  guestAgent,
-  initramfsEntries,
-  NET_MODULES,
-  VSOCK_MODULES,
-} from "./tiny.js";
+import { type BuiltArtifacts, busyboxEntries, guestAgent, initramfsEntries } from "./tiny.js";
 
 export const DEBIAN_SUITE = "bookworm";
 export const DEBIAN_PACKAGES = ["openssh-server", "python3", "curl", "ca-certificates", "iproute2"] as const;
+/** Debian's kernel modules the image loads, in this order (dependencies are added first automatically). */
+export const NET_MODULES = [
+  "virtio_ring",
+  "virtio",
+  "virtio_mmio",
+  "failover",
+  "net_failover",
+  "virtio_net",
+  "virtio_console",
+] as const;
+/** For the guest agent over vsock; loaded when the kernel ships them. */
+export const VSOCK_MODULES = [
+  "vsock",
+  "vmw_vsock_virtio_transport_common",
+  "vmw_vsock_virtio_transport",
+] as const;
+
 /** virtio_blk + ext4; crc32c_generic because ext4's metadata checksums ask the crypto API for crc32c. */
 export const DISK_MODULES = ["virtio_blk", "crc32c_generic", "ext4"] as const;
 export const ROOTFS_SIZE = "2G";

@@ -17,23 +17,6 @@ import { LD_SO_CACHE, sharedLibraries } from "./host-libs.js";
 import { PROFILE, renderTinyInit, SSHD_CONFIG } from "./init-script.js";
 import { buildKernel, kernelConfigFragment } from "./kernel-build.js";
 
-/** Modules the debian image loads, in this order (dependencies are added first automatically). */
-export const NET_MODULES = [
-  "virtio_ring",
-  "virtio",
-  "virtio_mmio",
-  "failover",
-  "net_failover",
-  "virtio_net",
-  "virtio_console",
-] as const;
-/** For the guest agent over vsock; loaded when the kernel ships them. */
-export const VSOCK_MODULES = [
-  "vsock",
-  "vmw_vsock_virtio_transport_common",
-  "vmw_vsock_virtio_transport",
-] as const;
-
 export const SSH_BINARIES = [
   "/usr/sbin/sshd",
   "/usr/lib/openssh/sftp-server",
