@@ -2,9 +2,9 @@
  * The kernel build (kernel-build.ts) stopped halfway: aborting while make and its compilers run
  * kills the whole process group and leaves no build tree, lock or kernel behind. It runs the real
  * build in a throw-away cache dir (the linux-source .deb is hard-linked from the shared cache,
- * where scripts/setup.sh left it) and aborts it a few seconds into the compile.
+ * where scripts/setup.sh left it, or copied) and aborts it a few seconds into the compile.
  */
-import { linkSync, mkdirSync, mkdtempSync, readdirSync, readlinkSync, rmSync } from "node:fs";
+import { copyFileSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readlinkSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -38,7 +38,12 @@ describe("kernel build", () => {
     });
     mkdirSync(join(tmp, "debs"));
     for (const f of readdirSync(join(shared, "debs"))) {
-      if (f.startsWith(`${kernelSource!.name}_`)) linkSync(join(shared, "debs", f), join(tmp, "debs", f));
+      if (!f.startsWith(`${kernelSource!.name}_`)) continue;
+      try {
+        linkSync(join(shared, "debs", f), join(tmp, "debs", f));
+      } catch {
+        copyFileSync(join(shared, "debs", f), join(tmp, "debs", f)); // another file system
+      }
     }
     const ac = new AbortController();
     const reason = new OperationAbortedError("the test stopped the kernel build");
