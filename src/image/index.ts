@@ -11,11 +11,10 @@ import { join } from "node:path";
 import { ensureDataDir } from "../common/data-dir.js";
 import { Deadline } from "../common/deadline.js";
 import { cacheDir as defaultCacheDir, dataDir as defaultDataDir, imagesDir } from "../common/paths.js";
-import { pidAlive } from "../common/pid.js";
 import { HostDependencyError, ImageBuildError, SmolVMError, ValidationError } from "../errors.js";
 import { buildDebianInto, planDebian } from "./debian.js";
 import { shortFingerprint } from "./fingerprint.js";
-import { acquireLock } from "./lock.js";
+import { acquireLock, sweepDeadBuilds } from "./lock.js";
 import {
   describeArtifact,
   IMAGE_NAMES,
@@ -77,15 +76,6 @@ function checkName(name: string): asserts name is ImageName {
 
 async function plan(name: ImageName, cacheDir: string, signal: AbortSignal) {
   return name === "tiny" ? planTiny(cacheDir, signal) : planDebian(cacheDir, signal);
-}
-
-/** Removes `.build-<name>-<pid>-*` temp dirs left by builders that died (crash, SIGKILL). */
-async function sweepDeadBuilds(images: string): Promise<void> {
-  for (const n of await readdir(images).catch(() => [] as string[])) {
-    const m = /^\.build-[a-z]+-(\d+)-/.exec(n);
-    if (!m) continue;
-    if (!pidAlive(Number(m[1]))) await rm(join(images, n), { recursive: true, force: true });
-  }
 }
 
 /**

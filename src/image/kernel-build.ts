@@ -14,11 +14,10 @@ import { existsSync } from "node:fs";
 import { appendFile, copyFile, mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { availableParallelism } from "node:os";
 import { join } from "node:path";
-import { pidAlive } from "../common/pid.js";
 import { HostDependencyError, ImageBuildError } from "../errors.js";
 import { type AptPackage, extractDeb, fetchDeb } from "./apt.js";
 import { exec } from "./exec.js";
-import { acquireLock } from "./lock.js";
+import { acquireLock, sweepDeadBuilds } from "./lock.js";
 import { sha256File } from "./manifest.js";
 
 /** Appended to the release (`uname -r`): tells our kernel from Debian's. */
@@ -143,10 +142,10 @@ export async function buildKernel(
   try {
     const again = await loadBuiltKernel(dir, signal);
     if (again) return again;
-    await sweepDeadKernelBuilds(kernels);
+    await sweepDeadBuilds(kernels); // build trees (about 2 GB) of builders that died
     await rm(dir, { recursive: true, force: true }); // damaged, if anything
 
-    const work = join(kernels, `.build-${process.pid}-${Date.now()}`);
+    const work = join(kernels, `.build-kernel-${process.pid}-${Date.now()}`);
     try {
       opts.onStep?.("fetching the kernel source");
       const root = join(work, "pkg");
@@ -218,13 +217,5 @@ export async function loadBuiltKernel(dir: string, signal?: AbortSignal): Promis
   } catch (e) {
     if (signal?.aborted) throw e;
     return undefined;
-  }
-}
-
-/** Build trees (about 2 GB) left by builders that died. */
-async function sweepDeadKernelBuilds(kernels: string): Promise<void> {
-  for (const n of await readdir(kernels).catch(() => [] as string[])) {
-    const m = /^\.build-(\d+)-/.exec(n);
-    if (m && !pidAlive(Number(m[1]))) await rm(join(kernels, n), { recursive: true, force: true });
   }
 }

@@ -3,8 +3,9 @@
  * pid is dead (crashed builder) is stale and taken over. Waiting is bounded by the caller's
  * signal.
  */
-import { open, readFile, rm } from "node:fs/promises";
+import { open, readdir, readFile, rm } from "node:fs/promises";
 import { hostname } from "node:os";
+import { join } from "node:path";
 import { sleep } from "../common/deadline.js";
 import { pidAlive } from "../common/pid.js";
 
@@ -54,5 +55,16 @@ export async function acquireLock(
       options.onWait?.(owner);
     }
     await sleep(options.pollMs ?? 200, options.signal);
+  }
+}
+
+/**
+ * Removes the `.build-<what>-<pid>-*` temp dirs under `dir` whose builder died (crash, SIGKILL):
+ * a live builder's dir is never touched.
+ */
+export async function sweepDeadBuilds(dir: string): Promise<void> {
+  for (const n of await readdir(dir).catch(() => [] as string[])) {
+    const m = /^\.build-[a-z]+-(\d+)-/.exec(n);
+    if (m && !pidAlive(Number(m[1]))) await rm(join(dir, n), { recursive: true, force: true });
   }
 }

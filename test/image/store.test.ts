@@ -1,6 +1,8 @@
 import { execFileSync, spawn } from "node:child_process";
 import {
+  mkdirSync,
   mkdtempSync,
+  readdirSync,
   readFileSync,
   rmSync,
   statSync,
@@ -14,7 +16,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { progressLine } from "../../src/cli/progress-line.js";
 import { ImageBuildError } from "../../src/errors.js";
 import { ensureClientKey, generateHostKey } from "../../src/image/keys.js";
-import { acquireLock } from "../../src/image/lock.js";
+import { acquireLock, sweepDeadBuilds } from "../../src/image/lock.js";
 import {
   describeArtifact,
   type ImageManifest,
@@ -163,6 +165,17 @@ describe("build lock", () => {
     const l = await acquireLock(path, { pollMs: 10 });
     expect(readFileSync(path, "utf8").split(" ")[0]).toBe(String(process.pid));
     await l.release();
+  });
+
+  it("sweeps the temp dirs of builders that died, and only theirs", async () => {
+    const d = tmp();
+    const child = spawn("true");
+    const deadPid = await new Promise<number>((r) => child.on("exit", () => r(child.pid!)));
+    const dead = [`.build-tiny-${deadPid}-a1`, `.build-kernel-${deadPid}-1700000000000`];
+    const kept = [`.build-kernel-${process.pid}-1700000000000`, "smolvm-6.1.192-3-abc", `.x-${deadPid}`];
+    for (const n of [...dead, ...kept]) mkdirSync(join(d, n));
+    await sweepDeadBuilds(d);
+    expect(readdirSync(d).sort()).toEqual([...kept].sort());
   });
 
   it("gives up waiting when the signal fires", async () => {
