@@ -39,13 +39,18 @@ export interface ExecResult {
 
 const PATH_EXTRA = "/usr/local/sbin:/usr/sbin:/sbin";
 
+/** The PATH exec() gives the tools it runs: the caller's, plus the sbin dirs. */
+export function toolPath(env: NodeJS.ProcessEnv = process.env): string {
+  return `${env.PATH ?? "/usr/bin:/bin"}:${PATH_EXTRA}`;
+}
+
 export function exec(cmd: string, args: readonly string[], options: ExecOptions = {}): Promise<ExecResult> {
   const { signal } = options;
   if (signal?.aborted)
     return Promise.reject(signal.reason ?? new OperationAbortedError(`${cmd} was aborted.`));
   return new Promise((resolve, reject) => {
     const env = { ...(options.env ?? process.env) };
-    env.PATH = `${env.PATH ?? "/usr/bin:/bin"}:${PATH_EXTRA}`;
+    env.PATH = toolPath(env);
     const child = spawn(cmd, args, {
       cwd: options.cwd,
       env,

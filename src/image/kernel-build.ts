@@ -16,7 +16,7 @@ import { availableParallelism } from "node:os";
 import { join } from "node:path";
 import { HostDependencyError, ImageBuildError } from "../errors.js";
 import { type AptPackage, extractDeb, fetchDeb } from "./apt.js";
-import { exec } from "./exec.js";
+import { exec, toolPath } from "./exec.js";
 import { acquireLock, sweepDeadBuilds } from "./lock.js";
 import { sha256File } from "./manifest.js";
 
@@ -88,7 +88,8 @@ const BUILD_TOOLS: readonly [string, string][] = [
 
 /** Debian packages the kernel build needs and this host (with this PATH) lacks. */
 export function missingKernelBuildPackages(env: NodeJS.ProcessEnv = process.env): string[] {
-  const path = `${env.PATH ?? ""}:/usr/local/sbin:/usr/sbin:/sbin`.split(":").filter(Boolean);
+  // The PATH exec() will run them with.
+  const path = toolPath(env).split(":").filter(Boolean);
   const has = (tool: string) =>
     tool.startsWith("/") ? existsSync(tool) : path.some((d) => existsSync(join(d, tool)));
   return [...new Set(BUILD_TOOLS.filter(([tool]) => !has(tool)).map(([, pkg]) => pkg))];
