@@ -201,10 +201,27 @@ export async function teardownVmNetwork(vmDir: string, vmId: string): Promise<vo
   } catch {
     return;
   }
-  if (cgroupEmpty(cg)) {
+  if (await cgroupEmptied(cg, CGROUP_EXIT_WAIT_MS)) {
     removeRuleset(vmId);
     removeCgroup(cg);
   }
+}
+
+/**
+ * How long teardown waits for a just-stopped QEMU to leave its cgroup. Its main thread is a
+ * zombie (so it counts as stopped) while its other threads still unmap guest RAM and TCG's code
+ * buffer, and cgroup.procs lists it until the last of them is gone: tens of ms on a slow host.
+ */
+const CGROUP_EXIT_WAIT_MS = 5_000;
+
+/** Polls until the cgroup has no process; false if one is still there after `ms`. */
+async function cgroupEmptied(cg: ReturnType<typeof vmCgroup>, ms: number): Promise<boolean> {
+  const until = performance.now() + ms;
+  while (!cgroupEmpty(cg)) {
+    if (performance.now() >= until) return false;
+    await sleep(10);
+  }
+  return true;
 }
 
 /** One request on the daemon's control socket; resolves with its `ok` reply. */
