@@ -1,0 +1,76 @@
+/**
+ * teardownVmNetwork against a real cgroup and a real nftables table: a process still in the VM's
+ * cgroup (as a stopped QEMU is while its last threads exit) delays the removal of the table and
+ * cgroup until it is gone, and one that stays keeps the policy in force.
+ */
+import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { afterEach, describe, expect, it } from "vitest";
+import {
+  createCgroup,
+  joinCgroup,
+  removeCgroup,
+  removeRuleset,
+  tableName,
+  vmCgroup,
+} from "../../src/vm/network/firewall.js";
+import { teardownVmNetwork } from "../../src/vm/network/host.js";
+
+const pexec = promisify(execFile);
+
+async function hasTable(vmId: string): Promise<boolean> {
+  const { stdout } = await pexec("nft", ["list", "tables"]);
+  return stdout.split("\n").includes(`table inet ${tableName(vmId)}`);
+}
+
+describe("network teardown waits for the VM's cgroup to empty", () => {
+  const cleanups: (() => void)[] = [];
+  afterEach(() => {
+    for (const c of cleanups.splice(0).reverse()) c();
+  });
+
+  /** A VM's cgroup and table, with `sleep seconds` inside the cgroup. */
+  async function vmWithLingeringProcess(seconds: number) {
+    const vmId = `teardown${process.pid}${Math.floor(Math.random() * 1e6)}`;
+    const vmDir = mkdtempSync(join(tmpdir(), "smolvm-teardown-"));
+    const cg = vmCgroup(vmId);
+    createCgroup(cg);
+    await pexec("nft", ["add", "table", "inet", tableName(vmId)]);
+    const child: ChildProcess = spawn("sleep", [String(seconds)], { stdio: "ignore" });
+    joinCgroup(cg, child.pid!);
+    const exited = new Promise<number>((r) => child.once("exit", () => r(performance.now())));
+    cleanups.push(() => {
+      child.kill("SIGKILL");
+      removeRuleset(vmId);
+      removeCgroup(cg);
+      rmSync(vmDir, { recursive: true, force: true });
+    });
+    return { vmId, vmDir, cg, exited };
+  }
+
+  it("removes the table and cgroup once the last process has left, not before", async () => {
+    const { vmId, vmDir, cg, exited } = await vmWithLingeringProcess(0.4);
+    const t0 = performance.now();
+    await teardownVmNetwork(vmDir, vmId);
+    const done = performance.now();
+    const left = await exited;
+    expect(done).toBeGreaterThanOrEqual(left);
+    expect(done - t0).toBeLessThan(2_000);
+    expect(await hasTable(vmId)).toBe(false);
+    expect(existsSync(cg.dir)).toBe(false);
+  });
+
+  it("keeps the policy of a cgroup that does not empty, and gives up after its bound", async () => {
+    const { vmId, vmDir, cg } = await vmWithLingeringProcess(30);
+    const t0 = performance.now();
+    await teardownVmNetwork(vmDir, vmId);
+    const took = performance.now() - t0;
+    expect(took).toBeGreaterThanOrEqual(4_900);
+    expect(took).toBeLessThan(7_000);
+    expect(await hasTable(vmId)).toBe(true);
+    expect(existsSync(cg.dir)).toBe(true);
+  }, 15_000);
+});
