@@ -126,6 +126,9 @@ export async function boot(rt: VmRuntime, image: ImageManifest, deadline: Deadli
     );
     rt.qemuLogSeen = watch.logSize;
   } catch (e) {
+    // The caller's own deadline or signal first, naming the phase that was running: ending the
+    // boot kills QEMU (the policy daemon's start is aborted too), which must not read as a crash.
+    if (deadline.expired) throw deadline.reason;
     if (e instanceof VMStateError && e.code === "VM_CRASHED") throw e;
     // The policy daemon failed and took QEMU down with it: its own error says why.
     if (e instanceof SmolVMError && e.code === "NETWORK_DAEMON_FAILED") throw e;
@@ -137,8 +140,6 @@ export async function boot(rt: VmRuntime, image: ImageManifest, deadline: Deadli
         cause: e,
       });
     }
-    // The caller's own deadline or signal: its own error, naming the phase that was running.
-    if (deadline.expired) throw deadline.reason;
     if (e instanceof SmolVMError) {
       throw new VMStateError(
         `VM ${rt.id} did not answer on ${kind === "ssh" ? "SSH" : "its agent"} while booting (${e.message}). Serial console tail:\n${log}`,
@@ -256,7 +257,8 @@ export async function bootFromSnapshot(
     ]),
   ).catch(async (e) => {
     await networkReady.catch(() => {});
-    throw e;
+    // The caller's deadline or signal wins over the crash its end may cause (see boot()).
+    throw deadline.expired ? deadline.reason : e;
   });
   rt.qemuLogSeen = watch.logSize;
   deadline.phase = undefined;
@@ -314,7 +316,8 @@ async function launchWithPolicy(
   } catch (e) {
     await early?.catch(() => {});
     await teardownVmNetwork(dir, rt.id);
-    throw e;
+    // The caller's deadline or signal, in the caller's words (not launchQemu's own).
+    throw deadline.expired ? deadline.reason : e;
   }
   const daemon = early ?? startDaemon();
   const networkReady = daemon.then(

@@ -134,4 +134,24 @@ describe("SmolVM on a host whose KVM cannot run the guest", () => {
     expect(await SmolVM.list({ dataDir })).toEqual([]);
     expect(pgrepF(`${join(dataDir, "vms")}/`)).toEqual([]);
   }, 60_000);
+
+  it("an abort while the network daemon starts is an abort, not a crash (cold boot and restore)", async () => {
+    // Ending the boot kills QEMU; the abort must still be what the caller gets.
+    for (const template of [false, true]) {
+      const ac = new AbortController();
+      const poll = setInterval(() => {
+        if (pgrepF(`network-daemon/daemon-.*${dataDir}/`).length > 0) ac.abort();
+      }, 3);
+      try {
+        const e = await SmolVM.create({ dataDir, signal: ac.signal, template }).catch((x) => x);
+        expect(ac.signal.aborted).toBe(true);
+        expect(e).toBeInstanceOf(OperationAbortedError);
+        expect(e.message).toMatch(/^creating the VM was aborted by the caller's signal/);
+      } finally {
+        clearInterval(poll);
+      }
+      expect(await SmolVM.list({ dataDir })).toEqual([]);
+      expect(pgrepF(`${join(dataDir, "vms")}/`)).toEqual([]);
+    }
+  }, 60_000);
 });
