@@ -4,11 +4,34 @@
  * then kills whatever the suite started and left running, found by the pidfiles under that root
  * and by command lines naming it, even when a test failed or a worker crashed; and removes the root.
  */
+import { spawnSync } from "node:child_process";
 import { chmodSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { cgroup2Mount } from "../src/vm/network/firewall.js";
 
 export const SUITE_ROOT_ENV = "SMOLVM_TEST_ROOT";
+/** The VM nftables tables and cgroups that existed before the suite (JSON), see networkTraces. */
+export const NETWORK_BEFORE_ENV = "SMOLVM_TEST_NETWORK_BEFORE";
+
+/**
+ * smolvm's nftables tables and per-VM cgroups on this host, as sorted lines: a VM's network
+ * teardown removes both, so any the suite added and left is a leak.
+ */
+export function networkTraces(): string[] {
+  const out: string[] = [];
+  const nft = spawnSync("nft", ["list", "tables"], { encoding: "utf8" });
+  for (const line of (nft.stdout ?? "").split("\n")) if (/^table inet smolvm_/.test(line)) out.push(line);
+  const mount = cgroup2Mount();
+  try {
+    for (const id of mount ? readdirSync(join(mount, "smolvm")) : []) {
+      if (!id.startsWith("cgroup.") && !id.includes(".")) out.push(`cgroup smolvm/${id}`);
+    }
+  } catch {
+    // no smolvm cgroup yet
+  }
+  return out.sort();
+}
 
 /** Pids of live processes whose command line mentions `root`. */
 export function processesUnder(root: string): { pid: number; args: string }[] {
@@ -63,6 +86,7 @@ export default function setup(): () => Promise<void> {
   chmodSync(root, 0o711);
   process.env[SUITE_ROOT_ENV] = root;
   process.env.TMPDIR = root;
+  process.env[NETWORK_BEFORE_ENV] = JSON.stringify(networkTraces());
   return async () => {
     // Pidfiles first (QEMU's, sshd's), each checked against its command line so a recycled pid
     // is never hit; then anything else still naming the root.

@@ -4,7 +4,7 @@
  * whose command line names that root is a leak of some earlier test.
  */
 import { describe, expect, it } from "vitest";
-import { processesUnder, SUITE_ROOT_ENV } from "./global-setup.js";
+import { NETWORK_BEFORE_ENV, networkTraces, processesUnder, SUITE_ROOT_ENV } from "./global-setup.js";
 
 describe("after the whole suite", () => {
   it("leaves no QEMU, sshd or other process of its own running", async () => {
@@ -17,5 +17,16 @@ describe("after the whole suite", () => {
       left = processesUnder(root!);
     }
     expect(left.map((p) => p.args.slice(0, 200))).toEqual([]);
+  });
+
+  it("leaves no nftables table or cgroup of a VM it made", async () => {
+    const before = new Set<string>(JSON.parse(process.env[NETWORK_BEFORE_ENV] ?? "[]"));
+    const added = () => networkTraces().filter((t) => !before.has(t));
+    let left = added();
+    for (let i = 0; i < 20 && left.length > 0; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      left = added();
+    }
+    expect(left).toEqual([]);
   });
 });
