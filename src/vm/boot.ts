@@ -207,6 +207,7 @@ export async function bootFromSnapshot(
     // Clones map the snapshot's RAM privately: its pages are shared until a clone writes one.
     memoryFile: ramInState ? { path: rt.paths.ramFile, share: true } : { path: f.memory, share: false },
     incomingDefer: true,
+    devicesOnlyState: meta.stateFormat === "devices",
   };
   const sshPort = spec.sshHostPort;
   rt.update({ config: { ...rt.config, ramInFile: ramInState, lastBoot: "restore" } });

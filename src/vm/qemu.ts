@@ -54,6 +54,11 @@ export interface VmLaunchSpec {
   memoryFile?: { path: string; share: boolean };
   /** `-incoming defer`: wait for QMP migrate-incoming (restoring a snapshot). */
   incomingDefer?: boolean;
+  /**
+   * The incoming stream holds device state only (QMP xen-save-devices-state: no configuration
+   * section, no RAM; the RAM is all in memoryFile), so QEMU must not expect a configuration.
+   */
+  devicesOnlyState?: boolean;
   /** Adds a vhost-vsock-device; only when /dev/vhost-vsock is usable (see vhostVsockAvailable()). */
   vsock?: { guestCid: number };
 }
@@ -252,6 +257,7 @@ export function buildQemuArgv(spec: VmLaunchSpec): string[] {
     );
   }
   if (spec.incomingDefer) argv.push("-incoming", "defer");
+  if (spec.devicesOnlyState) argv.push("-global", "migration.send-configuration=off");
   if (spec.startPaused) argv.push("-S");
   if (spec.vsock !== undefined) {
     argv.push("-device", `vhost-vsock-device,guest-cid=${spec.vsock.guestCid}`);

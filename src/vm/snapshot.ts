@@ -6,17 +6,22 @@
  * a sparse copy of the RAM file and of debian's disk overlay, `cont`. Restore: a new QEMU with
  * the same devices and the snapshot's RAM file mapped private (copy-on-write: clones share its
  * pages until they write them), `-incoming defer`, `migrate-incoming` from the state file, `cont`.
+ * A VM restored that way maps its RAM private, so x-ignore-shared cannot skip it: its capture
+ * saves the device state alone (`xen-save-devices-state`) and makes the RAM file from its
+ * snapshot's plus the pages its guest wrote (private-ram.ts); its clones load that state with
+ * QEMU told to expect no configuration section.
  * The same mechanism serves templates (template.ts), fork and user snapshots. Identity (secret,
  * RNG, clock, hostname, host key) is made new by the caller after restore.
  */
 import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
-import { link, mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { chmod, link, mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { quoteSh } from "../command.js";
 import { type Deadline, sleep } from "../common/deadline.js";
 import { ValidationError, VMNotFoundError, VMStateError } from "../errors.js";
+import { openPrivateRam, type PrivateRam } from "./private-ram.js";
 import { QmpClient } from "./qmp.js";
 import { checkVmConfig, type VmConfig } from "./vm-config.js";
 
@@ -41,6 +46,11 @@ export interface SnapshotMeta extends SnapshotInfo {
   pauseMs: number;
   /** True for a snapshot made by fork(): deleted with its last clone. */
   ephemeral?: boolean;
+  /**
+   * "devices": `state` holds device state only (xen-save-devices-state) and `memory` all of the
+   * RAM; absent: `state` is a migration stream (with the RAM when there is no `memory`).
+   */
+  stateFormat?: "devices";
 }
 
 export const SNAPSHOT_ID_RE = /^snap-[0-9a-f]{12}$/;
@@ -110,6 +120,12 @@ export interface CaptureSource {
    * restored maps its RAM privately) the RAM travels in the state file instead.
    */
   ramFile?: string;
+  /**
+   * A restored VM's RAM: `file` (its snapshot's memory) mapped private by QEMU `pid`. The capture
+   * copies the file and writes the guest's pages over it (private-ram.ts); without the right to
+   * read QEMU's memory, the RAM travels in the state file instead.
+   */
+  privateRam?: { pid: number; file: string; sizeBytes: number };
   /** debian's overlay, captured as the snapshot's disk. */
   disk?: string;
   initrd: string;
@@ -132,8 +148,16 @@ export async function captureInto(
   const t = snapshotFiles(tmp);
   await mkdir(tmp, { recursive: true, mode: 0o700 });
   let pauseMs = 0;
+  let privateRam: PrivateRam | undefined;
   try {
     await writeFile(t.agentSecret, src.agentSecret, { mode: 0o600 });
+    if (src.privateRam) {
+      const { pid, file, sizeBytes } = src.privateRam;
+      privateRam = await openPrivateRam(pid, file, sizeBytes);
+      // The file never changes (clones map it): copied before the pause, only the guest's own
+      // pages are written over it during it.
+      if (privateRam) await sparseCopy(file, t.memory, deadline.signal);
+    }
     // The initrd is part of what QEMU loads (its size shapes the firmware's tables): restores
     // boot "the same" machine, so they keep the source's initrd.
     await link(src.initrd, t.initrd).catch(() => sparseCopy(src.initrd, t.initrd, deadline.signal));
@@ -147,17 +171,32 @@ export async function captureInto(
         { capabilities: [{ capability: "x-ignore-shared", state: src.ramFile !== undefined }] },
         { timeoutMs: deadline.remaining(5_000) },
       );
+      // QEMU's default cap is 32 MiB/s: a stream with the RAM in it would take seconds.
+      await qmp.execute(
+        "migrate-set-parameters",
+        { "max-bandwidth": UNLIMITED_BANDWIDTH },
+        { timeoutMs: deadline.remaining(5_000) },
+      );
       const t0 = performance.now();
       await qmp.stop({ timeoutMs: deadline.remaining(5_000) });
       try {
-        await qmp.execute(
-          "migrate",
-          { uri: `exec:cat > ${quoteSh(t.state)}` },
-          { timeoutMs: deadline.remaining(5_000) },
-        );
-        await migrationDone(qmp, deadline);
+        if (privateRam) {
+          await qmp.execute(
+            "xen-save-devices-state",
+            { filename: t.state, live: false },
+            { timeoutMs: deadline.remaining(5_000) },
+          );
+        } else {
+          await qmp.execute(
+            "migrate",
+            { uri: `exec:cat > ${quoteSh(t.state)}` },
+            { timeoutMs: deadline.remaining(5_000) },
+          );
+          await migrationDone(qmp, deadline);
+        }
         await Promise.all([
           src.ramFile ? sparseCopy(src.ramFile, t.memory, deadline.signal) : undefined,
+          privateRam?.writeDirtyPages(t.memory),
           src.disk ? sparseCopy(src.disk, t.disk, deadline.signal) : undefined,
         ]);
       } finally {
@@ -167,20 +206,32 @@ export async function captureInto(
     } finally {
       await qmp.close();
     }
+    // QEMU created the state file itself (0660 less its umask).
+    await chmod(t.state, 0o600);
     let sizeBytes = 0;
     for (const name of await readdir(tmp)) {
       const st = await stat(join(tmp, name));
       sizeBytes += st.blocks * 512;
     }
-    const full: SnapshotMeta = { ...meta, sizeBytes, pauseMs };
+    const full: SnapshotMeta = {
+      ...meta,
+      sizeBytes,
+      pauseMs,
+      ...(privateRam ? { stateFormat: "devices" as const } : {}),
+    };
     await writeFile(t.meta, `${JSON.stringify(full, null, 2)}\n`, { mode: 0o600 });
     await rename(tmp, f.dir);
     return full;
   } catch (e) {
     await rm(tmp, { recursive: true, force: true });
     throw e;
+  } finally {
+    await privateRam?.close();
   }
 }
+
+/** migrate-set-parameters max-bandwidth, bytes/s: as fast as the host goes. */
+const UNLIMITED_BANDWIDTH = 2 ** 40;
 
 /**
  * After QEMU was started with `-incoming defer`: loads the device state from `incomingUri`

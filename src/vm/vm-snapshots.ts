@@ -58,6 +58,10 @@ async function captureTo(
   const src: CaptureSource = {
     qmpSocket: rt.paths.qmpSocket,
     ramFile: cfg.ramInFile === false ? undefined : rt.paths.ramFile,
+    privateRam:
+      cfg.ramInFile === false && from && rt.record.pid
+        ? { pid: rt.record.pid, file: snapshotFiles(from.dir).memory, sizeBytes: cfg.memoryMib * 1024 * 1024 }
+        : undefined,
     disk: existsSync(join(vmDir, "rootfs.qcow2")) ? join(vmDir, "rootfs.qcow2") : undefined,
     initrd: from ? snapshotFiles(from.dir).initrd : join(vmDir, "initrd.img"),
     agentSecret: readFileSync(rt.paths.agentSecret),

@@ -220,3 +220,64 @@ describe("templates", () => {
     expect(c.bootTimings?.source).toBe("template");
   }, 300_000);
 });
+
+describe("snapshots and forks of a VM restored from the template (the default create)", () => {
+  let dataDir: string;
+  beforeAll(() => {
+    dataDir = mkdtempSync(join(tmpdir(), "smolvm-snap-restored-"));
+  });
+  afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
+
+  /** Private memory of a VM's QEMU (anonymous + shmem), MiB: shared snapshot pages not counted. */
+  const privateMib = (id: string) => {
+    const status = readFileSync(`/proc/${record(dataDir, id).pid}/status`, "utf8");
+    const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, "m").exec(status)?.[1] ?? 0);
+    return (kb("RssAnon") + kb("RssShmem")) / 1024;
+  };
+
+  it("captures only device state plus the guest's written pages; clones and grandclones keep files and processes", async () => {
+    const ids: string[] = [];
+    await (await SmolVM.create({ dataDir })).delete(); // leaves the template
+    const source = await SmolVM.create({ dataDir, name: "restored" });
+    ids.push(source.id);
+    try {
+      expect(source.bootTimings?.source).toBe("template");
+      await source.run(
+        "echo restored-source > /root/file.txt; (i=0; while :; do i=$((i + 1)); echo $i > /tmp/counter; sleep 0.05; done) >/dev/null 2>&1 &",
+      );
+      await new Promise((r) => setTimeout(r, 300));
+
+      const snap = await source.snapshot({ name: "of-restored" });
+      const meta = JSON.parse(readFileSync(join(dataDir, "snapshots", snap.id, "snapshot.json"), "utf8"));
+      expect(meta.stateFormat).toBe("devices");
+      expect(meta.pauseMs).toBeLessThan(300);
+      // Device state only: the RAM is in the memory file, not in the state.
+      expect(readFileSync(join(dataDir, "snapshots", snap.id, "state")).length).toBeLessThan(1 << 20);
+
+      const t0 = performance.now();
+      const kids = await source.fork({ count: 2 });
+      ids.push(...kids.map((k) => k.id));
+      expect(performance.now() - t0).toBeLessThan(3_000);
+      const [grandchild] = await kids[0]!.fork();
+      ids.push(grandchild!.id);
+      const clone = await SmolVM.fromSnapshot("of-restored", { dataDir, name: "from-restored" });
+      ids.push(clone.id);
+      for (const vm of [...kids, grandchild!, clone]) {
+        expect((await vm.run("cat /root/file.txt")).output).toBe("restored-source");
+        const a = await counter(vm);
+        await new Promise((r) => setTimeout(r, 300));
+        expect(await counter(vm)).toBeGreaterThan(a);
+        // Mapping the snapshot's pages, not a copy of the guest's RAM of its own.
+        expect(privateMib(vm.id)).toBeLessThan(100);
+      }
+      expect((await clone.run("hostname")).output).toBe("from-restored");
+      expect((await source.run("cat /root/file.txt")).output).toBe("restored-source");
+      for (const vm of [grandchild!, ...kids, clone]) await vm.delete();
+      await SmolVM.deleteSnapshot("of-restored", { dataDir });
+      expect(readdirSync(join(dataDir, "snapshots"))).toEqual([]);
+    } finally {
+      await source.delete();
+    }
+    expectNothingLeft(dataDir, ids);
+  }, 240_000);
+});
