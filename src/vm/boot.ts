@@ -207,6 +207,9 @@ export async function bootFromSnapshot(
     // Clones map the snapshot's RAM privately: its pages are shared until a clone writes one.
     memoryFile: ramInState ? { path: rt.paths.ramFile, share: true } : { path: f.memory, share: false },
     incomingDefer: true,
+    // Loaded state never starts the guest by itself (a device-only state says "running"): it
+    // runs on our `cont`, once its closed nftables table is in.
+    startPaused: true,
     devicesOnlyState: meta.stateFormat === "devices",
   };
   const sshPort = spec.sshHostPort;

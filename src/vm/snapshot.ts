@@ -234,7 +234,7 @@ export async function captureInto(
 const UNLIMITED_BANDWIDTH = 2 ** 40;
 
 /**
- * After QEMU was started with `-incoming defer`: loads the device state from `incomingUri`
+ * After QEMU was started with `-incoming defer` and `-S`: loads the device state from `incomingUri`
  * (a migration URI such as `fd:3`) and, once `runnable`
  * settled (the VM's closed network table is in), runs the guest, on the QMP connection
  * launchQemu kept (closed here).
@@ -255,7 +255,6 @@ export async function restoreFrom(
     await qmp.execute("migrate-incoming", { uri: incomingUri }, { timeoutMs: deadline.remaining(5_000) });
     for (;;) {
       const s = await qmp.queryStatus({ timeoutMs: deadline.remaining(5_000) });
-      if (s.running) return;
       if (s.status !== "inmigrate") break;
       await sleep(2, deadline.signal);
     }

@@ -263,6 +263,11 @@ describe("snapshots and forks of a VM restored from the template (the default cr
       const clone = await SmolVM.fromSnapshot("of-restored", { dataDir, name: "from-restored" });
       ids.push(clone.id);
       for (const vm of [...kids, grandchild!, clone]) {
+        // A device-only state says "running": only -S keeps the guest stopped until smolvm's
+        // `cont`, after the VM's closed nftables table is in.
+        const argv = readFileSync(`/proc/${record(dataDir, vm.id).pid}/cmdline`, "utf8").split("\0");
+        expect(argv).toContain("-S");
+        expect(argv).toContain("migration.send-configuration=off");
         expect((await vm.run("cat /root/file.txt")).output).toBe("restored-source");
         const a = await counter(vm);
         await new Promise((r) => setTimeout(r, 300));
