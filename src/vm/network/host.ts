@@ -22,6 +22,7 @@ import {
   removeCgroup,
   removeRuleset,
   renderRuleset,
+  type VmCgroup,
   vmCgroup,
 } from "./firewall.js";
 import { netnsWrap, renderNetnsRuleset } from "./netns.js";
@@ -195,7 +196,7 @@ export async function teardownVmNetwork(vmDir: string, vmId: string): Promise<vo
   }
   // Rootless, nothing outlives QEMU and the daemon: the namespace goes with its last process.
   if (mechanismOf(vmDir) === "userns") return;
-  let cg: ReturnType<typeof vmCgroup> | undefined;
+  let cg: VmCgroup | undefined;
   try {
     cg = vmCgroup(vmId);
   } catch {
@@ -215,7 +216,7 @@ export async function teardownVmNetwork(vmDir: string, vmId: string): Promise<vo
 const CGROUP_EXIT_WAIT_MS = 5_000;
 
 /** Polls until the cgroup has no process; false if one is still there after `ms`. */
-async function cgroupEmptied(cg: ReturnType<typeof vmCgroup>, ms: number): Promise<boolean> {
+async function cgroupEmptied(cg: VmCgroup, ms: number): Promise<boolean> {
   const until = performance.now() + ms;
   while (!cgroupEmpty(cg)) {
     if (performance.now() >= until) return false;
