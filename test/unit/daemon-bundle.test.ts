@@ -7,7 +7,7 @@ import { existsSync, mkdirSync, mkdtempSync, rmSync, utimesSync, writeFileSync }
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { daemonArgv } from "../../src/vm/network/daemon-bundle.js";
+import { daemonArgv, daemonEnv } from "../../src/vm/network/daemon-bundle.js";
 
 describe("network daemon bundle", () => {
   const cache = mkdtempSync(join(tmpdir(), "smolvm-bundle-cache-"));
@@ -30,13 +30,30 @@ describe("network daemon bundle", () => {
     utimesSync(old, eightDaysAgo, eightDaysAgo);
     utimesSync(relay, eightDaysAgo, eightDaysAgo);
 
-    const [node, bundle] = await daemonArgv("daemon");
-    expect(node).toBe(process.execPath);
+    const argv = await daemonArgv("daemon");
+    const bundle = argv.at(-1);
+    expect(argv[0]).toBe(process.execPath);
     expect(bundle!.startsWith(`${dir}/daemon-`)).toBe(true);
     expect(existsSync(bundle!)).toBe(true);
     expect(existsSync(old)).toBe(false);
     expect(existsSync(recent)).toBe(true);
     // Another program's bundles are its own to prune.
     expect(existsSync(relay)).toBe(true);
+  });
+
+  it("starts the programs without the CA bundle they never use, keeping the rest", () => {
+    const saved = process.env.NODE_EXTRA_CA_CERTS;
+    process.env.NODE_EXTRA_CA_CERTS = "/etc/ssl/certs/ca-certificates.crt";
+    try {
+      const env = daemonEnv({ SMOLVM_NET_RELAY: "[]" });
+      expect("NODE_EXTRA_CA_CERTS" in env).toBe(false);
+      expect(env.SMOLVM_NET_RELAY).toBe("[]");
+      expect(env.PATH).toBe(process.env.PATH);
+      // The caller's own environment is left as it was.
+      expect(process.env.NODE_EXTRA_CA_CERTS).toBe("/etc/ssl/certs/ca-certificates.crt");
+    } finally {
+      if (saved === undefined) delete process.env.NODE_EXTRA_CA_CERTS;
+      else process.env.NODE_EXTRA_CA_CERTS = saved;
+    }
   });
 });

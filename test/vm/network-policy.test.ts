@@ -5,7 +5,7 @@
  * live policy changes, and forwards plus both control channels under "none".
  */
 import { execFile } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -54,6 +54,17 @@ describe("network policy on real microVMs", () => {
     host?.close();
     hosts?.cleanup();
     rmSync(dataDir, { recursive: true, force: true });
+  });
+
+  it("its network daemon runs without the CA bundle and V8 trap handler it never uses", () => {
+    const pid = readFileSync(join(dataDir, "vms", vm.id, "net.pid"), "utf8").trim();
+    const environ = readFileSync(`/proc/${pid}/environ`, "utf8").split("\0");
+    expect(environ.some((e) => e.startsWith("NODE_EXTRA_CA_CERTS="))).toBe(false);
+    expect(environ).toContain(`PATH=${process.env.PATH}`);
+    const argv = readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0");
+    expect(argv.includes("--disable-wasm-trap-handler")).toBe(
+      process.allowedNodeEnvironmentFlags.has("--disable-wasm-trap-handler"),
+    );
   });
 
   it("an allow-list admits allowed.test and refuses denied.test, its raw IP and a foreign Host", async () => {

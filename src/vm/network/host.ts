@@ -12,7 +12,7 @@ import { connect } from "node:net";
 import { join } from "node:path";
 import { Deadline, sleep } from "../../common/deadline.js";
 import { HostDependencyError, SmolVMError, VMStateError } from "../../errors.js";
-import { daemonArgv } from "./daemon-bundle.js";
+import { daemonArgv, daemonEnv } from "./daemon-bundle.js";
 import { networkFiles } from "./files.js";
 import {
   applyRulesetAsync,
@@ -113,7 +113,7 @@ export async function startNetworkDaemon(
   const child = spawn(cmd!, [...args, vmDir, vmId], {
     detached: true,
     stdio: ["ignore", "pipe", logFd],
-    env: relay ? { ...process.env, SMOLVM_NET_RELAY: JSON.stringify(relay) } : process.env,
+    env: daemonEnv(relay ? { SMOLVM_NET_RELAY: JSON.stringify(relay) } : {}),
   });
   closeSync(logFd);
   const deadline = new Deadline(
