@@ -20,7 +20,7 @@ import { ensureImage } from "../src/image/index.js";
 import { serialMilestones } from "../src/vm/serial-log.js";
 import { SmolVM } from "../src/vm/smolvm.js";
 import { vmFiles } from "../src/vm/store.js";
-import { printTable, type Stats, stats, writeResults } from "./lib/stats.js";
+import { measureInterleaved, printTable, type Stats, stats, writeResults } from "./lib/stats.js";
 
 const BOOTS = Number(process.env.BENCH_BOOTS ?? 3);
 const WARM_N = Number(process.env.BENCH_N ?? 200);
@@ -132,30 +132,6 @@ async function bootOnce(channel: "agent" | "ssh", i: number): Promise<BootSample
 }
 
 // ------------------------------------------------------------ 2. warm run("true"), interleaved
-
-/** Alternating blocks of BLOCK calls, the leading channel swapped each round; returns ms per call. */
-async function interleaved(
-  fns: Record<"agent" | "ssh", () => Promise<unknown>>,
-  n: number,
-): Promise<Record<"agent" | "ssh", Stats>> {
-  for (let i = 0; i < 10; i++) {
-    await fns.agent();
-    await fns.ssh();
-  }
-  const out = { agent: [] as number[], ssh: [] as number[] };
-  for (let round = 0; out.agent.length < n; round++) {
-    const order = round % 2 ? (["ssh", "agent"] as const) : (["agent", "ssh"] as const);
-    for (const k of order) {
-      const m = Math.min(BLOCK, n - out[k].length);
-      for (let i = 0; i < m; i++) {
-        const t = performance.now();
-        await fns[k]();
-        out[k].push(performance.now() - t);
-      }
-    }
-  }
-  return { agent: stats(out.agent), ssh: stats(out.ssh) };
-}
 
 // ------------------------------------------------------------ 3. file transfer
 
@@ -272,14 +248,19 @@ try {
   const accelReason = String(rec?.config.accelReason ?? "");
   const guestKernel = (await vm.run("uname -r", { shell: "raw" })).stdout.trim();
 
-  const raw = await interleaved(
+  const raw = await measureInterleaved(
     {
       agent: () => vm.run("true", { shell: "raw" }),
       ssh: () => sshVm.run("true", { shell: "raw" }),
     },
     WARM_N,
+    BLOCK,
   );
-  const login = await interleaved({ agent: () => vm.run("true"), ssh: () => sshVm.run("true") }, WARM_N);
+  const login = await measureInterleaved(
+    { agent: () => vm.run("true"), ssh: () => sshVm.run("true") },
+    WARM_N,
+    BLOCK,
+  );
   // The floors under those numbers. Inside the guest: what starting a process costs there (a
   // static C harness, so no shell loop is timed). On the channel: a PING round trip, which
   // starts no process at all (the VM handle lends its socket: it takes one connection).

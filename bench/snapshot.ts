@@ -14,7 +14,7 @@ import { ensureImage } from "../src/image/index.js";
 import { networkFiles } from "../src/vm/network/files.js";
 import { SmolVM } from "../src/vm/smolvm.js";
 import { VmStore } from "../src/vm/store.js";
-import { measure, printTable, type Stats, stats, writeResults } from "./lib/stats.js";
+import { measureInterleaved, printTable, type Stats, stats, writeResults } from "./lib/stats.js";
 
 const CREATES = Number(process.env.BENCH_CREATES ?? 10);
 const WARM_N = Number(process.env.BENCH_N ?? 100);
@@ -147,10 +147,14 @@ try {
   }
   const poolStats = stats(pooled);
 
-  // Warm runs: a clone versus a cold-booted VM (both settled for a second first).
+  // Warm runs: a clone versus a cold-booted VM (both settled for a second first), interleaved.
   await new Promise((r) => setTimeout(r, 1_000));
-  const warmClone: Stats = await measure(() => cloneVm!.run("true"), WARM_N, 20);
-  const warmCold: Stats = await measure(() => coldVm!.run("true"), WARM_N, 20);
+  const warm = await measureInterleaved(
+    { clone: () => cloneVm!.run("true"), cold: () => coldVm!.run("true") },
+    WARM_N,
+  );
+  const warmClone: Stats = warm.clone;
+  const warmCold: Stats = warm.cold;
 
   // Snapshot pause, and fork of a running VM.
   await coldVm!.run("echo hi > /root/f");

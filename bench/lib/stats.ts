@@ -46,6 +46,33 @@ export async function measure(fn: () => Promise<unknown>, n: number, warmup = 10
   return stats(out);
 }
 
+/**
+ * Two or more arms measured side by side: alternating blocks of `block` calls, the leading arm
+ * rotated each round, so load drift on the host falls on every arm alike. Each arm is called 10
+ * times first. Returns ms per call, per arm.
+ */
+export async function measureInterleaved<K extends string>(
+  fns: Record<K, () => Promise<unknown>>,
+  n: number,
+  block = 20,
+): Promise<Record<K, Stats>> {
+  const keys = Object.keys(fns) as K[];
+  for (let i = 0; i < 10; i++) for (const k of keys) await fns[k]();
+  const out = Object.fromEntries(keys.map((k) => [k, [] as number[]])) as Record<K, number[]>;
+  for (let round = 0; out[keys[0]!].length < n; round++) {
+    const order = keys.map((_, i) => keys[(i + round) % keys.length]!);
+    for (const k of order) {
+      const m = Math.min(block, n - out[k].length);
+      for (let i = 0; i < m; i++) {
+        const t = performance.now();
+        await fns[k]();
+        out[k].push(performance.now() - t);
+      }
+    }
+  }
+  return Object.fromEntries(keys.map((k) => [k, stats(out[k])])) as Record<K, Stats>;
+}
+
 export function printTable(rows: Record<string, string | number>[]): void {
   if (!rows.length) return;
   const cols = Object.keys(rows[0]!);
