@@ -17,6 +17,8 @@ const SWAPPED = 1 << 30;
 const FILE_PAGE = 1 << 29;
 /** Pages copied per read of QEMU's memory. */
 const CHUNK_PAGES = 256;
+/** Pagemap entries read at a time (512 KiB of them, for 256 MiB of RAM). */
+const PAGEMAP_WINDOW_PAGES = 65_536;
 
 /** QEMU's private mapping of a memory file, opened for reading its written pages. */
 export interface PrivateRam {
@@ -69,30 +71,36 @@ export async function openPrivateRam(
   return {
     async writeDirtyPages(out: string): Promise<number> {
       const pages = sizeBytes / PAGE;
-      const entries = Buffer.alloc(pages * 8);
-      const { bytesRead } = await pm.read(entries, 0, entries.length, (base / PAGE) * 8);
-      if (bytesRead !== entries.length) throw new Error(`short read of QEMU's pagemap (${bytesRead} bytes)`);
+      const entries = Buffer.alloc(Math.min(pages, PAGEMAP_WINDOW_PAGES) * 8);
       const dst = await open(out, "r+");
       const buf = Buffer.alloc(CHUNK_PAGES * PAGE);
       let count = 0;
       try {
-        const written = (i: number) => {
-          const hi = entries.readUInt32LE(i * 8 + 4);
-          return ((hi & PRESENT) !== 0 && (hi & FILE_PAGE) === 0) || (hi & SWAPPED) !== 0;
-        };
-        for (let i = 0; i < pages; ) {
-          if (!written(i)) {
-            i++;
-            continue;
+        // The pagemap a window at a time: its whole would be 2 MiB of host memory per GiB of RAM.
+        for (let w = 0; w < pages; w += PAGEMAP_WINDOW_PAGES) {
+          const wPages = Math.min(PAGEMAP_WINDOW_PAGES, pages - w);
+          const want = wPages * 8;
+          const { bytesRead } = await pm.read(entries, 0, want, (base / PAGE + w) * 8);
+          if (bytesRead !== want) throw new Error(`short read of QEMU's pagemap (${bytesRead} bytes)`);
+          const written = (i: number) => {
+            const hi = entries.readUInt32LE(i * 8 + 4);
+            return ((hi & PRESENT) !== 0 && (hi & FILE_PAGE) === 0) || (hi & SWAPPED) !== 0;
+          };
+          for (let i = 0; i < wPages; ) {
+            if (!written(i)) {
+              i++;
+              continue;
+            }
+            let n = 1;
+            while (i + n < wPages && n < CHUNK_PAGES && written(i + n)) n++;
+            const len = n * PAGE;
+            const at = (w + i) * PAGE;
+            const r = await mm.read(buf, 0, len, base + at);
+            if (r.bytesRead !== len) throw new Error(`short read of QEMU's memory at page ${w + i}`);
+            await dst.write(buf, 0, len, at);
+            count += n;
+            i += n;
           }
-          let n = 1;
-          while (i + n < pages && n < CHUNK_PAGES && written(i + n)) n++;
-          const len = n * PAGE;
-          const r = await mm.read(buf, 0, len, base + i * PAGE);
-          if (r.bytesRead !== len) throw new Error(`short read of QEMU's memory at page ${i}`);
-          await dst.write(buf, 0, len, i * PAGE);
-          count += n;
-          i += n;
         }
       } finally {
         await dst.close();
