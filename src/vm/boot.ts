@@ -18,7 +18,7 @@ import { untilCrash } from "./guard.js";
 import { networkPrepared, prepareVmNetwork, startNetworkDaemon, teardownVmNetwork } from "./network/host.js";
 import { INCOMING_FD, isQemuAlive, type LaunchedQemu, launchQemu } from "./process.js";
 import { becomeItself, launchBase, type NewIdentity, overlayFor, vmInitrd } from "./provision.js";
-import { buildQemuArgv, type VmLaunchSpec } from "./qemu.js";
+import { buildQemuArgv, DEVICE_MODEL, type VmLaunchSpec } from "./qemu.js";
 import type { VmRuntime } from "./runtime.js";
 import { rotatedPath, serialMilestones, tailFile, waitForMilestone } from "./serial-log.js";
 import { restoreFrom, type SnapshotMeta, snapshotFiles } from "./snapshot.js";
@@ -77,6 +77,9 @@ function crashReportOf(e: VMStateError): CrashReport | undefined {
 
 /** A cold boot from the image, until the planned channel answers and the guest network is up. */
 export async function boot(rt: VmRuntime, image: ImageManifest, deadline: Deadline): Promise<void> {
+  // A cold boot has no device state to match: it gets this version's devices.
+  if (rt.config.deviceModel !== DEVICE_MODEL)
+    rt.update({ config: { ...rt.config, deviceModel: DEVICE_MODEL } });
   const cfg = rt.launch;
   deadline.phase = "starting QEMU";
   const accel = cfg.accel;

@@ -18,7 +18,7 @@ import { buildVmConfigCpio, composeInitrd, type ImageManifest, knownHostsLine } 
 import { findQemu, hostTscKhz } from "./accel.js";
 import { normalizePolicy } from "./network/policy.js";
 import { leasePort } from "./ports.js";
-import type { VmLaunchSpec } from "./qemu.js";
+import { deviceModelSpec, type VmLaunchSpec } from "./qemu.js";
 import type { VmRuntime } from "./runtime.js";
 import { waitForMilestone } from "./serial-log.js";
 import { validateLabels, validateTtl } from "./ttl.js";
@@ -159,6 +159,7 @@ export async function launchBase(
     memoryMib,
     vcpus,
     tscKhz: accel === "tcg" ? hostTscKhz() : undefined,
+    ...deviceModelSpec(rt.config.deviceModel),
     qmpSocketPath: rt.paths.qmpSocket,
     serialLogPath: rt.paths.serialLog,
     pidfilePath: rt.paths.pidfile,

@@ -59,6 +59,13 @@ export interface VmLaunchSpec {
    * section, no RAM; the RAM is all in memoryFile), so QEMU must not expect a configuration.
    */
   devicesOnlyState?: boolean;
+  /**
+   * The NIC asks the guest to announce itself after a restore (VIRTIO_NET_F_GUEST_ANNOUNCE).
+   * Off since DEVICE_MODEL 2: the announce only refreshes switches that a user-mode NIC does not
+   * have, and every clone paid for it with about 1 000 blocks of kernel code (netlink, ARP, MLD)
+   * to translate before its identity. On for restores of snapshots taken with model 1.
+   */
+  guestAnnounce?: boolean;
   /** Adds a vhost-vsock-device; only when /dev/vhost-vsock is usable (see vhostVsockAvailable()). */
   vsock?: { guestCid: number };
 }
@@ -74,6 +81,18 @@ export const NETDEV_ID = "n0";
  * no option ROMs: less to emulate and probe. RTC stays so the guest has the wall-clock time
  * (TLS certificate checks in the guest need it). isa-serial is the console (ttyS0).
  */
+/**
+ * The version of the devices buildQemuArgv gives a VM, recorded with it (VmConfig.deviceModel)
+ * and so with its snapshots: a device state only loads into the same devices. 2: no guest
+ * announce (see VmLaunchSpec.guestAnnounce).
+ */
+export const DEVICE_MODEL = 2;
+
+/** What a VM of device model `model` needs in its launch spec. */
+export function deviceModelSpec(model: number | undefined): Pick<VmLaunchSpec, "guestAnnounce"> {
+  return { guestAnnounce: (model ?? 1) < 2 };
+}
+
 export const MICROVM_MACHINE = "microvm,acpi=on,x-option-roms=off,pit=off,pic=off,rtc=on,isa-serial=on";
 /**
  * TCG's CPU: everything it emulates except ERMS/FSRM. With them the guest kernel copies and
@@ -222,7 +241,7 @@ export function buildQemuArgv(spec: VmLaunchSpec): string[] {
     "-netdev",
     netdev.join(","),
     "-device",
-    `virtio-net-device,netdev=${NETDEV_ID}`,
+    `virtio-net-device,netdev=${NETDEV_ID}${spec.guestAnnounce ? "" : ",guest_announce=off"}`,
     "-object",
     "rng-random,id=rng0,filename=/dev/urandom",
     "-device",

@@ -11,6 +11,7 @@ import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import { type Deadline, sleep } from "../common/deadline.js";
 import { pidAlive } from "../common/pid.js";
+import { DEVICE_MODEL } from "./qemu.js";
 import { readSnapshotMeta, type SnapshotMeta } from "./snapshot.js";
 
 export interface TemplateKeyParts {
@@ -38,7 +39,9 @@ export async function loadTemplate(dir: string, imageFingerprint: string): Promi
   if (!existsSync(dir)) return undefined;
   try {
     const meta = await readSnapshotMeta(dir);
-    if (meta.config.imageFingerprint === imageFingerprint) return meta;
+    // One of an older smolvm's devices still loads, but is rebuilt to get this version's.
+    if (meta.config.imageFingerprint === imageFingerprint && meta.config.deviceModel === DEVICE_MODEL)
+      return meta;
   } catch {
     // damaged: rebuilt below
   }

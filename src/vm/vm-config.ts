@@ -51,6 +51,11 @@ export interface VmConfig {
    * own host key once it is up; a cold boot (start() after stop()) has it from the start.
    */
   lastBoot?: "cold" | "restore";
+  /**
+   * The devices QEMU gave the VM (qemu.ts DEVICE_MODEL) when it last booted cold. A restore must
+   * present the same devices its snapshot was taken with; absent means model 1.
+   */
+  deviceModel?: number;
 }
 
 /** The config fields every launch of a VM needs. */
@@ -92,6 +97,7 @@ const FIELDS: Record<keyof VmConfig, [Check, string]> = {
   ],
   ramInFile: [isBool, "a boolean"],
   lastBoot: [(v) => v === "cold" || v === "restore", '"cold" or "restore"'],
+  deviceModel: [isInt, "an integer"],
   restoredFrom: [
     (v) =>
       isObj(v) &&

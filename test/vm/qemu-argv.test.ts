@@ -1,6 +1,13 @@
 import { describe, expect, it } from "vitest";
 import { ValidationError } from "../../src/errors.js";
-import { AGENT_PORT_NAME, buildQemuArgv, MICROVM_MACHINE, type VmLaunchSpec } from "../../src/vm/qemu.js";
+import {
+  AGENT_PORT_NAME,
+  buildQemuArgv,
+  DEVICE_MODEL,
+  deviceModelSpec,
+  MICROVM_MACHINE,
+  type VmLaunchSpec,
+} from "../../src/vm/qemu.js";
 
 const base: VmLaunchSpec = {
   name: "vm-1",
@@ -64,7 +71,7 @@ describe("buildQemuArgv", () => {
       "-netdev",
       "user,id=n0,hostfwd=tcp:127.0.0.1:40022-:22",
       "-device",
-      "virtio-net-device,netdev=n0",
+      "virtio-net-device,netdev=n0,guest_announce=off",
       "-object",
       "rng-random,id=rng0,filename=/dev/urandom",
       "-device",
@@ -150,12 +157,25 @@ describe("buildQemuArgv", () => {
       "socket,id=agent0,path=/d/vms/vm-1/agent.sock,server=on,wait=off",
     ]);
     expect(values(argv, "-device")).toEqual([
-      "virtio-net-device,netdev=n0",
+      "virtio-net-device,netdev=n0,guest_announce=off",
       "virtio-rng-device,rng=rng0",
       "virtio-serial-device,id=vser0,max_ports=2",
       `virtserialport,bus=vser0.0,nr=1,chardev=agent0,name=${AGENT_PORT_NAME}`,
     ]);
     expect(AGENT_PORT_NAME).toBe("org.smolvm.agent");
+  });
+
+  it("asks the guest to announce itself only for device model 1 (snapshots taken before model 2)", () => {
+    expect(DEVICE_MODEL).toBe(2);
+    expect(deviceModelSpec(undefined)).toEqual({ guestAnnounce: true });
+    expect(deviceModelSpec(1)).toEqual({ guestAnnounce: true });
+    expect(deviceModelSpec(DEVICE_MODEL)).toEqual({ guestAnnounce: false });
+    expect(values(buildQemuArgv({ ...base, ...deviceModelSpec(1) }), "-device")[0]).toBe(
+      "virtio-net-device,netdev=n0",
+    );
+    expect(values(buildQemuArgv({ ...base, ...deviceModelSpec(2) }), "-device")[0]).toBe(
+      "virtio-net-device,netdev=n0,guest_announce=off",
+    );
   });
 
   it("adds vhost-vsock only when asked, and -S for a paused start", () => {

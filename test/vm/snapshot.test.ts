@@ -171,6 +171,25 @@ describe("snapshots and fork", () => {
     }
     expect(readdirSync(join(dataDir, "snapshots"))).toEqual([]);
   }, 120_000);
+
+  it("restores a snapshot with the devices it records (an older smolvm's keep their guest announce)", async () => {
+    const snap = await source.snapshot({ name: "model-1" });
+    const metaPath = join(dataDir, "snapshots", snap.id, "snapshot.json");
+    const meta = JSON.parse(readFileSync(metaPath, "utf8"));
+    expect(meta.config.deviceModel).toBe(2);
+    // As a snapshot from before device model 2 records it: no deviceModel at all.
+    writeFileSync(metaPath, JSON.stringify({ ...meta, config: { ...meta.config, deviceModel: undefined } }));
+    const clone = await SmolVM.fromSnapshot("model-1", { dataDir });
+    try {
+      const argv = readFileSync(`/proc/${record(dataDir, clone.id).pid}/cmdline`, "utf8").split("\0");
+      expect(argv).toContain("virtio-net-device,netdev=n0");
+      expect(record(dataDir, clone.id).config.deviceModel).toBeUndefined();
+      expect((await clone.run("cat /root/file.txt")).output).toBe("from-source");
+    } finally {
+      await clone.delete();
+    }
+    await SmolVM.deleteSnapshot("model-1", { dataDir });
+  }, 120_000);
 });
 
 describe("templates", () => {
@@ -213,6 +232,11 @@ describe("templates", () => {
     expect(JSON.parse(readFileSync(metaPath, "utf8")).config.imageFingerprint).toBe(
       meta.config.imageFingerprint,
     );
+    // One left by an older smolvm, whose devices were not these: rebuilt with this version's.
+    writeFileSync(metaPath, JSON.stringify({ ...meta, config: { ...meta.config, deviceModel: undefined } }));
+    await using old = await SmolVM.create({ dataDir });
+    expect(old.bootTimings?.source).toBe("cold");
+    expect(JSON.parse(readFileSync(metaPath, "utf8")).config.deviceModel).toBe(2);
     rmSync(join(dataDir, "templates", tdir!, "state"));
     await using b = await SmolVM.create({ dataDir });
     expect(b.bootTimings?.source).toBe("cold");
@@ -268,6 +292,9 @@ describe("snapshots and forks of a VM restored from the template (the default cr
         const argv = readFileSync(`/proc/${record(dataDir, vm.id).pid}/cmdline`, "utf8").split("\0");
         expect(argv).toContain("-S");
         expect(argv).toContain("migration.send-configuration=off");
+        // The devices the snapshot was taken with (DEVICE_MODEL 2: no guest announce).
+        expect(argv).toContain("virtio-net-device,netdev=n0,guest_announce=off");
+        expect(record(dataDir, vm.id).config.deviceModel).toBe(2);
         expect((await vm.run("cat /root/file.txt")).output).toBe("restored-source");
         const a = await counter(vm);
         await new Promise((r) => setTimeout(r, 300));
