@@ -64,6 +64,45 @@ export function kernelConfigFragment(): string {
   ].join("\n");
 }
 
+/** A change to one file of the kernel source: `find` must occur exactly once. */
+export interface KernelSourcePatch {
+  file: string;
+  find: string;
+  replace: string;
+}
+
+/**
+ * Changes made to Debian's kernel source before it is configured. Each is small and says why;
+ * a source where one no longer applies fails the build naming it.
+ */
+export const KERNEL_SOURCE_PATCHES: readonly KernelSourcePatch[] = [
+  {
+    // Under TCG the host passes its TSC rate (tsc_early_khz, see qemu.ts guestKernelAppend), and
+    // the microvm has no HPET or PM timer to refine it against. Unpatched, the kernel still
+    // schedules a "refinement" one second after its clocks start, which registers the TSC,
+    // prints and switches clocksource under stop_machine: about 1.2 s into the boot, so just after
+    // a template is captured, and then again in every VM restored from it (about 1 000 blocks of
+    // kernel code to translate before the clone's first command). Known, the rate is final at
+    // boot, as it is under KVM (kvmclock) or on CPUs that report it.
+    file: "arch/x86/kernel/tsc.c",
+    find: "\t\tif (tsc_early_khz)\n\t\t\ttsc_khz = tsc_early_khz;\n\t\telse\n",
+    replace:
+      "\t\tif (tsc_early_khz) {\n\t\t\ttsc_khz = tsc_early_khz;\n\t\t\tsetup_force_cpu_cap(X86_FEATURE_TSC_KNOWN_FREQ);\n\t\t} else\n",
+  },
+];
+
+/** `text` (the content of `patch.file`) with `patch` applied; throws when it does not apply once. */
+export function applySourcePatch(text: string, patch: KernelSourcePatch): string {
+  const at = text.indexOf(patch.find);
+  if (at < 0 || text.indexOf(patch.find, at + 1) >= 0) {
+    throw new ImageBuildError(
+      `the kernel source's ${patch.file} no longer has the code smolvm changes (${at < 0 ? "not found" : "found twice"}): this source version needs an update of KERNEL_SOURCE_PATCHES.`,
+      { details: { file: patch.file } },
+    );
+  }
+  return text.slice(0, at) + patch.replace + text.slice(at + patch.find.length);
+}
+
 /** KERNEL_OPTIONS that a resolved .config does not have as `=y`. */
 export function missingKernelOptions(dotConfig: string): string[] {
   const set = new Set(
@@ -102,11 +141,13 @@ export interface BuiltKernel {
   release: string;
 }
 
-/** The cache key: source version, config and compiler (a new gcc makes a new kernel). */
+/** The cache key: source version, patches, config and compiler (a new gcc makes a new kernel). */
 export async function kernelBuildKey(src: AptPackage, signal?: AbortSignal): Promise<string> {
   const gcc = (await exec("gcc", ["--version"], { signal })).stdout.toString("utf8").split("\n")[0];
   return createHash("sha256")
-    .update(`${src.name}=${src.version}\n${gcc}\n${kernelConfigFragment()}`)
+    .update(
+      `${src.name}=${src.version}\n${gcc}\n${kernelConfigFragment()}\n${JSON.stringify(KERNEL_SOURCE_PATCHES)}`,
+    )
     .digest("hex")
     .slice(0, 16);
 }
@@ -166,6 +207,10 @@ export async function buildKernel(
         KBUILD_BUILD_HOST: "smolvm",
         KBUILD_BUILD_TIMESTAMP: "1970-01-01",
       };
+      for (const patch of KERNEL_SOURCE_PATCHES) {
+        const file = join(tree, patch.file);
+        await writeFile(file, applySourcePatch(await readFile(file, "utf8"), patch));
+      }
       const make = (args: string[]) => exec("make", args, { cwd: tree, env, signal, processGroup: true });
       opts.onStep?.("configuring the kernel");
       await make(["tinyconfig"]);

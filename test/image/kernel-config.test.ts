@@ -1,17 +1,21 @@
 /**
  * tiny's kernel config (kernel-build.ts): the fragment, the check that every option came out
- * enabled, and the source package name. The build itself runs for real in every image test.
+ * enabled, the source patches, and the source package name. The build itself runs for real in
+ * every image test.
  */
 import { createHash } from "node:crypto";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
+import { ImageBuildError } from "../../src/errors.js";
 import { kernelSourcePackage } from "../../src/image/apt.js";
 import {
+  applySourcePatch,
   KERNEL_LOCALVERSION,
   KERNEL_OPTIONS,
   KERNEL_OPTIONS_OFF,
+  KERNEL_SOURCE_PATCHES,
   kernelConfigFragment,
   loadBuiltKernel,
   missingKernelBuildPackages,
@@ -53,6 +57,27 @@ describe("kernel config", () => {
       .replace("CONFIG_VIRTIO_NET=y\n", "# CONFIG_VIRTIO_NET is not set\n")
       .replace("CONFIG_PVH=y\n", "CONFIG_PVH=m\n");
     expect(missingKernelOptions(without)).toEqual(["PVH", "VIRTIO_NET"]);
+  });
+
+  it("patches the source where the code is found exactly once, and names the file when not", () => {
+    const [tsc] = KERNEL_SOURCE_PATCHES;
+    expect(tsc!.file).toBe("arch/x86/kernel/tsc.c");
+    // The code as Debian's 6.1 source has it (the real build applies it to the whole file).
+    const before =
+      "\tif (early) {\n\t\tcpu_khz = x86_platform.calibrate_cpu();\n\t\tif (tsc_early_khz)\n\t\t\ttsc_khz = tsc_early_khz;\n\t\telse\n\t\t\ttsc_khz = x86_platform.calibrate_tsc();\n";
+    expect(applySourcePatch(before, tsc!)).toBe(
+      "\tif (early) {\n\t\tcpu_khz = x86_platform.calibrate_cpu();\n\t\tif (tsc_early_khz) {\n\t\t\ttsc_khz = tsc_early_khz;\n\t\t\tsetup_force_cpu_cap(X86_FEATURE_TSC_KNOWN_FREQ);\n\t\t} else\n\t\t\ttsc_khz = x86_platform.calibrate_tsc();\n",
+    );
+    for (const text of ["int x;\n", before + before]) {
+      let err: unknown;
+      try {
+        applySourcePatch(text, tsc!);
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(ImageBuildError);
+      expect((err as Error).message).toContain("arch/x86/kernel/tsc.c");
+    }
   });
 
   it("maps a Debian kernel image package to its source package", () => {

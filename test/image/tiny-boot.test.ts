@@ -253,6 +253,14 @@ describe("tiny image boot (QEMU TCG)", () => {
     expect(env.stdout).toMatch(
       /^hello from env\nsmolvm-test\nroot\n600\n600\nauthorized_keys\nenv\nhostname\n\.\.\/vport\d+p1\nnameserver 10\.0\.2\.3\nagent-running\n5\n$/,
     );
+    // The TSC rate the host passed is final (KERNEL_SOURCE_PATCHES): the kernel registers the TSC
+    // clocksource while it boots, not a refinement a second later, after /init has started.
+    const clock = await ssh(
+      "dmesg | grep -e 'clocksource: tsc:' -e 'Switched to clocksource' -e 'Run /init'",
+    );
+    expect(clock.stdout.replace(/: mask: .*/g, "")).toBe(
+      "clocksource: Switched to clocksource tsc-early\nclocksource: tsc\nclocksource: Switched to clocksource tsc\nRun /init as init process\n",
+    );
     // The private host key and the agent secret do not linger in the config dir (listed above).
     expect((await ssh("exit 7")).code).toBe(7);
 
