@@ -212,6 +212,14 @@ export function removeRuleset(vmId: string): void {
   runNft(["delete", "table", "inet", tableName(vmId)]);
 }
 
+/**
+ * removeRuleset for the SDK's teardown: an nft run takes 10-30 ms (its own start and the
+ * kernel's commit), which spawnSync would spend with the caller's event loop stopped.
+ */
+export async function removeRulesetAsync(vmId: string): Promise<void> {
+  await runNftAsync(["delete", "table", "inet", tableName(vmId)], "");
+}
+
 export interface NetworkMechanisms {
   /**
    * What enforces policies on this host for this user, or null when nothing can:

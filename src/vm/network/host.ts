@@ -20,7 +20,7 @@ import {
   createCgroup,
   networkMechanisms,
   removeCgroup,
-  removeRuleset,
+  removeRulesetAsync,
   renderRuleset,
   type VmCgroup,
   vmCgroup,
@@ -203,7 +203,7 @@ export async function teardownVmNetwork(vmDir: string, vmId: string): Promise<vo
     return;
   }
   if (await cgroupEmptied(cg, CGROUP_EXIT_WAIT_MS)) {
-    removeRuleset(vmId);
+    await removeRulesetAsync(vmId);
     removeCgroup(cg);
   }
 }
