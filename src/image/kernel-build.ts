@@ -81,7 +81,7 @@ export const KERNEL_SOURCE_PATCHES: readonly KernelSourcePatch[] = [
     // the microvm has no HPET or PM timer to refine it against. Unpatched, the kernel still
     // schedules a "refinement" one second after its clocks start, which registers the TSC,
     // prints and switches clocksource under stop_machine: about 1.2 s into the boot, so just after
-    // a template is captured, and then again in every VM restored from it (about 1 000 blocks of
+    // a template is captured, and then again in every VM restored from it (about 450 blocks of
     // kernel code to translate before the clone's first command). Known, the rate is final at
     // boot, as it is under KVM (kvmclock) or on CPUs that report it.
     file: "arch/x86/kernel/tsc.c",

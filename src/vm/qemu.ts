@@ -62,7 +62,7 @@ export interface VmLaunchSpec {
   /**
    * The NIC asks the guest to announce itself after a restore (VIRTIO_NET_F_GUEST_ANNOUNCE).
    * Off since DEVICE_MODEL 2: the announce only refreshes switches that a user-mode NIC does not
-   * have, and every clone paid for it with about 1 000 blocks of kernel code (netlink, ARP, MLD)
+   * have, and every clone paid for it with about 600 blocks of kernel code (netlink, ARP, MLD)
    * to translate before its identity. On for restores of snapshots taken with model 1.
    */
   guestAnnounce?: boolean;
@@ -77,11 +77,6 @@ export const MEMORY_BACKEND_ID = "mem0";
 export const NETDEV_ID = "n0";
 
 /**
- * microvm with ACPI (the Debian kernel finds the virtio-mmio devices through it). No PIT, no PIC,
- * no option ROMs: less to emulate and probe. RTC stays so the guest has the wall-clock time
- * (TLS certificate checks in the guest need it). isa-serial is the console (ttyS0).
- */
-/**
  * The version of the devices buildQemuArgv gives a VM, recorded with it (VmConfig.deviceModel)
  * and so with its snapshots: a device state only loads into the same devices. 2: no guest
  * announce (see VmLaunchSpec.guestAnnounce).
@@ -93,6 +88,11 @@ export function deviceModelSpec(model: number | undefined): Pick<VmLaunchSpec, "
   return { guestAnnounce: (model ?? 1) < 2 };
 }
 
+/**
+ * microvm with ACPI (the Debian kernel finds the virtio-mmio devices through it). No PIT, no PIC,
+ * no option ROMs: less to emulate and probe. RTC stays so the guest has the wall-clock time
+ * (TLS certificate checks in the guest need it). isa-serial is the console (ttyS0).
+ */
 export const MICROVM_MACHINE = "microvm,acpi=on,x-option-roms=off,pit=off,pic=off,rtc=on,isa-serial=on";
 /**
  * TCG's CPU: everything it emulates except ERMS/FSRM. With them the guest kernel copies and
