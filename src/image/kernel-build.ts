@@ -141,13 +141,20 @@ export interface BuiltKernel {
   release: string;
 }
 
-/** The cache key: source version, patches, config and compiler (a new gcc makes a new kernel). */
+/**
+ * What the kernel is made from, besides its source version and compiler: the config fragment and
+ * the source patches. Both the kernel's cache key and tiny's image fingerprint include it, so a
+ * change to either rebuilds both.
+ */
+export function kernelRecipe(): string {
+  return `${kernelConfigFragment()}\n${JSON.stringify(KERNEL_SOURCE_PATCHES)}`;
+}
+
+/** The cache key: source version, recipe and compiler (a new gcc makes a new kernel). */
 export async function kernelBuildKey(src: AptPackage, signal?: AbortSignal): Promise<string> {
   const gcc = (await exec("gcc", ["--version"], { signal })).stdout.toString("utf8").split("\n")[0];
   return createHash("sha256")
-    .update(
-      `${src.name}=${src.version}\n${gcc}\n${kernelConfigFragment()}\n${JSON.stringify(KERNEL_SOURCE_PATCHES)}`,
-    )
+    .update(`${src.name}=${src.version}\n${gcc}\n${kernelRecipe()}`)
     .digest("hex")
     .slice(0, 16);
 }

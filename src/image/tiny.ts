@@ -15,7 +15,7 @@ import { FileMemo } from "./file-memo.js";
 import { computeFingerprint } from "./fingerprint.js";
 import { LD_SO_CACHE, sharedLibraries } from "./host-libs.js";
 import { PROFILE, renderTinyInit, SSHD_CONFIG } from "./init-script.js";
-import { buildKernel, KERNEL_SOURCE_PATCHES, kernelConfigFragment } from "./kernel-build.js";
+import { buildKernel, kernelRecipe } from "./kernel-build.js";
 
 export const SSH_BINARIES = [
   "/usr/sbin/sshd",
@@ -68,8 +68,7 @@ export async function planTiny(cacheDir: string, signal?: AbortSignal): Promise<
   const fingerprint = computeFingerprint({
     image: "tiny",
     kernelSource: `${source.name}=${source.version}`,
-    kernelConfig: kernelConfigFragment(),
-    kernelPatches: KERNEL_SOURCE_PATCHES.map((p) => ({ ...p })),
+    kernel: kernelRecipe(),
     busybox: `${busybox.name}=${busybox.version}`,
     hostFiles,
     agent: agentSha,

@@ -17,6 +17,7 @@ import {
   KERNEL_OPTIONS_OFF,
   KERNEL_SOURCE_PATCHES,
   kernelConfigFragment,
+  kernelRecipe,
   loadBuiltKernel,
   missingKernelBuildPackages,
   missingKernelOptions,
@@ -68,6 +69,9 @@ describe("kernel config", () => {
     expect(applySourcePatch(before, tsc!)).toBe(
       "\tif (early) {\n\t\tcpu_khz = x86_platform.calibrate_cpu();\n\t\tif (tsc_early_khz) {\n\t\t\ttsc_khz = tsc_early_khz;\n\t\t\tsetup_force_cpu_cap(X86_FEATURE_TSC_KNOWN_FREQ);\n\t\t} else\n\t\t\ttsc_khz = x86_platform.calibrate_tsc();\n",
     );
+    // A changed patch changes the recipe, so the kernel's cache key and tiny's fingerprint.
+    expect(kernelRecipe()).toContain(kernelConfigFragment());
+    expect(kernelRecipe()).toContain(JSON.stringify(KERNEL_SOURCE_PATCHES));
     for (const text of ["int x;\n", before + before]) {
       let err: unknown;
       try {
