@@ -26,6 +26,12 @@ function record(dataDir: string, id: string) {
   }
 }
 
+/** Changes fields of a snapshot's (or template's) recorded config on disk, as another smolvm might have written it. */
+function rewriteConfig(metaPath: string, change: Record<string, unknown>): void {
+  const meta = JSON.parse(readFileSync(metaPath, "utf8"));
+  writeFileSync(metaPath, JSON.stringify({ ...meta, config: { ...meta.config, ...change } }));
+}
+
 /** What deleting every VM must leave: no QEMU, no RAM file, no lease, no VM dir. */
 function expectNothingLeft(dataDir: string, ids: string[]): void {
   expect(pgrepF(`${join(dataDir, "vms")}/`)).toEqual([]);
@@ -175,10 +181,9 @@ describe("snapshots and fork", () => {
   it("restores a snapshot with the devices it records (an older smolvm's keep their guest announce)", async () => {
     const snap = await source.snapshot({ name: "model-1" });
     const metaPath = join(dataDir, "snapshots", snap.id, "snapshot.json");
-    const meta = JSON.parse(readFileSync(metaPath, "utf8"));
-    expect(meta.config.deviceModel).toBe(2);
+    expect(JSON.parse(readFileSync(metaPath, "utf8")).config.deviceModel).toBe(2);
     // As a snapshot from before device model 2 records it: no deviceModel at all.
-    writeFileSync(metaPath, JSON.stringify({ ...meta, config: { ...meta.config, deviceModel: undefined } }));
+    rewriteConfig(metaPath, { deviceModel: undefined });
     const clone = await SmolVM.fromSnapshot("model-1", { dataDir });
     try {
       const argv = readFileSync(`/proc/${record(dataDir, clone.id).pid}/cmdline`, "utf8").split("\0");
@@ -223,17 +228,14 @@ describe("templates", () => {
     const [tdir] = readdirSync(join(dataDir, "templates")).filter((n) => !n.includes("."));
     const metaPath = join(dataDir, "templates", tdir!, "snapshot.json");
     const meta = JSON.parse(readFileSync(metaPath, "utf8"));
-    writeFileSync(
-      metaPath,
-      JSON.stringify({ ...meta, config: { ...meta.config, imageFingerprint: "0".repeat(64) } }),
-    );
+    rewriteConfig(metaPath, { imageFingerprint: "0".repeat(64) });
     await using a = await SmolVM.create({ dataDir });
     expect(a.bootTimings?.source).toBe("cold");
     expect(JSON.parse(readFileSync(metaPath, "utf8")).config.imageFingerprint).toBe(
       meta.config.imageFingerprint,
     );
     // One left by an older smolvm, whose devices were not these: rebuilt with this version's.
-    writeFileSync(metaPath, JSON.stringify({ ...meta, config: { ...meta.config, deviceModel: undefined } }));
+    rewriteConfig(metaPath, { deviceModel: undefined });
     await using old = await SmolVM.create({ dataDir });
     expect(old.bootTimings?.source).toBe("cold");
     expect(JSON.parse(readFileSync(metaPath, "utf8")).config.deviceModel).toBe(2);
