@@ -72,6 +72,11 @@ export async function openPrivateRam(
     async writeDirtyPages(out: string): Promise<number> {
       const pages = sizeBytes / PAGE;
       const entries = Buffer.alloc(Math.min(pages, PAGEMAP_WINDOW_PAGES) * 8);
+      /** Whether page `i` of the window in `entries` was written (present and private, or swapped). */
+      const written = (i: number) => {
+        const hi = entries.readUInt32LE(i * 8 + 4);
+        return ((hi & PRESENT) !== 0 && (hi & FILE_PAGE) === 0) || (hi & SWAPPED) !== 0;
+      };
       const dst = await open(out, "r+");
       const buf = Buffer.alloc(CHUNK_PAGES * PAGE);
       let count = 0;
@@ -82,10 +87,6 @@ export async function openPrivateRam(
           const want = wPages * 8;
           const { bytesRead } = await pm.read(entries, 0, want, (base / PAGE + w) * 8);
           if (bytesRead !== want) throw new Error(`short read of QEMU's pagemap (${bytesRead} bytes)`);
-          const written = (i: number) => {
-            const hi = entries.readUInt32LE(i * 8 + 4);
-            return ((hi & PRESENT) !== 0 && (hi & FILE_PAGE) === 0) || (hi & SWAPPED) !== 0;
-          };
           for (let i = 0; i < wPages; ) {
             if (!written(i)) {
               i++;
