@@ -36,6 +36,7 @@ export function registerSnapshotCommands(program: Command): void {
     .action(async (o: { json?: boolean }) => {
       const all = await SmolVM.listSnapshots();
       if (o.json) return console.log(JSON.stringify(all, null, 2));
+      if (!all.length) return console.log("no snapshots");
       for (const s of all) {
         console.log(
           `${s.id}  ${s.name.padEnd(20)}  ${s.image.padEnd(7)} ${String(s.memoryMib).padStart(5)} MiB  ${(s.sizeBytes / 2 ** 20).toFixed(1).padStart(7)} MiB on disk  from ${s.vmId}  ${s.createdAt}`,

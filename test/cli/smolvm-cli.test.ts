@@ -216,6 +216,61 @@ describe("smolvm CLI", () => {
     }
   });
 
+  it("pause, resume, snapshot create|list|rm, create --from-snapshot and fork", async () => {
+    expect((await smolvm(dataDir, "pause", "cli-vm")).code).toBe(0);
+    const listed = JSON.parse((await smolvm(dataDir, "list", "--json")).stdout) as Array<{ status: string }>;
+    expect(listed.map((v) => v.status)).toEqual(["paused"]);
+    const frozen = await smolvm(dataDir, "run", "cli-vm", "true");
+    expect(frozen.code).toBe(1);
+    expect(frozen.stderr).toContain("is paused. Resume it with vm.resume() (or `smolvm resume cli-vm`)");
+    expect((await smolvm(dataDir, "resume", "cli-vm")).code).toBe(0);
+    expect((await smolvm(dataDir, "run", "cli-vm", "echo from-source > /root/snap.txt")).code).toBe(0);
+
+    const taken = await smolvm(dataDir, "snapshot", "create", "cli-vm", "--name", "cli-snap", "--json");
+    expect(taken.code, taken.stderr).toBe(0);
+    const snap = JSON.parse(taken.stdout) as Record<string, unknown>;
+    expect(Object.keys(snap).sort()).toEqual(
+      ["createdAt", "id", "image", "memoryMib", "name", "sizeBytes", "vcpus", "vmId"].sort(),
+    );
+    expect([snap.name, snap.vmId, snap.image]).toEqual(["cli-snap", id, "tiny"]);
+    const all = JSON.parse((await smolvm(dataDir, "snapshot", "list", "--json")).stdout) as Array<{
+      id: string;
+    }>;
+    expect(all.map((s) => s.id)).toEqual([snap.id]);
+    expect((await smolvm(dataDir, "snapshot", "list")).stdout).toContain(`${snap.id}  cli-snap`);
+
+    const made = await smolvm(dataDir, "create", "--from-snapshot", "cli-snap", "--name", "cli-clone");
+    expect(made.code, made.stderr).toBe(0);
+    const clone = made.stdout.trim();
+    try {
+      expect((await smolvm(dataDir, "run", "cli-clone", "cat /root/snap.txt")).stdout).toBe("from-source\n");
+      const inUse = await smolvm(dataDir, "snapshot", "rm", "cli-snap");
+      expect(inUse.code).toBe(1);
+      expect(inUse.stderr).toContain(
+        `snapshot ${snap.id} is still used by cli-clone: delete those VMs first`,
+      );
+    } finally {
+      await smolvm(dataDir, "rm", clone);
+    }
+    expect((await smolvm(dataDir, "snapshot", "rm", "cli-snap")).code).toBe(0);
+    expect((await smolvm(dataDir, "snapshot", "list")).stdout).toBe("no snapshots\n");
+
+    const forked = await smolvm(dataDir, "fork", "cli-vm", "--count", "2", "--json");
+    expect(forked.code, forked.stderr).toBe(0);
+    const kids = (JSON.parse(forked.stdout) as Array<{ id: string }>).map((k) => k.id);
+    try {
+      expect(kids).toHaveLength(2);
+      for (const kid of kids) {
+        expect((await smolvm(dataDir, "run", kid, "cat /root/snap.txt")).stdout).toBe("from-source\n");
+      }
+    } finally {
+      await smolvm(dataDir, "rm", ...kids);
+    }
+    const left = JSON.parse((await smolvm(dataDir, "list", "--json")).stdout) as Array<{ id: string }>;
+    expect(left.map((v) => v.id)).toEqual([id]);
+    expect((await smolvm(dataDir, "run", "cli-vm", "cat /root/snap.txt")).stdout).toBe("from-source\n");
+  }, 240_000);
+
   it("prune leaves a running VM alone", async () => {
     const r = await smolvm(dataDir, "prune");
     expect([r.code, r.stdout]).toEqual([0, "nothing to prune\n"]);
