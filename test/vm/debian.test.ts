@@ -1,4 +1,6 @@
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { createHash } from "node:crypto";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -36,5 +38,44 @@ describe("debian image", () => {
       await vm.delete();
     }
     expect(pgrepF(`${join(dataDir, "vms")}/`)).toEqual([]);
+  }, 300_000);
+
+  it("a snapshot captures the disk; its clones and the source each write only their own", async () => {
+    const store = VmStore.open(dataDir);
+    const overlayOf = (vm: SmolVM) => join(store.get(vm.id)!.vmDir, "rootfs.qcow2");
+    const backingOf = (file: string) =>
+      (
+        JSON.parse(execFileSync("qemu-img", ["info", "-U", "--output=json", file], { encoding: "utf8" })) as {
+          "backing-filename"?: string;
+        }
+      )["backing-filename"];
+    const sha = (file: string) => createHash("sha256").update(readFileSync(file)).digest("hex");
+    await using src = await SmolVM.create({ dataDir, image: "debian" });
+    await src.run("echo before > /root/shared.txt && sync");
+    const snap = await src.snapshot({ name: "debian-disk" });
+    const snapDisk = join(dataDir, "snapshots", snap.id, "disk.qcow2");
+    const diskSum = sha(snapDisk);
+    await using a = await SmolVM.fromSnapshot(snap.id, { dataDir });
+    await using b = await SmolVM.fromSnapshot("debian-disk", { dataDir });
+    for (const c of [a, b]) {
+      expect(backingOf(overlayOf(c))).toBe(snapDisk);
+      expect((await c.run("cat /root/shared.txt")).output).toBe("before");
+    }
+    await a.run("echo a > /root/a.txt && echo a-was-here >> /root/shared.txt && sync");
+    await b.run("echo b > /root/b.txt && sync");
+    await src.run("echo after > /root/src.txt && sync");
+    // Each VM's caches dropped, so what it reads next comes from its own disk.
+    for (const vm of [src, a, b]) await vm.run("echo 3 > /proc/sys/vm/drop_caches");
+    const seen = async (vm: SmolVM) =>
+      (await vm.run("cat /root/shared.txt; ls /root | grep -E '^(a|b|src)\\.txt$' || true")).output;
+    expect(await seen(src)).toBe("before\nsrc.txt");
+    expect(await seen(a)).toBe("before\na-was-here\na.txt");
+    expect(await seen(b)).toBe("before\nb.txt");
+    expect(new Set([overlayOf(src), overlayOf(a), overlayOf(b)]).size).toBe(3);
+    expect(sha(snapDisk)).toBe(diskSum);
+    await a.delete();
+    await b.delete();
+    await SmolVM.deleteSnapshot(snap.id, { dataDir });
+    expect(existsSync(join(dataDir, "snapshots", snap.id))).toBe(false);
   }, 300_000);
 });
