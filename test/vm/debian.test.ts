@@ -1,10 +1,10 @@
 import { execFileSync } from "node:child_process";
-import { createHash } from "node:crypto";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ensureImage } from "../../src/image/index.js";
+import { sha256File } from "../../src/image/manifest.js";
 import { SmolVM } from "../../src/vm/smolvm.js";
 import { VmStore } from "../../src/vm/store.js";
 import { pgrepF } from "../fixtures/pgrep.js";
@@ -49,12 +49,11 @@ describe("debian image", () => {
           "backing-filename"?: string;
         }
       )["backing-filename"];
-    const sha = (file: string) => createHash("sha256").update(readFileSync(file)).digest("hex");
     await using src = await SmolVM.create({ dataDir, image: "debian" });
     await src.run("echo before > /root/shared.txt && sync");
     const snap = await src.snapshot({ name: "debian-disk" });
     const snapDisk = join(dataDir, "snapshots", snap.id, "disk.qcow2");
-    const diskSum = sha(snapDisk);
+    const diskSum = await sha256File(snapDisk);
     await using a = await SmolVM.fromSnapshot(snap.id, { dataDir });
     await using b = await SmolVM.fromSnapshot("debian-disk", { dataDir });
     for (const c of [a, b]) {
@@ -72,7 +71,7 @@ describe("debian image", () => {
     expect(await seen(a)).toBe("before\na-was-here\na.txt");
     expect(await seen(b)).toBe("before\nb.txt");
     expect(new Set([overlayOf(src), overlayOf(a), overlayOf(b)]).size).toBe(3);
-    expect(sha(snapDisk)).toBe(diskSum);
+    expect(await sha256File(snapDisk)).toBe(diskSum);
     await a.delete();
     await b.delete();
     await SmolVM.deleteSnapshot(snap.id, { dataDir });
