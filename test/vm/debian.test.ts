@@ -41,8 +41,6 @@ describe("debian image", () => {
   }, 300_000);
 
   it("a snapshot captures the disk; its clones and the source each write only their own", async () => {
-    const store = VmStore.open(dataDir);
-    const overlayOf = (vm: SmolVM) => join(store.get(vm.id)!.vmDir, "rootfs.qcow2");
     const backingOf = (file: string) =>
       (
         JSON.parse(execFileSync("qemu-img", ["info", "-U", "--output=json", file], { encoding: "utf8" })) as {
@@ -56,10 +54,11 @@ describe("debian image", () => {
     const diskSum = await sha256File(snapDisk);
     await using a = await SmolVM.fromSnapshot(snap.id, { dataDir });
     await using b = await SmolVM.fromSnapshot("debian-disk", { dataDir });
-    for (const c of [a, b]) {
-      expect(backingOf(overlayOf(c))).toBe(snapDisk);
-      expect((await c.run("cat /root/shared.txt")).output).toBe("before");
-    }
+    const store = VmStore.open(dataDir);
+    const [srcDisk, aDisk, bDisk] = [src, a, b].map((vm) => join(store.get(vm.id)!.vmDir, "rootfs.qcow2"));
+    store.close();
+    for (const disk of [aDisk!, bDisk!]) expect(backingOf(disk)).toBe(snapDisk);
+    for (const c of [a, b]) expect((await c.run("cat /root/shared.txt")).output).toBe("before");
     await a.run("echo a > /root/a.txt && echo a-was-here >> /root/shared.txt && sync");
     await b.run("echo b > /root/b.txt && sync");
     await src.run("echo after > /root/src.txt && sync");
@@ -70,7 +69,7 @@ describe("debian image", () => {
     expect(await seen(src)).toBe("before\nsrc.txt");
     expect(await seen(a)).toBe("before\na-was-here\na.txt");
     expect(await seen(b)).toBe("before\nb.txt");
-    expect(new Set([overlayOf(src), overlayOf(a), overlayOf(b)]).size).toBe(3);
+    expect(new Set([srcDisk, aDisk, bDisk]).size).toBe(3);
     expect(await sha256File(snapDisk)).toBe(diskSum);
     await a.delete();
     await b.delete();
