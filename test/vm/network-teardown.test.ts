@@ -15,6 +15,7 @@ import {
   joinCgroup,
   removeCgroup,
   removeRuleset,
+  removeRulesetAsync,
   renderRuleset,
   tableName,
   vmCgroup,
@@ -100,4 +101,20 @@ describe("network teardown waits for the VM's cgroup to empty", () => {
     expect(await hasTable(vmId)).toBe(true);
     expect(existsSync(cg.dir)).toBe(true);
   }, 15_000);
+
+  it("removing tables that are gone, many at once, settles quietly (nft exits before reading stdin)", async () => {
+    // An nft that has exited closes its stdin pipe; a write to it then fails with EPIPE, which
+    // used to surface as an uncaught exception (vitest fails the run on one).
+    const uncaught: unknown[] = [];
+    const onUncaught = (e: unknown) => uncaught.push(e);
+    process.on("uncaughtException", onUncaught);
+    try {
+      const ids = Array.from({ length: 40 }, (_, i) => `gone${process.pid}x${i}`);
+      await Promise.all(ids.map((id) => removeRulesetAsync(id)));
+      await new Promise((r) => setTimeout(r, 50));
+    } finally {
+      process.off("uncaughtException", onUncaught);
+    }
+    expect(uncaught).toEqual([]);
+  });
 });

@@ -180,11 +180,14 @@ function runNft(args: string[], input?: string): { ok: boolean; err: string } {
 }
 
 /** runNft without blocking the event loop: several VMs starting at once apply theirs in parallel. */
-function runNftAsync(args: string[], input: string): Promise<{ ok: boolean; err: string }> {
+function runNftAsync(args: string[], input?: string): Promise<{ ok: boolean; err: string }> {
   return new Promise((resolve) => {
     const child = execFile("nft", args, NFT_OPTIONS, (error, _stdout, stderr) =>
       resolve({ ok: !error, err: (String(stderr).trim() || error?.message) ?? "" }),
     );
+    // nft may exit before it reads its stdin (a command that takes none, a refused ruleset):
+    // the write then fails with EPIPE, which must not become an uncaught error. Its exit status says it all.
+    child.stdin?.on("error", () => {});
     child.stdin?.end(input);
   });
 }
@@ -217,7 +220,7 @@ export function removeRuleset(vmId: string): void {
  * kernel's commit), which spawnSync would spend with the caller's event loop stopped.
  */
 export async function removeRulesetAsync(vmId: string): Promise<void> {
-  await runNftAsync(["delete", "table", "inet", tableName(vmId)], "");
+  await runNftAsync(["delete", "table", "inet", tableName(vmId)]);
 }
 
 export interface NetworkMechanisms {
