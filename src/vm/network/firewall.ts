@@ -185,8 +185,9 @@ function runNftAsync(args: string[], input?: string): Promise<{ ok: boolean; err
     const child = execFile("nft", args, NFT_OPTIONS, (error, _stdout, stderr) =>
       resolve({ ok: !error, err: (String(stderr).trim() || error?.message) ?? "" }),
     );
-    // nft may exit before it reads its stdin (a command that takes none, a refused ruleset):
-    // the write then fails with EPIPE, which must not become an uncaught error. Its exit status says it all.
+    // nft can be gone before the write (a command that reads no stdin, an nft that failed to
+    // start): the write then fails with EPIPE, which must not become an uncaught error. The exit
+    // status, in the callback above, reports the outcome.
     child.stdin?.on("error", () => {});
     child.stdin?.end(input);
   });
